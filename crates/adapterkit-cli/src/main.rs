@@ -1,0 +1,38 @@
+//! The `adapterkit` command line: a thin layer of argument parsing over the library.
+
+mod commands;
+mod input;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "adapterkit", version, about = "Adapter tuning for BERT-family encoders")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Show a model's architecture and parameter count.
+    Info(commands::info::Args),
+    /// Embed texts (arguments, or lines from stdin) with a pre-trained encoder.
+    Encode(commands::encode::Args),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Info(args) => commands::info::run(args),
+        Command::Encode(args) => commands::encode::run(args),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

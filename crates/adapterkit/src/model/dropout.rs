@@ -1,0 +1,61 @@
+//! Training or evaluation, and the dropout that depends on it.
+
+use candle_core::{Result, Tensor};
+
+use crate::rng::SeededRng;
+
+/// How a forward pass runs: `Eval` is deterministic; `Train` applies dropout with masks drawn
+/// from its own seeded generator, so two runs with the same seed drop the same units.
+#[derive(Debug, Clone)]
+pub enum Mode {
+    Eval,
+    Train(SeededRng),
+}
+
+impl Mode {
+    pub fn train(seed: u64) -> Self {
+        Mode::Train(SeededRng::new(seed))
+    }
+
+    pub fn is_train(&self) -> bool {
+        matches!(self, Mode::Train(_))
+    }
+
+    /// Inverted dropout: zeroes each element with probability `p` and scales the rest by
+    /// `1 / (1 - p)` while training; the identity in evaluation.
+    pub fn dropout(&mut self, x: &Tensor, p: f32) -> Result<Tensor> {
+        let rng = match self {
+            Mode::Train(rng) if p > 0.0 => rng,
+            _ => return Ok(x.clone()),
+        };
+        let scale = 1.0 / (1.0 - p);
+        let mask: Vec<f32> = (0..x.elem_count())
+            .map(|_| if rng.uniform_f32() < p { 0.0 } else { scale })
+            .collect();
+        let mask = Tensor::from_vec(mask, x.shape(), x.device())?.to_dtype(x.dtype())?;
+        x * mask
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    #[test]
+    fn eval_is_identity_and_train_drops_about_p_with_rescaling() -> Result<()> {
+        let x = Tensor::ones((100, 100), candle_core::DType::F32, &Device::Cpu)?;
+        let same = Mode::Eval.dropout(&x, 0.3)?;
+        assert_eq!(same.to_vec2::<f32>()?, x.to_vec2::<f32>()?);
+
+        let dropped = Mode::train(5).dropout(&x, 0.3)?.flatten_all()?.to_vec1::<f32>()?;
+        let zeros = dropped.iter().filter(|v| **v == 0.0).count();
+        assert!((2700..3300).contains(&zeros), "{zeros} of 10000 dropped");
+        let kept = dropped.iter().find(|v| **v != 0.0).unwrap();
+        assert!((kept - 1.0 / 0.7).abs() < 1e-6);
+
+        let again = Mode::train(5).dropout(&x, 0.3)?.flatten_all()?.to_vec1::<f32>()?;
+        assert_eq!(dropped, again, "same seed, same mask");
+        Ok(())
+    }
+}

