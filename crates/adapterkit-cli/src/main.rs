@@ -8,7 +8,11 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(name = "adapterkit", version, about = "Adapter tuning for BERT-family encoders")]
+#[command(
+    name = "adapterkit",
+    version,
+    about = "Adapter tuning for BERT-family encoders"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,

@@ -29,9 +29,21 @@ impl Batch {
         let mut mask = Vec::with_capacity(n * seq);
         for row in rows {
             let pad = seq - row.ids.len();
-            ids.extend(row.ids.iter().copied().chain(std::iter::repeat_n(pad_id, pad)));
-            types.extend(row.type_ids.iter().copied().chain(std::iter::repeat_n(0, pad)));
-            mask.extend(std::iter::repeat_n(1u32, row.ids.len()).chain(std::iter::repeat_n(0, pad)));
+            ids.extend(
+                row.ids
+                    .iter()
+                    .copied()
+                    .chain(std::iter::repeat_n(pad_id, pad)),
+            );
+            types.extend(
+                row.type_ids
+                    .iter()
+                    .copied()
+                    .chain(std::iter::repeat_n(0, pad)),
+            );
+            mask.extend(
+                std::iter::repeat_n(1u32, row.ids.len()).chain(std::iter::repeat_n(0, pad)),
+            );
         }
         Ok(Self {
             input_ids: Tensor::from_vec(ids, (n, seq), device)?,

@@ -20,7 +20,7 @@ pub enum Error {
     #[error("{path}: invalid config: {message}")]
     Config { path: PathBuf, message: String },
 
-    #[error("{path}: weights do not fit the model: {message}")]
+    #[error("{path}: {message}")]
     Weights { path: PathBuf, message: String },
 
     #[error("tokenizer {path}: {message}")]
@@ -32,7 +32,7 @@ pub enum Error {
     #[error("invalid input: {0}")]
     Input(String),
 
-    #[error(transparent)]
+    #[error("{}", tensor_message(.0))]
     Tensor(#[from] candle_core::Error),
 }
 
@@ -53,5 +53,14 @@ impl Error {
 
     pub fn input(message: impl std::fmt::Display) -> Self {
         Error::Input(message.to_string())
+    }
+}
+
+/// A candle error's message without the backtrace candle attaches when `RUST_BACKTRACE` is
+/// set: users get the message, developers can still ask for the backtrace with a debugger.
+pub fn tensor_message(error: &candle_core::Error) -> String {
+    match error {
+        candle_core::Error::WithBacktrace { inner, .. } => tensor_message(inner),
+        other => other.to_string(),
     }
 }

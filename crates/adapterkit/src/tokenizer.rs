@@ -165,7 +165,9 @@ fn wordpiece_from_vocab(path: &Path, lowercase: bool) -> Result<Tokenizer> {
         path: path.into(),
         message,
     };
-    let vocab = path.to_str().ok_or_else(|| fail("path is not UTF-8".into()))?;
+    let vocab = path
+        .to_str()
+        .ok_or_else(|| fail("path is not UTF-8".into()))?;
     let wordpiece = WordPiece::from_file(vocab)
         .unk_token("[UNK]".into())
         .build()

@@ -48,10 +48,16 @@ pub fn run(args: Args) -> Result<()> {
     for chunk in texts.chunks(args.batch_size) {
         let refs: Vec<&str> = chunk.iter().map(String::as_str).collect();
         let batch = pretrained.tokenizer.batch(&refs, &device)?;
-        let hidden = pretrained.model.forward(&batch, &NoHooks, &mut Mode::Eval)?;
+        let hidden = pretrained
+            .model
+            .forward(&batch, &NoHooks, &mut Mode::Eval)?;
         let mut pooled = pooling.pool(&hidden, &batch.attention_mask)?;
         if args.normalize {
-            let norm = pooled.sqr()?.sum_keepdim(D::Minus1)?.sqrt()?.clamp(1e-12, f64::MAX)?;
+            let norm = pooled
+                .sqr()?
+                .sum_keepdim(D::Minus1)?
+                .sqrt()?
+                .clamp(1e-12, f64::MAX)?;
             pooled = pooled.broadcast_div(&norm)?;
         }
         for (text, embedding) in chunk.iter().zip(pooled.to_vec2::<f32>()?) {

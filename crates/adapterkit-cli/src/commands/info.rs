@@ -36,12 +36,22 @@ pub fn run(args: Args) -> Result<()> {
     } else {
         println!("model:        {}", files.source);
         println!("weights:      {}", files.weights.display());
-        println!("architecture: {} (pooler: {})", config.model_type, if model.pooler.is_some() { "yes" } else { "no" });
+        println!(
+            "architecture: {} (pooler: {})",
+            config.model_type,
+            if model.pooler.is_some() { "yes" } else { "no" }
+        );
         println!(
             "layers:       {} x (hidden {}, {} heads, feed-forward {})",
-            config.num_hidden_layers, config.hidden_size, config.num_attention_heads, config.intermediate_size
+            config.num_hidden_layers,
+            config.hidden_size,
+            config.num_attention_heads,
+            config.intermediate_size
         );
-        println!("vocabulary:   {} tokens, {} positions", config.vocab_size, config.max_position_embeddings);
+        println!(
+            "vocabulary:   {} tokens, {} positions",
+            config.vocab_size, config.max_position_embeddings
+        );
         println!("parameters:   {parameters}");
     }
     Ok(())

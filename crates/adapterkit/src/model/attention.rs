@@ -98,7 +98,13 @@ impl BertSelfOutput {
         hooks: &dyn LayerHooks,
         mode: &mut Mode,
     ) -> Result<Tensor> {
-        let hidden = hooks.linear(layer, LinearSite::AttentionOutput, &self.dense, attended, mode)?;
+        let hidden = hooks.linear(
+            layer,
+            LinearSite::AttentionOutput,
+            &self.dense,
+            attended,
+            mode,
+        )?;
         let hidden = mode.dropout(&hidden, self.dropout)?;
         hooks.attention_output(layer, &hidden, residual, &self.layer_norm, mode)
     }
@@ -127,7 +133,9 @@ impl BertAttention {
         hooks: &dyn LayerHooks,
         mode: &mut Mode,
     ) -> Result<Tensor> {
-        let attended = self.self_attention.forward(layer, hidden, bias, hooks, mode)?;
+        let attended = self
+            .self_attention
+            .forward(layer, hidden, bias, hooks, mode)?;
         self.output.forward(layer, &attended, hidden, hooks, mode)
     }
 }

@@ -59,7 +59,12 @@ impl BertModel {
     }
 
     /// The last hidden state, `[batch, seq, hidden]`.
-    pub fn forward(&self, batch: &Batch, hooks: &dyn LayerHooks, mode: &mut Mode) -> Result<Tensor> {
+    pub fn forward(
+        &self,
+        batch: &Batch,
+        hooks: &dyn LayerHooks,
+        mode: &mut Mode,
+    ) -> Result<Tensor> {
         let embeds = self.embeddings.word_embeds(&batch.input_ids)?;
         self.forward_embeds(&embeds, batch, hooks, mode)
     }
@@ -73,9 +78,9 @@ impl BertModel {
         hooks: &dyn LayerHooks,
         mode: &mut Mode,
     ) -> Result<Tensor> {
-        let mut hidden = self
-            .embeddings
-            .forward_embeds(inputs_embeds, &batch.token_type_ids, mode)?;
+        let mut hidden =
+            self.embeddings
+                .forward_embeds(inputs_embeds, &batch.token_type_ids, mode)?;
         let bias = ops::attention_bias(&batch.attention_mask)?;
         for layer in &self.layers {
             hidden = layer.forward(&hidden, &bias, hooks, mode)?;
@@ -102,20 +107,51 @@ impl BertModel {
             ("position_embeddings", &e.position_embeddings),
             ("token_type_embeddings", &e.token_type_embeddings),
         ] {
-            out.push((format!("embeddings.{name}.weight"), emb.embeddings().clone()));
+            out.push((
+                format!("embeddings.{name}.weight"),
+                emb.embeddings().clone(),
+            ));
         }
         push_norm(&mut out, "embeddings.LayerNorm".into(), &e.layer_norm);
         for layer in &self.layers {
             let p = format!("encoder.layer.{}", layer.index);
             let a = &layer.attention;
-            push_linear(&mut out, format!("{p}.attention.self.query"), &a.self_attention.query);
-            push_linear(&mut out, format!("{p}.attention.self.key"), &a.self_attention.key);
-            push_linear(&mut out, format!("{p}.attention.self.value"), &a.self_attention.value);
-            push_linear(&mut out, format!("{p}.attention.output.dense"), &a.output.dense);
-            push_norm(&mut out, format!("{p}.attention.output.LayerNorm"), &a.output.layer_norm);
-            push_linear(&mut out, format!("{p}.intermediate.dense"), &layer.intermediate.dense);
+            push_linear(
+                &mut out,
+                format!("{p}.attention.self.query"),
+                &a.self_attention.query,
+            );
+            push_linear(
+                &mut out,
+                format!("{p}.attention.self.key"),
+                &a.self_attention.key,
+            );
+            push_linear(
+                &mut out,
+                format!("{p}.attention.self.value"),
+                &a.self_attention.value,
+            );
+            push_linear(
+                &mut out,
+                format!("{p}.attention.output.dense"),
+                &a.output.dense,
+            );
+            push_norm(
+                &mut out,
+                format!("{p}.attention.output.LayerNorm"),
+                &a.output.layer_norm,
+            );
+            push_linear(
+                &mut out,
+                format!("{p}.intermediate.dense"),
+                &layer.intermediate.dense,
+            );
             push_linear(&mut out, format!("{p}.output.dense"), &layer.output.dense);
-            push_norm(&mut out, format!("{p}.output.LayerNorm"), &layer.output.layer_norm);
+            push_norm(
+                &mut out,
+                format!("{p}.output.LayerNorm"),
+                &layer.output.layer_norm,
+            );
         }
         if let Some(pooler) = &self.pooler {
             push_linear(&mut out, "pooler.dense".into(), &pooler.dense);
@@ -125,6 +161,9 @@ impl BertModel {
 
     /// Number of scalar parameters, as `transformers`' `num_parameters()` counts them.
     pub fn parameter_count(&self) -> usize {
-        self.named_tensors().iter().map(|(_, t)| t.elem_count()).sum()
+        self.named_tensors()
+            .iter()
+            .map(|(_, t)| t.elem_count())
+            .sum()
     }
 }

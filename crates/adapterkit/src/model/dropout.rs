@@ -48,13 +48,19 @@ mod tests {
         let same = Mode::Eval.dropout(&x, 0.3)?;
         assert_eq!(same.to_vec2::<f32>()?, x.to_vec2::<f32>()?);
 
-        let dropped = Mode::train(5).dropout(&x, 0.3)?.flatten_all()?.to_vec1::<f32>()?;
+        let dropped = Mode::train(5)
+            .dropout(&x, 0.3)?
+            .flatten_all()?
+            .to_vec1::<f32>()?;
         let zeros = dropped.iter().filter(|v| **v == 0.0).count();
         assert!((2700..3300).contains(&zeros), "{zeros} of 10000 dropped");
         let kept = dropped.iter().find(|v| **v != 0.0).unwrap();
         assert!((kept - 1.0 / 0.7).abs() < 1e-6);
 
-        let again = Mode::train(5).dropout(&x, 0.3)?.flatten_all()?.to_vec1::<f32>()?;
+        let again = Mode::train(5)
+            .dropout(&x, 0.3)?
+            .flatten_all()?
+            .to_vec1::<f32>()?;
         assert_eq!(dropped, again, "same seed, same mask");
         Ok(())
     }

@@ -74,8 +74,13 @@ impl BertLayer {
             mode,
         )?;
         let expanded = self.intermediate.activation.forward(&expanded)?;
-        let projected =
-            hooks.linear(layer, LinearSite::Output, &self.output.dense, &expanded, mode)?;
+        let projected = hooks.linear(
+            layer,
+            LinearSite::Output,
+            &self.output.dense,
+            &expanded,
+            mode,
+        )?;
         let projected = mode.dropout(&projected, self.output.dropout)?;
         let out = hooks.feed_forward_output(
             layer,

@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use candle_core::{DType, Device};
 use candle_nn::VarBuilder;
 
-use crate::error::{Error, Result};
+use crate::error::{tensor_message, Error, Result};
 use crate::model::{BertConfig, BertModel};
 use crate::tokenizer::TextTokenizer;
 
@@ -48,11 +48,17 @@ impl ModelFiles {
 
     pub fn in_dir(dir: &Path) -> Result<Self> {
         let existing = |name: &str| Some(dir.join(name)).filter(|p| p.is_file());
-        let config = existing("config.json")
-            .ok_or_else(|| Error::file(dir.join("config.json"), "missing (not a model directory?)"))?;
-        let weights = existing(SAFETENSORS).or_else(|| existing(PICKLE)).ok_or_else(|| {
-            Error::file(dir, format!("no weights: neither {SAFETENSORS} nor {PICKLE}"))
+        let config = existing("config.json").ok_or_else(|| {
+            Error::file(dir.join("config.json"), "missing (not a model directory?)")
         })?;
+        let weights = existing(SAFETENSORS)
+            .or_else(|| existing(PICKLE))
+            .ok_or_else(|| {
+                Error::file(
+                    dir,
+                    format!("no weights: neither {SAFETENSORS} nor {PICKLE}"),
+                )
+            })?;
         Ok(Self {
             source: dir.display().to_string(),
             config,
@@ -85,7 +91,11 @@ impl ModelFiles {
                 .get(name)
                 .or_else(|| api.as_ref().and_then(|repo| repo.get(name).ok()))
         };
-        let where_ = if offline { "in the hub cache (HF_HUB_OFFLINE is set)" } else { "on the hub or in its cache" };
+        let where_ = if offline {
+            "in the hub cache (HF_HUB_OFFLINE is set)"
+        } else {
+            "on the hub or in its cache"
+        };
         let config =
             fetch("config.json").ok_or_else(|| hub_error(format!("no config.json {where_}")))?;
         let weights = fetch(SAFETENSORS)
@@ -116,21 +126,41 @@ impl ModelFiles {
         // checkpoint loader; we only read it.
         let (vb, names) = if is_safetensors {
             let st = unsafe { candle_core::safetensors::MmapedSafetensors::new(&self.weights) }
-                .map_err(|e| weights_error(format!("not a readable safetensors file: {e}")))?;
+                .map_err(|e| {
+                    weights_error(format!(
+                        "not a readable safetensors file: {}",
+                        tensor_message(&e)
+                    ))
+                })?;
             let names: Vec<String> = st.tensors().into_iter().map(|(name, _)| name).collect();
-            (VarBuilder::from_backend(Box::new(st), DType::F32, device.clone()), names)
+            (
+                VarBuilder::from_backend(Box::new(st), DType::F32, device.clone()),
+                names,
+            )
         } else {
-            let pth = candle_core::pickle::PthTensors::new(&self.weights, None)
-                .map_err(|e| weights_error(format!("not a readable PyTorch file: {e}")))?;
+            let pth = candle_core::pickle::PthTensors::new(&self.weights, None).map_err(|e| {
+                weights_error(format!(
+                    "not a readable PyTorch file: {}",
+                    tensor_message(&e)
+                ))
+            })?;
             let names: Vec<String> = pth.tensor_infos().keys().cloned().collect();
-            (VarBuilder::from_backend(Box::new(pth), DType::F32, device.clone()), names)
+            (
+                VarBuilder::from_backend(Box::new(pth), DType::F32, device.clone()),
+                names,
+            )
         };
         let vb = if names.iter().any(|n| n.starts_with("bert.")) {
             vb.pp("bert")
         } else {
             vb
         };
-        BertModel::load(vb, config).map_err(|e| weights_error(e.to_string()))
+        BertModel::load(vb, config).map_err(|e| {
+            weights_error(format!(
+                "weights do not fit the config: {}",
+                tensor_message(&e)
+            ))
+        })
     }
 
     pub fn load_tokenizer(&self, config: &BertConfig) -> Result<TextTokenizer> {
@@ -152,7 +182,8 @@ fn looks_like_model_id(s: &str) -> bool {
         && parts.iter().all(|p| {
             !p.is_empty()
                 && !p.starts_with('.')
-                && p.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+                && p.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
         })
 }
 

@@ -1,0 +1,173 @@
+//! The encoder against PyTorch / `transformers` on a tiny random BERT (fixtures made by
+//! `tests/fixtures/make_fixtures.py`): forward, gradients, batching, tokenization.
+
+mod common;
+
+use adapterkit::batch::Batch;
+use adapterkit::model::load::ModelFiles;
+use adapterkit::model::{BertModel, Mode, NoHooks};
+use adapterkit::tokenizer::TextTokenizer;
+use candle_core::{Device, Var};
+use common::*;
+
+fn tiny_model() -> BertModel {
+    let files = ModelFiles::in_dir(&tiny_bert_dir()).unwrap();
+    let config = files.load_config().unwrap();
+    files.load_model(&config, &Device::Cpu).unwrap()
+}
+
+#[test]
+fn forward_matches_transformers_within_1e5() {
+    let expected = load_expected("tiny-bert-expected.safetensors");
+    let batch = batch_of(
+        &expected["input_ids"],
+        &expected["token_type_ids"],
+        Some(&expected["attention_mask"]),
+    );
+    let model = tiny_model();
+    let hidden = model.forward(&batch, &NoHooks, &mut Mode::Eval).unwrap();
+    let diff = max_abs_diff(&hidden, &expected["last_hidden_state"]);
+    eprintln!("tiny BERT last_hidden_state max |diff| = {diff:e}");
+    assert!(diff < 1e-5, "max |diff| {diff}");
+
+    let pooled = model.pooler.as_ref().unwrap().forward(&hidden).unwrap();
+    let diff = max_abs_diff(&pooled, &expected["pooler_output"]);
+    assert!(diff < 1e-5, "pooler max |diff| {diff}");
+}
+
+#[test]
+fn input_embedding_gradient_matches_transformers_within_1e5() {
+    let expected = load_expected("tiny-bert-expected.safetensors");
+    let batch = batch_of(
+        &expected["input_ids"],
+        &expected["token_type_ids"],
+        Some(&expected["attention_mask"]),
+    );
+    let model = tiny_model();
+    let embeds =
+        Var::from_tensor(&model.embeddings.word_embeds(&batch.input_ids).unwrap()).unwrap();
+    let hidden = model
+        .forward_embeds(embeds.as_tensor(), &batch, &NoHooks, &mut Mode::Eval)
+        .unwrap();
+    let loss = (hidden * &expected["probe"]).unwrap().sum_all().unwrap();
+    let loss_diff =
+        (loss.to_scalar::<f32>().unwrap() - expected["loss"].to_scalar::<f32>().unwrap()).abs();
+    assert!(loss_diff < 1e-5, "loss differs by {loss_diff}");
+
+    let grads = loss.backward().unwrap();
+    let grad = grads
+        .get(embeds.as_tensor())
+        .expect("a gradient for the input embeddings");
+    let diff = max_abs_diff(grad, &expected["grad_inputs_embeds"]);
+    eprintln!("tiny BERT d loss / d inputs_embeds max |diff| = {diff:e}");
+    assert!(diff < 1e-5, "gradient max |diff| {diff}");
+}
+
+#[test]
+fn a_batch_gives_the_same_outputs_as_its_texts_one_by_one() {
+    let expected = load_expected("tiny-bert-expected.safetensors");
+    let model = tiny_model();
+    let full = batch_of(
+        &expected["input_ids"],
+        &expected["token_type_ids"],
+        Some(&expected["attention_mask"]),
+    );
+    let batched = model.forward(&full, &NoHooks, &mut Mode::Eval).unwrap();
+    for row in 0..2 {
+        let single = batch_of(
+            &expected[&format!("ids_single_{row}")],
+            &expected[&format!("token_type_ids_single_{row}")],
+            None,
+        );
+        let alone = model.forward(&single, &NoHooks, &mut Mode::Eval).unwrap();
+        let len = alone.dim(1).unwrap();
+        let from_batch = batched
+            .narrow(0, row, 1)
+            .unwrap()
+            .narrow(1, 0, len)
+            .unwrap();
+        let diff = max_abs_diff(&alone, &from_batch);
+        assert!(diff < 1e-6, "row {row}: batched vs alone max |diff| {diff}");
+        let diff = max_abs_diff(&alone, &expected[&format!("hidden_single_{row}")]);
+        assert!(
+            diff < 1e-5,
+            "row {row}: alone vs transformers max |diff| {diff}"
+        );
+    }
+}
+
+#[test]
+fn tokenizer_json_and_vocab_txt_give_transformers_ids() {
+    let expected = load_expected("tiny-bert-expected.safetensors");
+    let want = ids_of(&expected["input_ids"]);
+    let dir = tiny_bert_dir();
+    let from_json = TextTokenizer::from_dir(&dir, 64).unwrap();
+    let from_vocab = TextTokenizer::from_files(
+        None,
+        Some(dir.join("vocab.txt")),
+        Some(dir.join("tokenizer_config.json")),
+        &dir,
+        64,
+    )
+    .unwrap();
+    for tokenizer in [&from_json, &from_vocab] {
+        let pair = tokenizer.encode("the cat", Some("sat on")).unwrap();
+        assert_eq!(pair.ids, want[0]);
+        assert_eq!(pair.type_ids, vec![0, 0, 0, 0, 1, 1, 1]);
+        let single = tokenizer.encode("hello world!", None).unwrap();
+        assert_eq!(single.ids, want[1][..5]);
+        let batch: Batch = tokenizer
+            .batch(&["the cat", "hello world!"], &Device::Cpu)
+            .unwrap();
+        assert_eq!(ids_of(&batch.attention_mask)[0], vec![1, 1, 1, 1, 0]);
+    }
+}
+
+#[test]
+fn dropout_in_training_is_seeded() {
+    let expected = load_expected("tiny-bert-expected.safetensors");
+    let batch = batch_of(
+        &expected["input_ids"],
+        &expected["token_type_ids"],
+        Some(&expected["attention_mask"]),
+    );
+    let model = tiny_model();
+    let run = |seed| {
+        model
+            .forward(&batch, &NoHooks, &mut Mode::train(seed))
+            .unwrap()
+    };
+    let eval = model.forward(&batch, &NoHooks, &mut Mode::Eval).unwrap();
+    assert_eq!(
+        max_abs_diff(&run(1), &run(1)),
+        0.0,
+        "same seed, same output"
+    );
+    assert!(
+        max_abs_diff(&run(1), &run(2)) > 1e-3,
+        "other seed, other dropout"
+    );
+    assert!(
+        max_abs_diff(&run(1), &eval) > 1e-3,
+        "training applies dropout"
+    );
+}
+
+#[test]
+fn a_sequence_longer_than_the_positions_is_a_clear_error() {
+    let model = tiny_model();
+    let ids = candle_core::Tensor::ones((1, 65), candle_core::DType::U32, &Device::Cpu).unwrap();
+    let batch = Batch {
+        token_type_ids: ids.zeros_like().unwrap(),
+        attention_mask: ids.clone(),
+        input_ids: ids,
+    };
+    let err = model
+        .forward(&batch, &NoHooks, &mut Mode::Eval)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("65 tokens") && err.contains("64 positions"),
+        "{err}"
+    );
+}
