@@ -1,7 +1,9 @@
 //! `BertModel`: embeddings, the stack of layers (`encoder.layer.{i}`) and the pooler.
 
-use candle_core::{Module, Result, Tensor};
-use candle_nn::{Linear, VarBuilder};
+use candle_core::{Module, Result, Tensor, Var};
+use candle_nn::{Embedding, Linear, VarBuilder};
+
+use crate::params::Params;
 
 use crate::batch::Batch;
 use crate::model::config::BertConfig;
@@ -91,72 +93,139 @@ impl BertModel {
     /// Every tensor of the model with its checkpoint name (without a `bert.` prefix).
     pub fn named_tensors(&self) -> Vec<(String, Tensor)> {
         let mut out = Vec::new();
-        let push_linear = |out: &mut Vec<(String, Tensor)>, name: String, l: &Linear| {
-            out.push((format!("{name}.weight"), l.weight().clone()));
-            if let Some(b) = l.bias() {
-                out.push((format!("{name}.bias"), b.clone()));
-            }
-        };
-        let push_norm = |out: &mut Vec<(String, Tensor)>, name: String, n: &LayerNorm| {
-            out.push((format!("{name}.weight"), n.weight.clone()));
-            out.push((format!("{name}.bias"), n.bias.clone()));
-        };
-        let e = &self.embeddings;
-        for (name, emb) in [
-            ("word_embeddings", &e.word_embeddings),
-            ("position_embeddings", &e.position_embeddings),
-            ("token_type_embeddings", &e.token_type_embeddings),
-        ] {
-            out.push((
-                format!("embeddings.{name}.weight"),
-                emb.embeddings().clone(),
-            ));
-        }
-        push_norm(&mut out, "embeddings.LayerNorm".into(), &e.layer_norm);
-        for layer in &self.layers {
-            let p = format!("encoder.layer.{}", layer.index);
-            let a = &layer.attention;
-            push_linear(
-                &mut out,
-                format!("{p}.attention.self.query"),
-                &a.self_attention.query,
-            );
-            push_linear(
-                &mut out,
-                format!("{p}.attention.self.key"),
-                &a.self_attention.key,
-            );
-            push_linear(
-                &mut out,
-                format!("{p}.attention.self.value"),
-                &a.self_attention.value,
-            );
-            push_linear(
-                &mut out,
-                format!("{p}.attention.output.dense"),
-                &a.output.dense,
-            );
-            push_norm(
-                &mut out,
-                format!("{p}.attention.output.LayerNorm"),
-                &a.output.layer_norm,
-            );
-            push_linear(
-                &mut out,
-                format!("{p}.intermediate.dense"),
-                &layer.intermediate.dense,
-            );
-            push_linear(&mut out, format!("{p}.output.dense"), &layer.output.dense);
-            push_norm(
-                &mut out,
-                format!("{p}.output.LayerNorm"),
-                &layer.output.layer_norm,
-            );
-        }
-        if let Some(pooler) = &self.pooler {
-            push_linear(&mut out, "pooler.dense".into(), &pooler.dense);
-        }
+        self.clone()
+            .visit_tensors_mut(&mut |name, t| out.push((name.to_string(), t.clone())));
         out
+    }
+
+    /// Makes the tensors whose checkpoint names pass `select` trainable (candle `Var`s, in
+    /// place) and returns them; full fine-tuning selects all, adapter training the LayerNorms.
+    pub fn make_trainable(&mut self, select: impl Fn(&str) -> bool) -> Result<Params> {
+        let mut params = Params::default();
+        let mut failure = None;
+        self.visit_tensors_mut(&mut |name, t| {
+            if !select(name) || failure.is_some() {
+                return;
+            }
+            match Var::from_tensor(t) {
+                Ok(var) => {
+                    *t = var.as_tensor().clone();
+                    params.push(name, var);
+                }
+                Err(e) => failure = Some(e),
+            }
+        });
+        match failure {
+            Some(e) => Err(e),
+            None => Ok(params),
+        }
+    }
+
+    /// Replaces the tensors named in `tensors` (checkpoint names), checking shapes; every
+    /// name must be one of the model's.
+    pub fn set_tensors(
+        &mut self,
+        tensors: &std::collections::HashMap<String, Tensor>,
+    ) -> std::result::Result<(), String> {
+        let mut seen = 0;
+        let mut error = None;
+        self.visit_tensors_mut(&mut |name, t| {
+            if let Some(new) = tensors.get(name) {
+                seen += 1;
+                if new.dims() != t.dims() {
+                    error.get_or_insert(format!(
+                        "tensor {name} has shape {:?}, expected {:?}",
+                        new.dims(),
+                        t.dims()
+                    ));
+                } else {
+                    *t = new.clone();
+                }
+            }
+        });
+        if let Some(e) = error {
+            return Err(e);
+        }
+        if seen != tensors.len() {
+            let known: std::collections::HashSet<String> =
+                self.named_tensors().into_iter().map(|(n, _)| n).collect();
+            let mut unknown: Vec<&String> =
+                tensors.keys().filter(|k| !known.contains(*k)).collect();
+            unknown.sort();
+            return Err(format!("tensors the model does not have: {unknown:?}"));
+        }
+        Ok(())
+    }
+
+    /// Calls `f` on every tensor with its checkpoint name; `f` may replace the tensor.
+    fn visit_tensors_mut(&mut self, f: &mut dyn FnMut(&str, &mut Tensor)) {
+        fn linear(name: &str, l: &mut Linear, f: &mut dyn FnMut(&str, &mut Tensor)) {
+            let mut weight = l.weight().clone();
+            let mut bias = l.bias().cloned();
+            f(&format!("{name}.weight"), &mut weight);
+            if let Some(b) = bias.as_mut() {
+                f(&format!("{name}.bias"), b);
+            }
+            *l = Linear::new(weight, bias);
+        }
+        fn norm(name: &str, n: &mut LayerNorm, f: &mut dyn FnMut(&str, &mut Tensor)) {
+            f(&format!("{name}.weight"), &mut n.weight);
+            f(&format!("{name}.bias"), &mut n.bias);
+        }
+        fn embedding(name: &str, e: &mut Embedding, f: &mut dyn FnMut(&str, &mut Tensor)) {
+            let mut table = e.embeddings().clone();
+            let hidden = table.dims().last().copied().unwrap_or(0);
+            f(&format!("embeddings.{name}.weight"), &mut table);
+            *e = Embedding::new(table, hidden);
+        }
+        let e = &mut self.embeddings;
+        embedding("word_embeddings", &mut e.word_embeddings, f);
+        embedding("position_embeddings", &mut e.position_embeddings, f);
+        embedding("token_type_embeddings", &mut e.token_type_embeddings, f);
+        norm("embeddings.LayerNorm", &mut e.layer_norm, f);
+        for layer in &mut self.layers {
+            let p = format!("encoder.layer.{}", layer.index);
+            let a = &mut layer.attention;
+            linear(
+                &format!("{p}.attention.self.query"),
+                &mut a.self_attention.query,
+                f,
+            );
+            linear(
+                &format!("{p}.attention.self.key"),
+                &mut a.self_attention.key,
+                f,
+            );
+            linear(
+                &format!("{p}.attention.self.value"),
+                &mut a.self_attention.value,
+                f,
+            );
+            linear(
+                &format!("{p}.attention.output.dense"),
+                &mut a.output.dense,
+                f,
+            );
+            norm(
+                &format!("{p}.attention.output.LayerNorm"),
+                &mut a.output.layer_norm,
+                f,
+            );
+            linear(
+                &format!("{p}.intermediate.dense"),
+                &mut layer.intermediate.dense,
+                f,
+            );
+            linear(&format!("{p}.output.dense"), &mut layer.output.dense, f);
+            norm(
+                &format!("{p}.output.LayerNorm"),
+                &mut layer.output.layer_norm,
+                f,
+            );
+        }
+        if let Some(pooler) = &mut self.pooler {
+            linear("pooler.dense", &mut pooler.dense, f);
+        }
     }
 
     /// Number of scalar parameters, as `transformers`' `num_parameters()` counts them.

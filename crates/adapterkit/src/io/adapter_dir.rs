@@ -1,0 +1,296 @@
+//! A trained adapter as a directory in AdapterHub's layout:
+//!
+//! | file | content |
+//! |---|---|
+//! | `adapter_config.json` + `adapter.safetensors` | the bottleneck adapter (absent for head-only and full fine-tuning) |
+//! | `head_config.json` + `model_head.safetensors` | the prediction head and its label map |
+//! | `base_weights.safetensors` | ours: base-model tensors that training changed (the LayerNorms trained beside an adapter, or every weight after full fine-tuning) |
+//!
+//! Python's `adapters` reads the first two pairs (`load_adapter(dir, use_safetensors=True)`);
+//! we also read its pickle files (`pytorch_adapter.bin`, `pytorch_model_head.bin`) when the
+//! safetensors ones are absent.
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use candle_core::{Device, Tensor};
+use serde_json::{json, Value};
+
+use crate::adapter_model::AdapterModel;
+use crate::error::{Error, Result};
+use crate::heads::{Head, HeadConfig};
+use crate::io::atomic::{write_atomic, write_json_atomic};
+use crate::methods::bottleneck::BottleneckAdapters;
+use crate::methods::bottleneck_config::BnConfig;
+use crate::model::BertModel;
+use crate::params::Params;
+use crate::rng::SeededRng;
+
+pub const ADAPTER_CONFIG: &str = "adapter_config.json";
+pub const ADAPTER_WEIGHTS: &str = "adapter.safetensors";
+pub const ADAPTER_WEIGHTS_PICKLE: &str = "pytorch_adapter.bin";
+pub const HEAD_CONFIG: &str = "head_config.json";
+pub const HEAD_WEIGHTS: &str = "model_head.safetensors";
+pub const HEAD_WEIGHTS_PICKLE: &str = "pytorch_model_head.bin";
+pub const BASE_WEIGHTS: &str = "base_weights.safetensors";
+
+/// The `adapters` version whose format we write.
+pub const ADAPTERHUB_VERSION: &str = "adapters.1.3.0";
+/// Adapter tensors are saved under the model-with-head's `bert.` prefix, as AdapterHub does.
+const MODEL_PREFIX: &str = "bert.";
+
+/// AdapterHub's envelope around a method's `config`.
+fn envelope(config: Value, hidden_size: usize, model_name: &str, name: &str) -> Value {
+    json!({
+        "config": config,
+        "hidden_size": hidden_size,
+        "model_class": "BertAdapterModel",
+        "model_name": model_name,
+        "model_type": "bert",
+        "name": name,
+        "version": ADAPTERHUB_VERSION,
+    })
+}
+
+fn save_tensors(path: &Path, tensors: Vec<(String, Tensor)>) -> Result<()> {
+    let bytes = safetensors::serialize(tensors.iter().map(|(n, t)| (n.as_str(), t)), None)
+        .map_err(|e| Error::file(path, e))?;
+    write_atomic(path, &bytes)
+}
+
+/// Saves `model`'s trained parts into `dir` (created if needed); every file is written atomically.
+pub fn save(dir: &Path, model: &AdapterModel, model_name: &str) -> Result<()> {
+    std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+    let hidden = model.encoder.config.hidden_size;
+    if let Some(adapter) = &model.adapter {
+        let config = serde_json::to_value(&adapter.config)
+            .map_err(|e| Error::file(dir.join(ADAPTER_CONFIG), e))?;
+        write_json_atomic(
+            &dir.join(ADAPTER_CONFIG),
+            &envelope(config, hidden, model_name, &adapter.name),
+        )?;
+        let mut tensors = Vec::new();
+        for (name, var) in adapter.params().iter() {
+            let tensor = var.as_tensor().clone();
+            // AdapterHub registers an `ln_before` norm twice, and saves both names.
+            if adapter.config.ln_before && name.contains(".adapter_down.0.") {
+                let alias = name.replace(".adapter_down.0.", ".adapter_norm_before.");
+                tensors.push((format!("{MODEL_PREFIX}{alias}"), tensor.clone()));
+            }
+            tensors.push((format!("{MODEL_PREFIX}{name}"), tensor));
+        }
+        save_tensors(&dir.join(ADAPTER_WEIGHTS), tensors)?;
+    }
+    let head = &model.head;
+    let config =
+        serde_json::to_value(&head.config).map_err(|e| Error::file(dir.join(HEAD_CONFIG), e))?;
+    write_json_atomic(
+        &dir.join(HEAD_CONFIG),
+        &envelope(config, hidden, model_name, &head.name),
+    )?;
+    save_tensors(&dir.join(HEAD_WEIGHTS), to_pairs(&head.params()))?;
+    let base_path = dir.join(BASE_WEIGHTS);
+    if model.base_trainable.0.is_empty() {
+        if base_path.exists() {
+            std::fs::remove_file(&base_path).map_err(|e| Error::io(&base_path, e))?;
+        }
+    } else {
+        save_tensors(&base_path, to_pairs(&model.base_trainable))?;
+    }
+    Ok(())
+}
+
+fn to_pairs(params: &Params) -> Vec<(String, Tensor)> {
+    params
+        .iter()
+        .map(|(n, v)| (n.clone(), v.as_tensor().clone()))
+        .collect()
+}
+
+fn read_json(path: &Path) -> Result<Value> {
+    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    serde_json::from_str(&text).map_err(|e| Error::Config {
+        path: path.into(),
+        message: e.to_string(),
+    })
+}
+
+/// Tensors from `safetensors_name` in `dir`, or else from the pickle file (read without
+/// executing anything).
+fn read_tensors(
+    dir: &Path,
+    safetensors_name: &str,
+    pickle_name: &str,
+    device: &Device,
+) -> Result<(std::path::PathBuf, HashMap<String, Tensor>)> {
+    let st = dir.join(safetensors_name);
+    if st.exists() {
+        let tensors = candle_core::safetensors::load(&st, device).map_err(|e| {
+            Error::file(
+                &st,
+                format!(
+                    "not a readable safetensors file: {}",
+                    crate::error::tensor_message(&e)
+                ),
+            )
+        })?;
+        return Ok((st, tensors));
+    }
+    let pickle = dir.join(pickle_name);
+    if pickle.exists() {
+        let tensors = candle_core::pickle::read_all(&pickle).map_err(|e| {
+            Error::file(
+                &pickle,
+                format!(
+                    "not a readable PyTorch file: {}",
+                    crate::error::tensor_message(&e)
+                ),
+            )
+        })?;
+        let tensors = tensors
+            .into_iter()
+            .map(|(n, t)| Ok((n, t.to_device(device)?)))
+            .collect::<Result<_>>()?;
+        return Ok((pickle, tensors));
+    }
+    Err(Error::file(
+        dir,
+        format!("neither {safetensors_name} nor {pickle_name} is here"),
+    ))
+}
+
+/// Checks an envelope's `hidden_size` and `model_type` against the encoder's.
+fn check_envelope(path: &Path, value: &Value, encoder: &BertModel) -> Result<()> {
+    let hidden = encoder.config.hidden_size;
+    if let Some(h) = value.get("hidden_size").and_then(Value::as_u64) {
+        if h as usize != hidden {
+            return Err(Error::file(
+                path,
+                format!("made for hidden size {h}, but the model has {hidden}"),
+            ));
+        }
+    }
+    if let Some(t) = value.get("model_type").and_then(Value::as_str) {
+        if t != encoder.config.model_type {
+            return Err(Error::file(
+                path,
+                format!(
+                    "made for model_type '{t}', but the model is '{}'",
+                    encoder.config.model_type
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
+fn config_field(path: &Path, value: &Value) -> Result<Value> {
+    value.get("config").cloned().ok_or_else(|| Error::Config {
+        path: path.into(),
+        message: "no \"config\" object".into(),
+    })
+}
+
+fn name_field(path: &Path, value: &Value) -> Result<String> {
+    value
+        .get("name")
+        .and_then(Value::as_str)
+        .map(str::to_owned)
+        .ok_or_else(|| Error::Config {
+            path: path.into(),
+            message: "no \"name\"".into(),
+        })
+}
+
+/// Sets `params` from `tensors`, naming `path` in any missing, misshapen or unexpected tensor.
+fn load_params(path: &Path, params: &Params, tensors: &HashMap<String, Tensor>) -> Result<()> {
+    let unexpected = params.load(tensors).map_err(|m| Error::file(path, m))?;
+    if !unexpected.is_empty() {
+        return Err(Error::file(
+            path,
+            format!("unexpected tensors: {}", unexpected.join(", ")),
+        ));
+    }
+    Ok(())
+}
+
+/// Loads the adapter and head saved in `dir` onto `encoder`.
+pub fn load(dir: &Path, mut encoder: BertModel, device: &Device) -> Result<AdapterModel> {
+    if !dir.is_dir() {
+        return Err(Error::file(dir, "no such adapter directory"));
+    }
+    // Weights are overwritten from the files; the generator only shapes the modules.
+    let mut rng = SeededRng::new(0);
+
+    let head_path = dir.join(HEAD_CONFIG);
+    let head_json = read_json(&head_path)?;
+    check_envelope(&head_path, &head_json, &encoder)?;
+    let head_config: HeadConfig = serde_json::from_value(config_field(&head_path, &head_json)?)
+        .map_err(|e| Error::Config {
+            path: head_path.clone(),
+            message: e.to_string(),
+        })?;
+    head_config.kind().map_err(|e| Error::file(&head_path, e))?;
+    let head = Head::new(
+        &name_field(&head_path, &head_json)?,
+        head_config,
+        encoder.config.hidden_size,
+        encoder.config.hidden_dropout_prob,
+        &mut rng,
+        device,
+    )
+    .map_err(|e| Error::file(&head_path, e))?;
+    let (path, tensors) = read_tensors(dir, HEAD_WEIGHTS, HEAD_WEIGHTS_PICKLE, device)?;
+    load_params(&path, &head.params(), &tensors)?;
+
+    let adapter_path = dir.join(ADAPTER_CONFIG);
+    let adapter = if adapter_path.exists() {
+        let json = read_json(&adapter_path)?;
+        check_envelope(&adapter_path, &json, &encoder)?;
+        let config =
+            BnConfig::from_json(config_field(&adapter_path, &json)?).map_err(|message| {
+                Error::Config {
+                    path: adapter_path.clone(),
+                    message,
+                }
+            })?;
+        let adapter = BottleneckAdapters::new(
+            &name_field(&adapter_path, &json)?,
+            &config,
+            &encoder.config,
+            &mut rng,
+            device,
+        )
+        .map_err(|e| Error::file(&adapter_path, e))?;
+        let (path, tensors) = read_tensors(dir, ADAPTER_WEIGHTS, ADAPTER_WEIGHTS_PICKLE, device)?;
+        let tensors: HashMap<String, Tensor> = tensors
+            .into_iter()
+            .filter(|(n, _)| !n.contains(".adapter_norm_before.")) // the alias of adapter_down.0
+            .map(|(n, t)| {
+                (
+                    n.strip_prefix(MODEL_PREFIX).map(str::to_owned).unwrap_or(n),
+                    t,
+                )
+            })
+            .collect();
+        load_params(&path, &adapter.params(), &tensors)?;
+        Some(adapter)
+    } else {
+        None
+    };
+
+    let base_path = dir.join(BASE_WEIGHTS);
+    if base_path.exists() {
+        let tensors = candle_core::safetensors::load(&base_path, device)
+            .map_err(|e| Error::file(&base_path, crate::error::tensor_message(&e)))?;
+        encoder
+            .set_tensors(&tensors)
+            .map_err(|m| Error::file(&base_path, m))?;
+    }
+    Ok(AdapterModel {
+        encoder,
+        adapter,
+        head,
+        base_trainable: Params::default(),
+    })
+}

@@ -1,0 +1,340 @@
+//! Bottleneck adapters (Houlsby et al. 2019; Pfeiffer et al. 2020; parallel, He et al. 2021),
+//! with AdapterHub's semantics: the three steps of its `pre_forward`, `forward` and
+//! `post_forward` are the three steps of [`BottleneckAdapter::forward`].
+
+use std::collections::BTreeSet;
+
+use candle_core::{Device, Module, Result as CandleResult, Tensor, Var};
+use candle_nn::Linear;
+
+use crate::error::{Error, Result};
+use crate::methods::bottleneck_config::{BnConfig, InitWeights, ResidualBeforeLn};
+use crate::model::hooks::LayerHooks;
+use crate::model::layer_norm::LayerNorm;
+use crate::model::{BertConfig, Mode};
+use crate::params::{init, new_linear, Params};
+use crate::rng::SeededRng;
+
+/// One adapter at one place of one layer: `up(act(down(x))) * scaling` with a skip connection.
+#[derive(Debug, Clone)]
+pub struct BottleneckAdapter {
+    config: BnConfig,
+    /// `adapter_down.0` when `ln_before`.
+    norm_before: Option<LayerNorm>,
+    down: Linear,
+    up: Linear,
+    /// `adapter_norm_after` when `ln_after`.
+    norm_after: Option<LayerNorm>,
+    params: Params,
+}
+
+fn trainable_norm(
+    params: &mut Params,
+    name: &str,
+    size: usize,
+    device: &Device,
+) -> Result<LayerNorm> {
+    let weight = Var::from_tensor(&init::ones(size, device)?)?;
+    let bias = Var::from_tensor(&init::zeros(size, device)?)?;
+    let norm = LayerNorm {
+        weight: weight.as_tensor().clone(),
+        bias: bias.as_tensor().clone(),
+        eps: 1e-5, // torch.nn.LayerNorm's default, which AdapterHub's adapter norms use
+    };
+    params.push(format!("{name}.weight"), weight);
+    params.push(format!("{name}.bias"), bias);
+    Ok(norm)
+}
+
+impl BottleneckAdapter {
+    pub fn new(
+        config: &BnConfig,
+        hidden: usize,
+        bottleneck: usize,
+        rng: &mut SeededRng,
+        device: &Device,
+    ) -> Result<Self> {
+        let mut params = Params::default();
+        let norm_before = if config.ln_before {
+            Some(trainable_norm(
+                &mut params,
+                "adapter_down.0",
+                hidden,
+                device,
+            )?)
+        } else {
+            None
+        };
+        let down_name = if config.ln_before {
+            "adapter_down.1"
+        } else {
+            "adapter_down.0"
+        };
+        let (down_w, up_w) = match config.init_weights {
+            InitWeights::Bert => (
+                init::normal(rng, (bottleneck, hidden), 0.02, device)?,
+                init::normal(rng, (hidden, bottleneck), 0.02, device)?,
+            ),
+            InitWeights::Houlsby => (
+                init::truncated_normal(rng, (bottleneck, hidden), 0.01, device)?,
+                init::truncated_normal(rng, (hidden, bottleneck), 0.01, device)?,
+            ),
+            InitWeights::MamAdapter => (
+                init::kaiming_uniform(rng, (bottleneck, hidden), device)?,
+                init::zeros((hidden, bottleneck), device)?,
+            ),
+        };
+        let down = new_linear(
+            &mut params,
+            down_name,
+            down_w,
+            init::zeros(bottleneck, device)?,
+        )?;
+        let up = new_linear(
+            &mut params,
+            "adapter_up",
+            up_w,
+            init::zeros(hidden, device)?,
+        )?;
+        let norm_after = if config.ln_after {
+            Some(trainable_norm(
+                &mut params,
+                "adapter_norm_after",
+                hidden,
+                device,
+            )?)
+        } else {
+            None
+        };
+        Ok(Self {
+            config: config.clone(),
+            norm_before,
+            down,
+            up,
+            norm_after,
+            params,
+        })
+    }
+
+    pub fn params(&self) -> &Params {
+        &self.params
+    }
+
+    /// The bottleneck itself: `dropout(up(act(down(norm_before(x)))) * scaling)`, then
+    /// `norm_after` and the skip connection in the configured order (sequential adapters).
+    fn bottleneck(
+        &self,
+        x: &Tensor,
+        residual: Option<&Tensor>,
+        mode: &mut Mode,
+    ) -> CandleResult<Tensor> {
+        let c = &self.config;
+        let x = match &self.norm_before {
+            Some(norm) => norm.forward(x)?,
+            None => x.clone(),
+        };
+        let down = c.non_linearity.forward(&self.down.forward(&x)?)?;
+        let up = (self.up.forward(&down)? * c.scaling)?;
+        let mut out = mode.dropout(&up, c.dropout)?;
+        if let (Some(r), true) = (residual, c.adapter_residual_before_ln) {
+            out = (out + r)?;
+        }
+        if let Some(norm) = &self.norm_after {
+            out = norm.forward(&out)?;
+        }
+        if let (Some(r), false) = (residual, c.adapter_residual_before_ln) {
+            out = (out + r)?;
+        }
+        Ok(out)
+    }
+
+    /// Replaces the sub-layer's `LayerNorm(hidden + input)`: `hidden` is the sub-layer's output
+    /// (after its projection and dropout), `input` the sub-layer's input.
+    pub fn forward(
+        &self,
+        hidden: &Tensor,
+        input: &Tensor,
+        layer_norm: &LayerNorm,
+        mode: &mut Mode,
+    ) -> CandleResult<Tensor> {
+        let c = &self.config;
+        let out = if c.is_parallel {
+            // Parallel: the adapter reads the sub-layer's input; its output joins the sub-layer's.
+            (self.bottleneck(input, None, mode)? + hidden)?
+        } else {
+            // Before: pick the skip connection, optionally apply the original LayerNorm.
+            let mut h = hidden.clone();
+            let mut residual = match c.residual_before_ln {
+                ResidualBeforeLn::Flag(true) => Some(h.clone()),
+                _ => None,
+            };
+            if c.original_ln_before {
+                h = (h + input)?;
+                if matches!(c.residual_before_ln, ResidualBeforeLn::PostAdd(_)) {
+                    residual = Some(h.clone());
+                }
+                h = layer_norm.forward(&h)?;
+            }
+            let residual = residual.unwrap_or_else(|| h.clone());
+            self.bottleneck(&h, Some(&residual), mode)?
+        };
+        // After: the original residual + LayerNorm.
+        if c.original_ln_after {
+            layer_norm.forward(&(out + input)?)
+        } else {
+            Ok(out)
+        }
+    }
+}
+
+/// Where in a layer an adapter sits, with AdapterHub's module path.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Position {
+    /// After multi-head attention: `attention.output`.
+    Attention,
+    /// After the feed-forward block: `output`.
+    Output,
+}
+
+impl Position {
+    pub fn module(self) -> &'static str {
+        match self {
+            Position::Attention => "attention.output",
+            Position::Output => "output",
+        }
+    }
+}
+
+/// One named adapter across all layers of a model: the hooks that run it.
+#[derive(Debug, Clone)]
+pub struct BottleneckAdapters {
+    pub name: String,
+    pub config: BnConfig,
+    /// Per layer: the adapter after attention and the one after the feed-forward block.
+    layers: Vec<[Option<BottleneckAdapter>; 2]>,
+    /// Layers whose adapters are skipped at run time (AdapterDrop's `skip_layers`).
+    pub skip_layers: BTreeSet<usize>,
+}
+
+impl BottleneckAdapters {
+    /// A freshly initialised adapter for `model`, drawing its weights from `rng`.
+    pub fn new(
+        name: &str,
+        config: &BnConfig,
+        model: &BertConfig,
+        rng: &mut SeededRng,
+        device: &Device,
+    ) -> Result<Self> {
+        let invalid = |message: String| Error::input(format!("adapter '{name}': {message}"));
+        config
+            .validate(model.num_hidden_layers, model.hidden_size)
+            .map_err(invalid)?;
+        if matches!(config.residual_before_ln, ResidualBeforeLn::PostAdd(_))
+            && !config.original_ln_before
+        {
+            return Err(invalid(
+                "residual_before_ln=\"post_add\" needs original_ln_before=true".into(),
+            ));
+        }
+        let mut layers = Vec::with_capacity(model.num_hidden_layers);
+        for layer in 0..model.num_hidden_layers {
+            let bottleneck = config
+                .bottleneck_size(layer, model.hidden_size)
+                .map_err(invalid)?;
+            let mut make = |wanted: bool| -> Result<Option<BottleneckAdapter>> {
+                if !wanted || config.leave_out.contains(&layer) {
+                    return Ok(None);
+                }
+                BottleneckAdapter::new(config, model.hidden_size, bottleneck, rng, device).map(Some)
+            };
+            layers.push([make(config.mh_adapter)?, make(config.output_adapter)?]);
+        }
+        Ok(Self {
+            name: name.into(),
+            config: config.clone(),
+            layers,
+            skip_layers: BTreeSet::new(),
+        })
+    }
+
+    pub fn get(&self, layer: usize, position: Position) -> Option<&BottleneckAdapter> {
+        let index = match position {
+            Position::Attention => 0,
+            Position::Output => 1,
+        };
+        self.layers.get(layer)?[index].as_ref()
+    }
+
+    /// Every parameter under AdapterHub's name, without the model prefix:
+    /// `encoder.layer.{i}.{attention.output|output}.adapters.{name}.adapter_down.0.weight`, ...
+    pub fn params(&self) -> Params {
+        let mut all = Params::default();
+        for (i, places) in self.layers.iter().enumerate() {
+            for (position, adapter) in [Position::Attention, Position::Output].iter().zip(places) {
+                if let Some(adapter) = adapter {
+                    let prefix = format!(
+                        "encoder.layer.{i}.{}.adapters.{}",
+                        position.module(),
+                        self.name
+                    );
+                    all.extend_prefixed(&prefix, adapter.params().clone());
+                }
+            }
+        }
+        all
+    }
+
+    /// The lowest layer where an adapter runs, if any: nothing below it needs a backward pass.
+    pub fn lowest_active_layer(&self) -> Option<usize> {
+        (0..self.layers.len())
+            .find(|l| !self.skip_layers.contains(l) && self.layers[*l].iter().any(Option::is_some))
+    }
+
+    fn run(
+        &self,
+        layer: usize,
+        position: Position,
+        hidden: &Tensor,
+        input: &Tensor,
+        layer_norm: &LayerNorm,
+        mode: &mut Mode,
+    ) -> CandleResult<Tensor> {
+        match self.get(layer, position) {
+            Some(adapter) if !self.skip_layers.contains(&layer) => {
+                adapter.forward(hidden, input, layer_norm, mode)
+            }
+            _ => layer_norm.forward(&(hidden + input)?),
+        }
+    }
+}
+
+impl LayerHooks for BottleneckAdapters {
+    fn attention_output(
+        &self,
+        layer: usize,
+        hidden: &Tensor,
+        residual: &Tensor,
+        layer_norm: &LayerNorm,
+        mode: &mut Mode,
+    ) -> CandleResult<Tensor> {
+        self.run(
+            layer,
+            Position::Attention,
+            hidden,
+            residual,
+            layer_norm,
+            mode,
+        )
+    }
+
+    fn feed_forward_output(
+        &self,
+        layer: usize,
+        hidden: &Tensor,
+        residual: &Tensor,
+        layer_norm: &LayerNorm,
+        mode: &mut Mode,
+    ) -> CandleResult<Tensor> {
+        self.run(layer, Position::Output, hidden, residual, layer_norm, mode)
+    }
+}

@@ -1,0 +1,6 @@
+//! The tuning methods, each a set of named parameters plus the [`LayerHooks`] that run them.
+//!
+//! [`LayerHooks`]: crate::model::hooks::LayerHooks
+
+pub mod bottleneck;
+pub mod bottleneck_config;

@@ -1,0 +1,233 @@
+//! Bottleneck adapters and heads against PyTorch + AdapterHub's `adapters` 1.3 (fixtures
+//! made by `tests/fixtures/adapters/make_adapter_fixtures.py`): the saved directories load,
+//! and logits, loss and every trainable gradient agree within 1e-5.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+
+use adapterkit::adapter_model::AdapterModel;
+use adapterkit::io::adapter_dir;
+use adapterkit::model::load::ModelFiles;
+use adapterkit::model::{BertModel, Mode};
+use candle_core::{DType, Device, Tensor};
+use common::*;
+
+const CASES: &[&str] = &[
+    "houlsby",
+    "pfeiffer",
+    "parallel",
+    "houlsby_ln",
+    "regression",
+];
+
+fn case_dir(case: &str) -> PathBuf {
+    fixtures().join("adapters").join(case)
+}
+
+fn tiny_encoder() -> BertModel {
+    let files = ModelFiles::in_dir(&tiny_bert_dir()).unwrap();
+    files
+        .load_model(&files.load_config().unwrap(), &Device::Cpu)
+        .unwrap()
+}
+
+fn load_case(dir: &Path) -> AdapterModel {
+    adapter_dir::load(dir, tiny_encoder(), &Device::Cpu).unwrap()
+}
+
+fn targets(expected: &std::collections::HashMap<String, Tensor>) -> Tensor {
+    let labels = &expected["labels"];
+    match labels.dtype() {
+        DType::F32 => labels.clone(),
+        _ => labels.to_dtype(DType::U32).unwrap(),
+    }
+}
+
+#[test]
+fn logits_loss_and_gradients_match_adapters_library() {
+    for case in CASES {
+        let dir = case_dir(case);
+        let expected =
+            candle_core::safetensors::load(dir.join("expected.safetensors"), &Device::Cpu).unwrap();
+        let batch = batch_of(
+            &expected["input_ids"],
+            &expected["token_type_ids"],
+            Some(&expected["attention_mask"]),
+        );
+        let model = load_case(&dir);
+
+        let hidden = model
+            .encoder
+            .forward(&batch, model.hooks(), &mut Mode::Eval)
+            .unwrap();
+        let hidden_diff = max_abs_diff(&hidden, &expected["last_hidden_state"]);
+        let logits = model.head.forward(&hidden, &mut Mode::Eval).unwrap();
+        let logits_diff = max_abs_diff(&logits, &expected["logits"]);
+        let loss = model.head.loss(&logits, &targets(&expected)).unwrap();
+        let loss_diff =
+            (loss.to_scalar::<f32>().unwrap() - expected["loss"].to_scalar::<f32>().unwrap()).abs();
+
+        let grads = loss.backward().unwrap();
+        let mut grad_diff = 0f32;
+        let trainable = model.trainable();
+        for (name, var) in trainable.iter() {
+            // Adapter tensors carry the model-with-head's `bert.` prefix in PyTorch; an
+            // `ln_before` norm is registered there as `adapter_norm_before`.
+            let mut torch_name = if name.starts_with("heads.") {
+                name.clone()
+            } else {
+                format!("bert.{name}")
+            };
+            if model.adapter.as_ref().is_some_and(|a| a.config.ln_before) {
+                torch_name = torch_name.replace(".adapter_down.0.", ".adapter_norm_before.");
+            }
+            let want = expected
+                .get(&format!("grad.{torch_name}"))
+                .unwrap_or_else(|| panic!("{case}: no reference gradient for {torch_name}"));
+            let got = grads
+                .get(var.as_tensor())
+                .unwrap_or_else(|| panic!("{case}: no gradient for {name}"));
+            grad_diff = grad_diff.max(max_abs_diff(got, want));
+        }
+        let reference_count = expected.keys().filter(|k| k.starts_with("grad.")).count();
+        assert_eq!(
+            trainable.0.len(),
+            reference_count,
+            "{case}: trainable tensors"
+        );
+        eprintln!("{case}: max |diff| hidden {hidden_diff:e}, logits {logits_diff:e}, loss {loss_diff:e}, gradients {grad_diff:e}");
+        assert!(
+            hidden_diff < 1e-5 && logits_diff < 1e-5 && loss_diff < 1e-5 && grad_diff < 1e-5,
+            "{case}"
+        );
+    }
+}
+
+#[test]
+fn pickle_files_load_like_safetensors() {
+    for case in ["houlsby", "houlsby_ln"] {
+        let copy = tempfile::tempdir().unwrap();
+        for name in [
+            "adapter_config.json",
+            "head_config.json",
+            "pytorch_adapter.bin",
+            "pytorch_model_head.bin",
+        ] {
+            std::fs::copy(case_dir(case).join(name), copy.path().join(name)).unwrap();
+        }
+        let expected = candle_core::safetensors::load(
+            case_dir(case).join("expected.safetensors"),
+            &Device::Cpu,
+        )
+        .unwrap();
+        let batch = batch_of(
+            &expected["input_ids"],
+            &expected["token_type_ids"],
+            Some(&expected["attention_mask"]),
+        );
+        let logits = load_case(copy.path())
+            .logits(&batch, &mut Mode::Eval)
+            .unwrap();
+        assert!(max_abs_diff(&logits, &expected["logits"]) < 1e-5, "{case}");
+    }
+}
+
+#[test]
+fn save_then_load_gives_identical_logits_and_adapterhub_names() {
+    for case in CASES {
+        let model = load_case(&case_dir(case));
+        let out = tempfile::tempdir().unwrap();
+        adapter_dir::save(out.path(), &model, "tiny-bert").unwrap();
+        // The same tensor names as the adapters library wrote.
+        for file in ["adapter.safetensors", "model_head.safetensors"] {
+            let ours = candle_core::safetensors::load(out.path().join(file), &Device::Cpu).unwrap();
+            let theirs =
+                candle_core::safetensors::load(case_dir(case).join(file), &Device::Cpu).unwrap();
+            let mut a: Vec<_> = ours.keys().collect();
+            let mut b: Vec<_> = theirs.keys().collect();
+            a.sort();
+            b.sort();
+            assert_eq!(a, b, "{case}: {file} names");
+        }
+        let config: serde_json::Value = serde_json::from_str(
+            &std::fs::read_to_string(out.path().join("adapter_config.json")).unwrap(),
+        )
+        .unwrap();
+        let reference: serde_json::Value = serde_json::from_str(
+            &std::fs::read_to_string(case_dir(case).join("adapter_config.json")).unwrap(),
+        )
+        .unwrap();
+        assert_eq!(
+            config["config"], reference["config"],
+            "{case}: adapter config"
+        );
+
+        let expected = candle_core::safetensors::load(
+            case_dir(case).join("expected.safetensors"),
+            &Device::Cpu,
+        )
+        .unwrap();
+        let batch = batch_of(
+            &expected["input_ids"],
+            &expected["token_type_ids"],
+            Some(&expected["attention_mask"]),
+        );
+        let before = model.logits(&batch, &mut Mode::Eval).unwrap();
+        let after = load_case(out.path())
+            .logits(&batch, &mut Mode::Eval)
+            .unwrap();
+        assert_eq!(
+            max_abs_diff(&before, &after),
+            0.0,
+            "{case}: bit-identical after reload"
+        );
+    }
+}
+
+#[test]
+fn an_adapter_with_zero_up_projection_is_the_identity() {
+    let mut model = load_case(&case_dir("houlsby"));
+    let adapter = model.adapter.as_mut().unwrap();
+    for (name, var) in adapter.params().iter() {
+        if name.contains("adapter_up") {
+            var.set(&var.as_tensor().zeros_like().unwrap()).unwrap();
+        }
+    }
+    let expected = load_expected("tiny-bert-expected.safetensors");
+    let batch = batch_of(
+        &expected["input_ids"],
+        &expected["token_type_ids"],
+        Some(&expected["attention_mask"]),
+    );
+    let with_adapter = model
+        .encoder
+        .forward(&batch, model.hooks(), &mut Mode::Eval)
+        .unwrap();
+    let plain = model
+        .encoder
+        .forward(&batch, &adapterkit::model::NoHooks, &mut Mode::Eval)
+        .unwrap();
+    assert_eq!(max_abs_diff(&with_adapter, &plain), 0.0);
+}
+
+#[test]
+fn an_adapter_for_another_hidden_size_is_named() {
+    let copy = tempfile::tempdir().unwrap();
+    for entry in std::fs::read_dir(case_dir("houlsby")).unwrap() {
+        let entry = entry.unwrap();
+        std::fs::copy(entry.path(), copy.path().join(entry.file_name())).unwrap();
+    }
+    let path = copy.path().join("adapter_config.json");
+    let text = std::fs::read_to_string(&path)
+        .unwrap()
+        .replace("\"hidden_size\": 32", "\"hidden_size\": 384");
+    std::fs::write(&path, text).unwrap();
+    let err = adapter_dir::load(copy.path(), tiny_encoder(), &Device::Cpu)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("adapter_config.json") && err.contains("hidden size 384"),
+        "{err}"
+    );
+}
