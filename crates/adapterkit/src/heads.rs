@@ -11,19 +11,12 @@ use candle_core::{DType, Device, Module, Result as CandleResult, Tensor, D};
 use candle_nn::Linear;
 use serde::{Deserialize, Serialize};
 
+use crate::data::TaskKind;
 use crate::error::{Error, Result};
 use crate::model::ops::Activation;
 use crate::model::Mode;
 use crate::params::{init, new_linear, Params};
 use crate::rng::SeededRng;
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum TaskKind {
-    Classification,
-    MultiLabel,
-    Regression,
-}
 
 /// The `config` object of AdapterHub's `head_config.json`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -11,9 +11,16 @@
 //! # Ok::<(), adapterkit::Error>(())
 //! ```
 
+pub mod adapter_model;
 pub mod batch;
+pub mod data;
 pub mod error;
+pub mod heads;
+pub mod io;
+pub mod methods;
+pub mod metrics;
 pub mod model;
+pub mod params;
 pub mod pooling;
 pub mod rng;
 pub mod tokenizer;
