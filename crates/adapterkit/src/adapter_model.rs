@@ -1,15 +1,39 @@
 //! A pre-trained encoder with a tuning method and a task head: what `train`, `eval` and
 //! `predict` run.
 
-use candle_core::Tensor;
+use candle_core::{Device, Tensor};
 
 use crate::batch::Batch;
 use crate::error::Result;
-use crate::heads::Head;
+use crate::heads::{Head, HeadConfig};
 use crate::methods::bottleneck::BottleneckAdapters;
+use crate::methods::bottleneck_config::BnConfig;
 use crate::model::hooks::{LayerHooks, NoHooks};
 use crate::model::{BertModel, Mode};
 use crate::params::Params;
+use crate::rng::SeededRng;
+
+/// What training changes.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Method {
+    /// A bottleneck adapter (+ the head, + the LayerNorms unless frozen); the base is frozen.
+    Adapter(BnConfig),
+    /// Only the head: the floor.
+    Head,
+    /// Every weight: the ceiling.
+    Full,
+}
+
+impl Method {
+    /// `houlsby`, `pfeiffer`, `parallel` (or any AdapterHub preset name), `head`, `full`.
+    pub fn from_name(name: &str) -> Result<Self> {
+        match name {
+            "head" => Ok(Method::Head),
+            "full" => Ok(Method::Full),
+            preset => Ok(Method::Adapter(BnConfig::preset(preset)?)),
+        }
+    }
+}
 
 #[derive(Debug, Clone)]
 pub struct AdapterModel {
@@ -23,6 +47,46 @@ pub struct AdapterModel {
 }
 
 impl AdapterModel {
+    /// A new task model on `encoder`: adapter and head weights drawn from `seed`.
+    /// `train_layer_norms` (the Houlsby paper's choice) also trains the encoder's LayerNorms
+    /// beside an adapter; AdapterHub's `train_adapter()` freezes them.
+    pub fn new(
+        mut encoder: BertModel,
+        method: &Method,
+        name: &str,
+        head: HeadConfig,
+        train_layer_norms: bool,
+        seed: u64,
+        device: &Device,
+    ) -> Result<Self> {
+        let mut rng = SeededRng::new(seed);
+        let (adapter, base_trainable) = match method {
+            Method::Adapter(config) => {
+                let adapter =
+                    BottleneckAdapters::new(name, config, &encoder.config, &mut rng, device)?;
+                let norms = if train_layer_norms {
+                    encoder.make_trainable(|n| n.contains("LayerNorm"))?
+                } else {
+                    Params::default()
+                };
+                (Some(adapter), norms)
+            }
+            Method::Head => (None, Params::default()),
+            Method::Full => (None, encoder.make_trainable(|_| true)?),
+        };
+        let (hidden, dropout) = (
+            encoder.config.hidden_size,
+            encoder.config.hidden_dropout_prob,
+        );
+        let head = Head::new(name, head, hidden, dropout, &mut rng, device)?;
+        Ok(Self {
+            encoder,
+            adapter,
+            head,
+            base_trainable,
+        })
+    }
+
     pub fn hooks(&self) -> &dyn LayerHooks {
         match &self.adapter {
             Some(adapter) => adapter,

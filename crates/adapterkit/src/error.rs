@@ -32,6 +32,9 @@ pub enum Error {
     #[error("invalid input: {0}")]
     Input(String),
 
+    #[error("training stopped: {0}")]
+    Training(String),
+
     #[error("{}", tensor_message(.0))]
     Tensor(#[from] candle_core::Error),
 }

@@ -24,5 +24,6 @@ pub mod params;
 pub mod pooling;
 pub mod rng;
 pub mod tokenizer;
+pub mod train;
 
 pub use error::{Error, Result};

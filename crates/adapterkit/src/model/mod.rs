@@ -11,6 +11,7 @@ pub mod layer;
 pub mod layer_norm;
 pub mod load;
 pub mod ops;
+pub mod random;
 
 pub use bert::BertModel;
 pub use config::BertConfig;
