@@ -2,6 +2,7 @@
 
 use std::ffi::OsString;
 use std::io::BufRead;
+use std::path::Path;
 
 use anyhow::{anyhow, Context, Result};
 
@@ -21,14 +22,24 @@ pub fn texts(args: &[OsString]) -> Result<Vec<String>> {
 }
 
 fn stdin_lines() -> Result<Vec<String>> {
+    lines(std::io::stdin().lock(), "stdin")
+}
+
+/// The lines of a text file.
+pub fn file_lines(path: &Path) -> Result<Vec<String>> {
+    let file = std::fs::File::open(path).with_context(|| format!("{}", path.display()))?;
+    lines(std::io::BufReader::new(file), &path.display().to_string())
+}
+
+fn lines(reader: impl BufRead, source: &str) -> Result<Vec<String>> {
     let mut out = Vec::new();
-    for (i, line) in std::io::stdin().lock().split(b'\n').enumerate() {
-        let mut bytes = line.context("reading stdin")?;
+    for (i, line) in reader.split(b'\n').enumerate() {
+        let mut bytes = line.with_context(|| format!("reading {source}"))?;
         if bytes.last() == Some(&b'\r') {
             bytes.pop();
         }
         let text = String::from_utf8(bytes)
-            .map_err(|e| anyhow!("stdin line {} is not valid UTF-8 ({e})", i + 1))?;
+            .map_err(|e| anyhow!("{source} line {} is not valid UTF-8 ({e})", i + 1))?;
         out.push(text);
     }
     Ok(out)

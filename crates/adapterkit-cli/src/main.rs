@@ -1,6 +1,7 @@
 //! The `adapterkit` command line: a thin layer of argument parsing over the library.
 
 mod commands;
+mod data_args;
 mod input;
 
 use std::process::ExitCode;
@@ -24,6 +25,12 @@ enum Command {
     Info(commands::info::Args),
     /// Embed texts (arguments, or lines from stdin) with a pre-trained encoder.
     Encode(commands::encode::Args),
+    /// Train an adapter (or the head alone, or the whole model) on a labelled dataset.
+    Train(commands::train::Args),
+    /// Evaluate a trained adapter on a labelled dataset.
+    Eval(commands::eval::Args),
+    /// Predict labels (JSON lines) for texts with a trained adapter.
+    Predict(commands::predict::Args),
 }
 
 fn main() -> ExitCode {
@@ -31,6 +38,9 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Info(args) => commands::info::run(args),
         Command::Encode(args) => commands::encode::run(args),
+        Command::Train(args) => commands::train::run(args),
+        Command::Eval(args) => commands::eval::run(args),
+        Command::Predict(args) => commands::predict::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -8,9 +8,39 @@ pub struct Args {
     /// A local model directory or a Hugging Face model id.
     #[arg(long)]
     model: String,
+    /// Also show the trainable parameters of an adapter: a preset name (houlsby, pfeiffer,
+    /// parallel, ...) or a saved adapter directory.
+    #[arg(long)]
+    adapter: Option<String>,
     /// Print one JSON object instead of text.
     #[arg(long)]
     json: bool,
+}
+
+/// Parameters of an adapter (without its head) on `model`, and the size of its weights file.
+fn adapter_size(
+    adapter: &str,
+    model: &adapterkit::model::BertModel,
+) -> Result<(usize, Option<u64>)> {
+    let path = std::path::Path::new(adapter);
+    if path.is_dir() {
+        let tuned = adapterkit::io::adapter_dir::load(path, model.clone(), &Device::Cpu)?;
+        let count = tuned.adapter.as_ref().map_or(0, |a| a.params().count());
+        let file = std::fs::metadata(path.join(adapterkit::io::adapter_dir::ADAPTER_WEIGHTS))
+            .ok()
+            .map(|m| m.len());
+        return Ok((count, file));
+    }
+    let config = adapterkit::methods::bottleneck_config::BnConfig::preset(adapter)?;
+    let mut rng = adapterkit::rng::SeededRng::new(0);
+    let adapters = adapterkit::methods::bottleneck::BottleneckAdapters::new(
+        adapter,
+        &config,
+        &model.config,
+        &mut rng,
+        &Device::Cpu,
+    )?;
+    Ok((adapters.params().count(), None))
 }
 
 pub fn run(args: Args) -> Result<()> {
@@ -18,8 +48,13 @@ pub fn run(args: Args) -> Result<()> {
     let config = files.load_config()?;
     let model = files.load_model(&config, &Device::Cpu)?;
     let parameters = model.parameter_count();
+    let adapter = args
+        .adapter
+        .as_deref()
+        .map(|a| adapter_size(a, &model))
+        .transpose()?;
     if args.json {
-        let info = serde_json::json!({
+        let mut info = serde_json::json!({
             "model": files.source,
             "weights": files.weights,
             "model_type": config.model_type,
@@ -32,6 +67,11 @@ pub fn run(args: Args) -> Result<()> {
             "has_pooler": model.pooler.is_some(),
             "parameters": parameters,
         });
+        if let Some((count, file)) = adapter {
+            info["adapter_parameters"] = count.into();
+            info["adapter_share"] = (count as f64 / parameters as f64).into();
+            info["adapter_file_bytes"] = file.into();
+        }
         println!("{}", serde_json::to_string_pretty(&info)?);
     } else {
         println!("model:        {}", files.source);
@@ -53,6 +93,15 @@ pub fn run(args: Args) -> Result<()> {
             config.vocab_size, config.max_position_embeddings
         );
         println!("parameters:   {parameters}");
+        if let Some((count, file)) = adapter {
+            let file = file
+                .map(|b| format!(", file {:.1} KiB", b as f64 / 1024.0))
+                .unwrap_or_default();
+            println!(
+                "adapter:      {count} parameters, {:.2}% of the model{file}",
+                100.0 * count as f64 / parameters as f64
+            );
+        }
     }
     Ok(())
 }

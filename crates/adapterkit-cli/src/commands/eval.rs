@@ -1,0 +1,52 @@
+use std::path::PathBuf;
+
+use anyhow::Result;
+use candle_core::Device;
+
+use adapterkit::train::batches::EncodedDataset;
+use adapterkit::train::evaluate::evaluate;
+
+use crate::data_args::DataArgs;
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// The pre-trained model the adapter was trained on.
+    #[arg(long)]
+    model: String,
+    /// A directory saved by `adapterkit train` (or AdapterHub's `save_adapter`).
+    #[arg(long)]
+    adapter: PathBuf,
+    #[command(flatten)]
+    data: DataArgs,
+    /// Which split of a built-in dataset.
+    #[arg(long, default_value = "test")]
+    split: String,
+    #[arg(long, default_value_t = 64)]
+    batch_size: usize,
+    /// Print one JSON object (`accuracy`, `macro_f1`, `mcc`, ... and `examples`).
+    #[arg(long)]
+    json: bool,
+}
+
+pub fn run(args: Args) -> Result<()> {
+    anyhow::ensure!(args.batch_size > 0, "--batch-size must be positive");
+    let device = Device::Cpu;
+    let data = args.data.one(&args.split)?;
+    let (tokenizer, model) = super::load_tuned(&args.model, &args.adapter, &device)?;
+    let encoded = EncodedDataset::new(&data, &tokenizer, &model.head.config)?;
+    let metrics = evaluate(
+        &model,
+        &encoded,
+        args.batch_size,
+        tokenizer.pad_id(),
+        &device,
+    )?;
+    if args.json {
+        let mut object = serde_json::to_value(&metrics)?;
+        object["examples"] = encoded.len().into();
+        println!("{}", serde_json::to_string_pretty(&object)?);
+    } else {
+        println!("{} ({} examples): {metrics}", data.name, encoded.len());
+    }
+    Ok(())
+}

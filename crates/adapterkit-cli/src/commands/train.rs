@@ -1,0 +1,260 @@
+use std::path::PathBuf;
+
+use anyhow::{Context, Result};
+use candle_core::Device;
+use indicatif::{ProgressBar, ProgressStyle};
+
+use adapterkit::adapter_model::{AdapterModel, Method};
+use adapterkit::heads::HeadConfig;
+use adapterkit::io::atomic::write_json_atomic;
+use adapterkit::methods::bottleneck_config::BnConfig;
+use adapterkit::model::load::Pretrained;
+use adapterkit::train::batches::EncodedDataset;
+use adapterkit::train::evaluate::evaluate;
+use adapterkit::train::{self, EpochReport, Observer, Output, TrainConfig};
+
+use crate::data_args::DataArgs;
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// A local model directory or a Hugging Face model id.
+    #[arg(long)]
+    model: String,
+    #[command(flatten)]
+    data: DataArgs,
+    /// houlsby, pfeiffer, parallel (or an AdapterHub preset name), head, full.
+    #[arg(long, default_value = "houlsby")]
+    method: String,
+    /// An adapter config as JSON (AdapterHub's BnConfig fields), instead of the method's preset.
+    #[arg(long)]
+    adapter_config: Option<PathBuf>,
+    /// Overrides one adapter config field, e.g. `reduction_factor=32` or `leave_out=[0,1]`.
+    #[arg(long = "adapter-option", value_parser = parse_key_value)]
+    adapter_options: Vec<(String, String)>,
+    /// Keep the encoder's LayerNorms frozen beside the adapter (AdapterHub's `train_adapter`);
+    /// by default they train, as in the Houlsby paper.
+    #[arg(long)]
+    freeze_layer_norms: bool,
+    /// The adapter's and head's name in the saved files.
+    #[arg(long)]
+    name: Option<String>,
+    /// Output directory: the best adapter in AdapterHub's layout, plus the training log.
+    #[arg(long)]
+    out: PathBuf,
+    #[arg(long, default_value_t = 3)]
+    epochs: usize,
+    #[arg(long, default_value_t = 32)]
+    batch_size: usize,
+    /// Peak learning rate (default: 1e-3 for adapters and heads, 5e-5 for full fine-tuning).
+    #[arg(long)]
+    lr: Option<f64>,
+    #[arg(long, default_value_t = 0.1)]
+    warmup_ratio: f64,
+    #[arg(long, default_value_t = 0.01)]
+    weight_decay: f64,
+    #[arg(long, default_value_t = 1.0)]
+    max_grad_norm: f64,
+    #[arg(long, default_value_t = 42)]
+    seed: u64,
+    /// Stop after this many epochs without improvement on --metric.
+    #[arg(long)]
+    patience: Option<usize>,
+    /// Validation metric that selects the best epoch (default: accuracy, pearson or micro_f1).
+    #[arg(long)]
+    metric: Option<String>,
+    /// Print the summary as JSON.
+    #[arg(long)]
+    json: bool,
+    /// No progress bar.
+    #[arg(long)]
+    quiet: bool,
+}
+
+fn parse_key_value(s: &str) -> Result<(String, String), String> {
+    s.split_once('=')
+        .map(|(k, v)| (k.trim().to_string(), v.trim().to_string()))
+        .ok_or_else(|| format!("expected key=value, got '{s}'"))
+}
+
+fn method(args: &Args) -> Result<Method> {
+    let mut method = Method::from_name(&args.method)?;
+    if let Some(path) = &args.adapter_config {
+        let text = std::fs::read_to_string(path).with_context(|| format!("{}", path.display()))?;
+        let json: serde_json::Value = serde_json::from_str(&text)
+            .with_context(|| format!("{}: invalid JSON", path.display()))?;
+        // Either a bare BnConfig or AdapterHub's adapter_config.json envelope.
+        let config = json.get("config").cloned().unwrap_or(json);
+        let config =
+            BnConfig::from_json(config).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+        method = Method::Adapter(config);
+    }
+    if !args.adapter_options.is_empty() {
+        let Method::Adapter(config) = &method else {
+            anyhow::bail!(
+                "--adapter-option applies to adapter methods, not '{}'",
+                args.method
+            );
+        };
+        method = Method::Adapter(
+            config
+                .with_overrides(&args.adapter_options)
+                .map_err(anyhow::Error::msg)?,
+        );
+    }
+    Ok(method)
+}
+
+struct Progress {
+    bar: Option<ProgressBar>,
+    loss: f64,
+}
+
+impl Observer for Progress {
+    fn on_start(&mut self, total_steps: usize) {
+        if let Some(bar) = &self.bar {
+            bar.set_length(total_steps as u64);
+        }
+    }
+    fn on_step(&mut self, _step: usize, loss: f64, _examples: usize) {
+        self.loss = if self.loss == 0.0 {
+            loss
+        } else {
+            0.98 * self.loss + 0.02 * loss
+        };
+        if let Some(bar) = &self.bar {
+            bar.set_message(format!("loss {:.4}", self.loss));
+            bar.inc(1);
+        }
+    }
+    fn on_epoch(&mut self, r: &EpochReport) {
+        let line = format!(
+            "epoch {}: train loss {:.4}, validation {}, {:.1} examples/s{}",
+            r.epoch,
+            r.train_loss,
+            r.validation,
+            r.train_examples_per_second,
+            if r.best { " (best)" } else { "" }
+        );
+        match &self.bar {
+            Some(bar) => bar.println(line),
+            None => eprintln!("{line}"),
+        }
+    }
+}
+
+pub fn run(args: Args) -> Result<()> {
+    let device = Device::Cpu;
+    let method = method(&args)?;
+    let splits = args.data.splits()?;
+    let pretrained = Pretrained::load(&args.model, &device)?;
+    let name = args
+        .name
+        .clone()
+        .unwrap_or_else(|| args.data.data.clone().unwrap_or_else(|| "task".into()));
+    let head = HeadConfig::new(splits.kind, &splits.train.labels())?;
+    let mut model = AdapterModel::new(
+        pretrained.model,
+        &method,
+        &name,
+        head.clone(),
+        !args.freeze_layer_norms,
+        args.seed,
+        &device,
+    )?;
+    let tok = &pretrained.tokenizer;
+    let train_set = EncodedDataset::new(&splits.train, tok, &head)?;
+    let validation = EncodedDataset::new(&splits.validation, tok, &head)?;
+    let test = splits
+        .test
+        .as_ref()
+        .map(|t| EncodedDataset::new(t, tok, &head))
+        .transpose()?;
+
+    let default_lr = if matches!(method, Method::Full) {
+        5e-5
+    } else {
+        1e-3
+    };
+    let config = TrainConfig {
+        epochs: args.epochs,
+        batch_size: args.batch_size,
+        learning_rate: args.lr.unwrap_or(default_lr),
+        warmup_ratio: args.warmup_ratio,
+        weight_decay: args.weight_decay,
+        max_grad_norm: args.max_grad_norm,
+        seed: args.seed,
+        patience: args.patience,
+        metric: args.metric.clone(),
+        eval_batch_size: 64,
+    };
+    let trainable = model.trainable().count();
+    let base = model.encoder.parameter_count();
+    eprintln!(
+        "training {} on {} ({} train / {} validation examples): {trainable} trainable parameters, {:.2}% of the model's {base}",
+        args.method, name, train_set.len(), validation.len(), 100.0 * trainable as f64 / base as f64
+    );
+    let bar = (!args.quiet).then(|| {
+        let bar = ProgressBar::new(0);
+        bar.set_style(
+            ProgressStyle::with_template(
+                "{bar:30} {pos}/{len} steps [{elapsed_precise}<{eta_precise}, {per_sec}] {msg}",
+            )
+            .expect("valid template"),
+        );
+        bar
+    });
+    let mut progress = Progress { bar, loss: 0.0 };
+    let output = Output {
+        dir: &args.out,
+        model_name: &args.model,
+    };
+    let summary = train::train(
+        &mut model,
+        &train_set,
+        &validation,
+        &config,
+        tok.pad_id(),
+        Some(&output),
+        &mut progress,
+    )?;
+    if let Some(bar) = &progress.bar {
+        bar.finish_and_clear();
+    }
+    let test_metrics = test
+        .as_ref()
+        .map(|t| evaluate(&model, t, 64, tok.pad_id(), &device))
+        .transpose()?;
+    let result = serde_json::json!({
+        "method": args.method,
+        "dataset": name,
+        "seed": args.seed,
+        "trainable_parameters": trainable,
+        "model_parameters": base,
+        "trainable_share": trainable as f64 / base as f64,
+        "learning_rate": config.learning_rate,
+        "epochs": config.epochs,
+        "batch_size": config.batch_size,
+        "best_epoch": summary.best_epoch,
+        "metric": summary.metric,
+        "validation": summary.best_value,
+        "test": test_metrics,
+        "train_seconds": summary.train_seconds,
+        "train_examples_per_second": summary.train_examples_per_second,
+    });
+    write_json_atomic(&args.out.join("results.json"), &result)?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&result)?);
+    } else {
+        println!(
+            "best epoch {} ({} {:.4} on validation); saved to {}",
+            summary.best_epoch,
+            summary.metric,
+            summary.best_value,
+            args.out.display()
+        );
+        if let Some(m) = &test_metrics {
+            println!("test: {m}");
+        }
+    }
+    Ok(())
+}

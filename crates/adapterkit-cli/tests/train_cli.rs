@@ -1,0 +1,245 @@
+//! `train`, `eval`, `predict` and `info --adapter` end to end on the tiny BERT and small files.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+fn tiny_bert() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/tiny-bert")
+}
+
+fn adapterkit(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_adapterkit"))
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+fn write_csv(dir: &Path, name: &str, rows: usize) -> PathBuf {
+    let mut text = String::from("text,label\n");
+    for i in 0..rows {
+        let (word, label) = if i % 2 == 0 {
+            ("cat", "cat")
+        } else {
+            ("dog", "dog")
+        };
+        text.push_str(&format!("\"the {word}, it sat on the mat\",{label}\n"));
+    }
+    let path = dir.join(name);
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+fn assert_fails_with(out: &Output, needles: &[&str]) {
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "stderr: {stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    for n in needles {
+        assert!(stderr.contains(n), "{n:?} not in {stderr:?}");
+    }
+}
+
+#[test]
+fn train_then_eval_and_predict_the_saved_adapter() {
+    let dir = tempfile::tempdir().unwrap();
+    let train = write_csv(dir.path(), "train.csv", 16);
+    let validation = write_csv(dir.path(), "validation.csv", 4);
+    let out = dir.path().join("adapter");
+    let model = tiny_bert();
+    let trained = adapterkit(&[
+        "train",
+        "--model",
+        s(&model),
+        "--train",
+        s(&train),
+        "--validation",
+        s(&validation),
+        "--test",
+        s(&validation),
+        "--method",
+        "houlsby",
+        "--epochs",
+        "2",
+        "--batch-size",
+        "4",
+        "--out",
+        s(&out),
+        "--quiet",
+        "--json",
+    ]);
+    assert!(
+        trained.status.success(),
+        "{}",
+        String::from_utf8_lossy(&trained.stderr)
+    );
+    let result: serde_json::Value = serde_json::from_slice(&trained.stdout).unwrap();
+    assert_eq!(result["epochs"], 2);
+    for file in [
+        "adapter_config.json",
+        "adapter.safetensors",
+        "head_config.json",
+        "model_head.safetensors",
+        "base_weights.safetensors",
+        "training_log.jsonl",
+        "results.json",
+    ] {
+        assert!(out.join(file).exists(), "{file} missing");
+    }
+
+    let eval = adapterkit(&[
+        "eval",
+        "--model",
+        s(&model),
+        "--adapter",
+        s(&out),
+        "--test",
+        s(&validation),
+        "--json",
+    ]);
+    assert!(
+        eval.status.success(),
+        "{}",
+        String::from_utf8_lossy(&eval.stderr)
+    );
+    let metrics: serde_json::Value = serde_json::from_slice(&eval.stdout).unwrap();
+    assert_eq!(metrics["examples"], 4);
+    // The saved best model is the one whose test accuracy train reported.
+    assert_eq!(metrics["accuracy"], result["test"]["accuracy"]);
+
+    let predict = adapterkit(&[
+        "predict",
+        "--model",
+        s(&model),
+        "--adapter",
+        s(&out),
+        "the cat sat",
+        "a dog",
+    ]);
+    assert!(predict.status.success());
+    let lines: Vec<serde_json::Value> = String::from_utf8(predict.stdout)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 2);
+    let scores = lines[0]["scores"].as_object().unwrap();
+    assert_eq!(scores.len(), 2);
+    let total: f64 = scores.values().map(|v| v.as_f64().unwrap()).sum();
+    assert!((total - 1.0).abs() < 1e-5);
+    assert!(["cat", "dog"].contains(&lines[0]["label"].as_str().unwrap()));
+
+    let info = adapterkit(&["info", "--model", s(&model), "--adapter", s(&out), "--json"]);
+    let info: serde_json::Value = serde_json::from_slice(&info.stdout).unwrap();
+    // Houlsby on hidden 32: 2 layers x 2 places x (32*2 + 2 + 2*32 + 32).
+    assert_eq!(
+        info["adapter_parameters"],
+        2 * 2 * (32 * 2 + 2 + 2 * 32 + 32)
+    );
+}
+
+#[test]
+fn bad_training_inputs_get_clear_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = tiny_bert();
+    let train = write_csv(dir.path(), "train.csv", 8);
+    let out = dir.path().join("out");
+    let base = |extra: &[&str]| -> Output {
+        let mut args = vec![
+            "train",
+            "--model",
+            s(&model),
+            "--out",
+            s(&out),
+            "--quiet",
+            "--epochs",
+            "1",
+        ];
+        args.extend_from_slice(extra);
+        adapterkit(&args)
+    };
+    assert_fails_with(
+        &base(&[
+            "--train",
+            s(&train),
+            "--validation",
+            s(&train),
+            "--method",
+            "lora-ish",
+        ]),
+        &["unknown adapter preset 'lora-ish'"],
+    );
+    assert_fails_with(
+        &base(&[
+            "--train",
+            s(&train),
+            "--validation",
+            s(&train),
+            "--adapter-option",
+            "reduction_factor=64",
+        ]),
+        &["leaves no bottleneck"],
+    );
+
+    let empty = dir.path().join("empty.csv");
+    std::fs::write(&empty, "").unwrap();
+    assert_fails_with(
+        &base(&["--train", s(&empty), "--validation", s(&train)]),
+        &["empty.csv"],
+    );
+
+    let no_label = dir.path().join("no_label.csv");
+    std::fs::write(&no_label, "text,category\nhello,a\n").unwrap();
+    assert_fails_with(
+        &base(&["--train", s(&no_label), "--validation", s(&train)]),
+        &["no_label.csv", "label"],
+    );
+
+    let bad_bytes = dir.path().join("bad.csv");
+    std::fs::write(&bad_bytes, b"text,label\nfine,cat\n\xff\xfe,dog\n").unwrap();
+    assert_fails_with(
+        &base(&["--train", s(&bad_bytes), "--validation", s(&train)]),
+        &["bad.csv", "line 3", "UTF-8"],
+    );
+    assert!(
+        !out.join("adapter.safetensors").exists(),
+        "no half-written output"
+    );
+}
+
+#[test]
+fn eval_data_with_a_label_the_head_does_not_know_is_rejected() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = tiny_bert();
+    let train = write_csv(dir.path(), "train.csv", 8);
+    let out = dir.path().join("adapter");
+    let trained = adapterkit(&[
+        "train",
+        "--model",
+        s(&model),
+        "--train",
+        s(&train),
+        "--validation",
+        s(&train),
+        "--epochs",
+        "1",
+        "--out",
+        s(&out),
+        "--quiet",
+    ]);
+    assert!(trained.status.success());
+    let odd = dir.path().join("odd.csv");
+    std::fs::write(&odd, "text,label\nthe cat,cat\na bird,bird\n").unwrap();
+    let eval = adapterkit(&[
+        "eval",
+        "--model",
+        s(&model),
+        "--adapter",
+        s(&out),
+        "--test",
+        s(&odd),
+    ]);
+    assert_fails_with(&eval, &["label 'bird'", "example 2"]);
+}
