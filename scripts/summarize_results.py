@@ -20,14 +20,15 @@ def mean_sd(values):
     return f"{100 * statistics.mean(values):.2f} ± {100 * sd:.2f}"
 
 
-print("| method | seeds | test accuracy (%) | test macro-F1 (%) | trainable params | share of model | train examples/s |")
-print("|---|---|---|---|---|---|---|")
+print("| method | seeds | test accuracy (%) | test macro-F1 (%) | trainable params | share of model | train examples/s | peak RSS (MiB) |")
+print("|---|---|---|---|---|---|---|---|")
 for method, results in runs.items():
     acc = [r["test"]["accuracy"] for r in results]
     f1 = [r["test"]["macro_f1"] for r in results]
     speed = statistics.mean(r["train_examples_per_second"] for r in results)
+    rss = max(r.get("peak_rss_bytes") or 0 for r in results) / 2**20
     r0 = results[0]
     print(
         f"| {method} | {len(results)} | {mean_sd(acc)} | {mean_sd(f1)} | {r0['trainable_parameters']:,} "
-        f"| {100 * r0['trainable_share']:.2f}% | {speed:.1f} |"
+        f"| {100 * r0['trainable_share']:.2f}% | {speed:.1f} | {rss:.0f} |"
     )
