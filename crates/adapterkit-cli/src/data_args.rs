@@ -28,6 +28,9 @@ pub struct DataArgs {
     pub text_pair_column: Option<String>,
     #[arg(long, default_value = "label")]
     pub label_column: String,
+    /// Train on the first N training examples only (a low-resource target task).
+    #[arg(long)]
+    pub max_train_examples: Option<usize>,
     /// How the label column is read, for files.
     #[arg(long, value_enum, default_value = "classification")]
     pub task: TaskArg,
@@ -68,6 +71,15 @@ impl DataArgs {
 
     /// Train, validation and optional test data for training.
     pub fn splits(&self) -> Result<Splits> {
+        let mut splits = self.all_splits()?;
+        if let Some(n) = self.max_train_examples {
+            anyhow::ensure!(n > 0, "--max-train-examples must be positive");
+            splits.train.examples.truncate(n);
+        }
+        Ok(splits)
+    }
+
+    fn all_splits(&self) -> Result<Splits> {
         if let Some(name) = &self.data {
             return Ok(builtin(name, &self.data_dir())?);
         }

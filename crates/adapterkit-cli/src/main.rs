@@ -31,6 +31,10 @@ enum Command {
     Eval(commands::eval::Args),
     /// Predict labels (JSON lines) for texts with a trained adapter.
     Predict(commands::predict::Args),
+    /// AdapterFusion: learn attention over trained adapters for a new task.
+    Fuse(commands::fuse::Args),
+    /// Mean fusion attention per layer over the fused adapters, as JSON and an SVG heatmap.
+    FusionWeights(commands::fusion_weights::Args),
 }
 
 fn main() -> ExitCode {
@@ -41,6 +45,8 @@ fn main() -> ExitCode {
         Command::Train(args) => commands::train::run(args),
         Command::Eval(args) => commands::eval::run(args),
         Command::Predict(args) => commands::predict::run(args),
+        Command::Fuse(args) => commands::fuse::run(args),
+        Command::FusionWeights(args) => commands::fusion_weights::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -8,6 +8,7 @@ use crate::error::Result;
 use crate::heads::{Head, HeadConfig};
 use crate::methods::bottleneck::BottleneckAdapters;
 use crate::methods::bottleneck_config::BnConfig;
+use crate::methods::fusion::{Fusion, FusionConfig};
 use crate::model::hooks::{LayerHooks, NoHooks};
 use crate::model::{BertModel, Mode};
 use crate::params::Params;
@@ -40,6 +41,10 @@ pub struct AdapterModel {
     pub encoder: BertModel,
     /// `None` for head-only training and full fine-tuning.
     pub adapter: Option<BottleneckAdapters>,
+    /// AdapterFusion over several adapters; when set, it runs instead of `adapter`.
+    pub fusion: Option<Fusion>,
+    /// Whether the fused adapters train with the fusion layers (else they are frozen).
+    pub train_fused_adapters: bool,
     pub head: Head,
     /// Base-model tensors being trained: the LayerNorms beside an adapter, or every weight in
     /// full fine-tuning (named as in the checkpoint).
@@ -82,15 +87,59 @@ impl AdapterModel {
         Ok(Self {
             encoder,
             adapter,
+            fusion: None,
+            train_fused_adapters: false,
             head,
             base_trainable,
         })
     }
 
+    /// AdapterFusion's second stage: a new fusion layer per layer over `adapters`, and a new
+    /// head, on a frozen encoder. The adapters are frozen unless `train_adapters`.
+    pub fn fused(
+        encoder: BertModel,
+        adapters: Vec<BottleneckAdapters>,
+        config: &FusionConfig,
+        head: HeadConfig,
+        train_adapters: bool,
+        seed: u64,
+        device: &Device,
+    ) -> Result<Self> {
+        let mut rng = SeededRng::new(seed);
+        let adapters = if train_adapters {
+            adapters
+        } else {
+            adapters.iter().map(BottleneckAdapters::frozen).collect()
+        };
+        let fusion = Fusion::new(adapters, config, &encoder.config, &mut rng, device)?;
+        let (hidden, dropout) = (
+            encoder.config.hidden_size,
+            encoder.config.hidden_dropout_prob,
+        );
+        let head = Head::new(&fusion.name(), head, hidden, dropout, &mut rng, device)?;
+        Ok(Self {
+            encoder,
+            adapter: None,
+            fusion: Some(fusion),
+            train_fused_adapters: train_adapters,
+            head,
+            base_trainable: Params::default(),
+        })
+    }
+
     pub fn hooks(&self) -> &dyn LayerHooks {
-        match &self.adapter {
-            Some(adapter) => adapter,
-            None => &NoHooks,
+        match (&self.fusion, &self.adapter) {
+            (Some(fusion), _) => fusion,
+            (None, Some(adapter)) => adapter,
+            (None, None) => &NoHooks,
+        }
+    }
+
+    /// Terms added to the training loss besides the head's (AdapterFusion's regularisation).
+    pub fn regularization_loss(&self) -> Result<Option<Tensor>> {
+        match &self.fusion {
+            Some(fusion) => Ok(fusion.regularization_loss()?),
+            None => Ok(None),
         }
     }
 
@@ -105,6 +154,14 @@ impl AdapterModel {
         let mut all = Params::default();
         if let Some(adapter) = &self.adapter {
             all.0.extend(adapter.params().0);
+        }
+        if let Some(fusion) = &self.fusion {
+            if self.train_fused_adapters {
+                for adapter in &fusion.adapters {
+                    all.0.extend(adapter.params().0);
+                }
+            }
+            all.0.extend(fusion.params().0);
         }
         all.0.extend(self.head.params().0);
         all.0.extend(self.base_trainable.0.iter().cloned());

@@ -1,5 +1,7 @@
 pub mod encode;
 pub mod eval;
+pub mod fuse;
+pub mod fusion_weights;
 pub mod info;
 pub mod predict;
 pub mod train;

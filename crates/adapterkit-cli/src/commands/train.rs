@@ -5,10 +5,12 @@ use candle_core::Device;
 use indicatif::{ProgressBar, ProgressStyle};
 
 use adapterkit::adapter_model::{AdapterModel, Method};
+use adapterkit::data::Splits;
 use adapterkit::heads::HeadConfig;
 use adapterkit::io::atomic::write_json_atomic;
 use adapterkit::methods::bottleneck_config::BnConfig;
 use adapterkit::model::load::Pretrained;
+use adapterkit::tokenizer::TextTokenizer;
 use adapterkit::train::batches::EncodedDataset;
 use adapterkit::train::evaluate::evaluate;
 use adapterkit::train::{self, EpochReport, Observer, Output, TrainConfig};
@@ -38,6 +40,13 @@ pub struct Args {
     /// The adapter's and head's name in the saved files.
     #[arg(long)]
     name: Option<String>,
+    #[command(flatten)]
+    training: TrainingArgs,
+}
+
+/// Options of the training loop, shared by `train` and `fuse`.
+#[derive(clap::Args)]
+pub struct TrainingArgs {
     /// Output directory: the best adapter in AdapterHub's layout, plus the training log.
     #[arg(long)]
     out: PathBuf,
@@ -45,7 +54,7 @@ pub struct Args {
     epochs: usize,
     #[arg(long, default_value_t = 32)]
     batch_size: usize,
-    /// Peak learning rate (default: 1e-3 for adapters and heads, 5e-5 for full fine-tuning).
+    /// Peak learning rate (default: 1e-3 for adapters, heads and fusion; 5e-5 for full fine-tuning).
     #[arg(long)]
     lr: Option<f64>,
     #[arg(long, default_value_t = 0.1)]
@@ -55,7 +64,7 @@ pub struct Args {
     #[arg(long, default_value_t = 1.0)]
     max_grad_norm: f64,
     #[arg(long, default_value_t = 42)]
-    seed: u64,
+    pub seed: u64,
     /// Stop after this many epochs without improvement on --metric.
     #[arg(long)]
     patience: Option<usize>,
@@ -152,16 +161,47 @@ pub fn run(args: Args) -> Result<()> {
         .clone()
         .unwrap_or_else(|| args.data.data.clone().unwrap_or_else(|| "task".into()));
     let head = HeadConfig::new(splits.kind, &splits.train.labels())?;
-    let mut model = AdapterModel::new(
+    let model = AdapterModel::new(
         pretrained.model,
         &method,
         &name,
-        head.clone(),
+        head,
         !args.freeze_layer_norms,
-        args.seed,
+        args.training.seed,
         &device,
     )?;
-    let tok = &pretrained.tokenizer;
+    let default_lr = if matches!(method, Method::Full) {
+        5e-5
+    } else {
+        1e-3
+    };
+    fit(
+        model,
+        &splits,
+        &pretrained.tokenizer,
+        &args.training,
+        default_lr,
+        &args.model,
+        &args.method,
+        &name,
+    )
+}
+
+/// Trains `model` on `splits`, saves the best epoch to `--out`, evaluates it on the test
+/// split, and reports (`results.json` in `--out`, and stdout).
+#[allow(clippy::too_many_arguments)]
+pub fn fit(
+    mut model: AdapterModel,
+    splits: &Splits,
+    tok: &TextTokenizer,
+    args: &TrainingArgs,
+    default_lr: f64,
+    model_name: &str,
+    method: &str,
+    dataset: &str,
+) -> Result<()> {
+    let device = Device::Cpu;
+    let head = model.head.config.clone();
     let train_set = EncodedDataset::new(&splits.train, tok, &head)?;
     let validation = EncodedDataset::new(&splits.validation, tok, &head)?;
     let test = splits
@@ -169,12 +209,6 @@ pub fn run(args: Args) -> Result<()> {
         .as_ref()
         .map(|t| EncodedDataset::new(t, tok, &head))
         .transpose()?;
-
-    let default_lr = if matches!(method, Method::Full) {
-        5e-5
-    } else {
-        1e-3
-    };
     let config = TrainConfig {
         epochs: args.epochs,
         batch_size: args.batch_size,
@@ -190,8 +224,8 @@ pub fn run(args: Args) -> Result<()> {
     let trainable = model.trainable().count();
     let base = model.encoder.parameter_count();
     eprintln!(
-        "training {} on {} ({} train / {} validation examples): {trainable} trainable parameters, {:.2}% of the model's {base}",
-        args.method, name, train_set.len(), validation.len(), 100.0 * trainable as f64 / base as f64
+        "training {method} on {dataset} ({} train / {} validation examples): {trainable} trainable parameters, {:.2}% of the model's {base}",
+        train_set.len(), validation.len(), 100.0 * trainable as f64 / base as f64
     );
     let bar = (!args.quiet).then(|| {
         let bar = ProgressBar::new(0);
@@ -206,7 +240,7 @@ pub fn run(args: Args) -> Result<()> {
     let mut progress = Progress { bar, loss: 0.0 };
     let output = Output {
         dir: &args.out,
-        model_name: &args.model,
+        model_name,
     };
     let summary = train::train(
         &mut model,
@@ -225,8 +259,9 @@ pub fn run(args: Args) -> Result<()> {
         .map(|t| evaluate(&model, t, 64, tok.pad_id(), &device))
         .transpose()?;
     let result = serde_json::json!({
-        "method": args.method,
-        "dataset": name,
+        "method": method,
+        "dataset": dataset,
+        "train_examples": train_set.len(),
         "seed": args.seed,
         "trainable_parameters": trainable,
         "model_parameters": base,

@@ -4,6 +4,7 @@
 //! |---|---|
 //! | `adapter_config.json` + `adapter.safetensors` | the bottleneck adapter (absent for head-only and full fine-tuning) |
 //! | `head_config.json` + `model_head.safetensors` | the prediction head and its label map |
+//! | `adapter_fusion_config.json` + `model_adapter_fusion.safetensors` | an AdapterFusion layer (its `adapter_names` name the fused adapters, saved in sub-directories of the same names) |
 //! | `base_weights.safetensors` | ours: base-model tensors that training changed (the LayerNorms trained beside an adapter, or every weight after full fine-tuning) |
 //!
 //! Python's `adapters` reads the first two pairs (`load_adapter(dir, use_safetensors=True)`);
@@ -22,6 +23,7 @@ use crate::heads::{Head, HeadConfig};
 use crate::io::atomic::{write_atomic, write_json_atomic};
 use crate::methods::bottleneck::BottleneckAdapters;
 use crate::methods::bottleneck_config::BnConfig;
+use crate::methods::fusion::{Fusion, FusionConfig};
 use crate::model::BertModel;
 use crate::params::Params;
 use crate::rng::SeededRng;
@@ -33,6 +35,9 @@ pub const HEAD_CONFIG: &str = "head_config.json";
 pub const HEAD_WEIGHTS: &str = "model_head.safetensors";
 pub const HEAD_WEIGHTS_PICKLE: &str = "pytorch_model_head.bin";
 pub const BASE_WEIGHTS: &str = "base_weights.safetensors";
+pub const FUSION_CONFIG: &str = "adapter_fusion_config.json";
+pub const FUSION_WEIGHTS: &str = "model_adapter_fusion.safetensors";
+pub const FUSION_WEIGHTS_PICKLE: &str = "pytorch_model_adapter_fusion.bin";
 
 /// The `adapters` version whose format we write.
 pub const ADAPTERHUB_VERSION: &str = "adapters.1.3.0";
@@ -58,28 +63,60 @@ fn save_tensors(path: &Path, tensors: Vec<(String, Tensor)>) -> Result<()> {
     write_atomic(path, &bytes)
 }
 
-/// Saves `model`'s trained parts into `dir` (created if needed); every file is written atomically.
+/// Saves one adapter (`adapter_config.json` + `adapter.safetensors`) into `dir`.
+pub fn save_adapter(
+    dir: &Path,
+    adapter: &BottleneckAdapters,
+    hidden: usize,
+    model_name: &str,
+) -> Result<()> {
+    std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+    let config = serde_json::to_value(&adapter.config)
+        .map_err(|e| Error::file(dir.join(ADAPTER_CONFIG), e))?;
+    write_json_atomic(
+        &dir.join(ADAPTER_CONFIG),
+        &envelope(config, hidden, model_name, &adapter.name),
+    )?;
+    let mut tensors = Vec::new();
+    for (name, tensor) in adapter.tensors() {
+        // AdapterHub registers an `ln_before` norm twice, and saves both names.
+        if adapter.config.ln_before && name.contains(".adapter_down.0.") {
+            let alias = name.replace(".adapter_down.0.", ".adapter_norm_before.");
+            tensors.push((format!("{MODEL_PREFIX}{alias}"), tensor.clone()));
+        }
+        tensors.push((format!("{MODEL_PREFIX}{name}"), tensor));
+    }
+    save_tensors(&dir.join(ADAPTER_WEIGHTS), tensors)
+}
+
+/// Saves `model`'s trained parts into `dir` (created if needed); every file is written
+/// atomically. A fusion's adapters go to `dir/{adapter name}/`.
 pub fn save(dir: &Path, model: &AdapterModel, model_name: &str) -> Result<()> {
     std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
     let hidden = model.encoder.config.hidden_size;
     if let Some(adapter) = &model.adapter {
-        let config = serde_json::to_value(&adapter.config)
-            .map_err(|e| Error::file(dir.join(ADAPTER_CONFIG), e))?;
-        write_json_atomic(
-            &dir.join(ADAPTER_CONFIG),
-            &envelope(config, hidden, model_name, &adapter.name),
-        )?;
-        let mut tensors = Vec::new();
-        for (name, var) in adapter.params().iter() {
-            let tensor = var.as_tensor().clone();
-            // AdapterHub registers an `ln_before` norm twice, and saves both names.
-            if adapter.config.ln_before && name.contains(".adapter_down.0.") {
-                let alias = name.replace(".adapter_down.0.", ".adapter_norm_before.");
-                tensors.push((format!("{MODEL_PREFIX}{alias}"), tensor.clone()));
-            }
-            tensors.push((format!("{MODEL_PREFIX}{name}"), tensor));
+        save_adapter(dir, adapter, hidden, model_name)?;
+    }
+    if let Some(fusion) = &model.fusion {
+        for adapter in &fusion.adapters {
+            save_adapter(&dir.join(&adapter.name), adapter, hidden, model_name)?;
         }
-        save_tensors(&dir.join(ADAPTER_WEIGHTS), tensors)?;
+        let path = dir.join(FUSION_CONFIG);
+        let config = serde_json::to_value(&fusion.config).map_err(|e| Error::file(&path, e))?;
+        let mut json = envelope(config, hidden, model_name, &fusion.name());
+        json["adapter_names"] = fusion
+            .adapters
+            .iter()
+            .map(|a| a.name.clone())
+            .collect::<Vec<_>>()
+            .into();
+        write_json_atomic(&path, &json)?;
+        let tensors = fusion
+            .params()
+            .iter()
+            .map(|(n, v)| (format!("{MODEL_PREFIX}{n}"), v.as_tensor().clone()))
+            .collect();
+        save_tensors(&dir.join(FUSION_WEIGHTS), tensors)?;
     }
     let head = &model.head;
     let config =
@@ -243,38 +280,14 @@ pub fn load(dir: &Path, mut encoder: BertModel, device: &Device) -> Result<Adapt
     let (path, tensors) = read_tensors(dir, HEAD_WEIGHTS, HEAD_WEIGHTS_PICKLE, device)?;
     load_params(&path, &head.params(), &tensors)?;
 
-    let adapter_path = dir.join(ADAPTER_CONFIG);
-    let adapter = if adapter_path.exists() {
-        let json = read_json(&adapter_path)?;
-        check_envelope(&adapter_path, &json, &encoder)?;
-        let config =
-            BnConfig::from_json(config_field(&adapter_path, &json)?).map_err(|message| {
-                Error::Config {
-                    path: adapter_path.clone(),
-                    message,
-                }
-            })?;
-        let adapter = BottleneckAdapters::new(
-            &name_field(&adapter_path, &json)?,
-            &config,
-            &encoder.config,
-            &mut rng,
-            device,
-        )
-        .map_err(|e| Error::file(&adapter_path, e))?;
-        let (path, tensors) = read_tensors(dir, ADAPTER_WEIGHTS, ADAPTER_WEIGHTS_PICKLE, device)?;
-        let tensors: HashMap<String, Tensor> = tensors
-            .into_iter()
-            .filter(|(n, _)| !n.contains(".adapter_norm_before.")) // the alias of adapter_down.0
-            .map(|(n, t)| {
-                (
-                    n.strip_prefix(MODEL_PREFIX).map(str::to_owned).unwrap_or(n),
-                    t,
-                )
-            })
-            .collect();
-        load_params(&path, &adapter.params(), &tensors)?;
-        Some(adapter)
+    let adapter = if dir.join(ADAPTER_CONFIG).exists() {
+        Some(load_adapter(dir, &encoder, device)?)
+    } else {
+        None
+    };
+    let fusion_path = dir.join(FUSION_CONFIG);
+    let fusion = if fusion_path.exists() {
+        Some(load_fusion(dir, &encoder, device)?)
     } else {
         None
     };
@@ -290,7 +303,107 @@ pub fn load(dir: &Path, mut encoder: BertModel, device: &Device) -> Result<Adapt
     Ok(AdapterModel {
         encoder,
         adapter,
+        fusion,
+        train_fused_adapters: false,
         head,
         base_trainable: Params::default(),
     })
+}
+
+/// Loads one adapter saved in `dir` (ours or AdapterHub's `save_adapter`), checked against
+/// `encoder`'s shape.
+pub fn load_adapter(
+    dir: &Path,
+    encoder: &BertModel,
+    device: &Device,
+) -> Result<BottleneckAdapters> {
+    let path = dir.join(ADAPTER_CONFIG);
+    if !path.exists() {
+        return Err(Error::file(&path, "missing: not an adapter directory"));
+    }
+    let json = read_json(&path)?;
+    check_envelope(&path, &json, encoder)?;
+    let config =
+        BnConfig::from_json(config_field(&path, &json)?).map_err(|message| Error::Config {
+            path: path.clone(),
+            message,
+        })?;
+    // Weights are overwritten from the file; the generator only shapes the modules.
+    let adapter = BottleneckAdapters::new(
+        &name_field(&path, &json)?,
+        &config,
+        &encoder.config,
+        &mut SeededRng::new(0),
+        device,
+    )
+    .map_err(|e| Error::file(&path, e))?;
+    let (weights, tensors) = read_tensors(dir, ADAPTER_WEIGHTS, ADAPTER_WEIGHTS_PICKLE, device)?;
+    let tensors: HashMap<String, Tensor> = tensors
+        .into_iter()
+        .filter(|(n, _)| !n.contains(".adapter_norm_before.")) // the alias of adapter_down.0
+        .map(|(n, t)| {
+            (
+                n.strip_prefix(MODEL_PREFIX).map(str::to_owned).unwrap_or(n),
+                t,
+            )
+        })
+        .collect();
+    load_params(&weights, &adapter.params(), &tensors)?;
+    Ok(adapter)
+}
+
+/// Loads a fusion layer saved in `dir` with the adapters its config names, from `dir/{name}/`.
+fn load_fusion(dir: &Path, encoder: &BertModel, device: &Device) -> Result<Fusion> {
+    let path = dir.join(FUSION_CONFIG);
+    let json = read_json(&path)?;
+    check_envelope(&path, &json, encoder)?;
+    let config: FusionConfig =
+        serde_json::from_value(config_field(&path, &json)?).map_err(|e| Error::Config {
+            path: path.clone(),
+            message: e.to_string(),
+        })?;
+    let names: Vec<String> = match json.get("adapter_names") {
+        Some(names) => serde_json::from_value(names.clone()).map_err(|e| Error::Config {
+            path: path.clone(),
+            message: format!("adapter_names: {e}"),
+        })?,
+        None => name_field(&path, &json)?
+            .split(',')
+            .map(str::to_owned)
+            .collect(),
+    };
+    let mut adapters = Vec::new();
+    for name in &names {
+        let adapter_dir = dir.join(name);
+        if !adapter_dir.is_dir() {
+            return Err(Error::file(
+                &path,
+                format!(
+                    "names adapter '{name}', but {} is missing",
+                    adapter_dir.display()
+                ),
+            ));
+        }
+        adapters.push(load_adapter(&adapter_dir, encoder, device)?.frozen());
+    }
+    let fusion = Fusion::new(
+        adapters,
+        &config,
+        &encoder.config,
+        &mut SeededRng::new(0),
+        device,
+    )
+    .map_err(|e| Error::file(&path, e))?;
+    let (weights, tensors) = read_tensors(dir, FUSION_WEIGHTS, FUSION_WEIGHTS_PICKLE, device)?;
+    let tensors: HashMap<String, Tensor> = tensors
+        .into_iter()
+        .map(|(n, t)| {
+            (
+                n.strip_prefix(MODEL_PREFIX).map(str::to_owned).unwrap_or(n),
+                t,
+            )
+        })
+        .collect();
+    load_params(&weights, &fusion.params(), &tensors)?;
+    Ok(fusion)
 }

@@ -116,18 +116,91 @@ impl BottleneckAdapter {
         })
     }
 
+    /// The trainable variables (none when [`frozen`](Self::frozen)).
     pub fn params(&self) -> &Params {
         &self.params
     }
 
-    /// The bottleneck itself: `dropout(up(act(down(norm_before(x)))) * scaling)`, then
-    /// `norm_after` and the skip connection in the configured order (sequential adapters).
-    fn bottleneck(
+    /// Every weight under its AdapterHub name, frozen or not (what a file holds).
+    pub fn tensors(&self) -> Vec<(String, Tensor)> {
+        let mut out = Vec::new();
+        let mut norm = |name: &str, n: &LayerNorm| {
+            out.push((format!("{name}.weight"), n.weight.clone()));
+            out.push((format!("{name}.bias"), n.bias.clone()));
+        };
+        if let Some(n) = &self.norm_before {
+            norm("adapter_down.0", n);
+        }
+        if let Some(n) = &self.norm_after {
+            norm("adapter_norm_after", n);
+        }
+        let down = if self.norm_before.is_some() {
+            "adapter_down.1"
+        } else {
+            "adapter_down.0"
+        };
+        for (name, l) in [(down, &self.down), ("adapter_up", &self.up)] {
+            out.push((format!("{name}.weight"), l.weight().clone()));
+            if let Some(b) = l.bias() {
+                out.push((format!("{name}.bias"), b.clone()));
+            }
+        }
+        out
+    }
+
+    /// AdapterHub's `pre_forward`: what the bottleneck reads, its skip connection, and the
+    /// query a fusion layer would use (`query_before_ln`: before the original LayerNorm).
+    pub fn pre_forward(
+        &self,
+        hidden: &Tensor,
+        input: &Tensor,
+        layer_norm: &LayerNorm,
+        query_before_ln: bool,
+    ) -> CandleResult<PreForward> {
+        let c = &self.config;
+        if c.is_parallel {
+            // Parallel: the adapter reads the sub-layer's input.
+            return Ok(PreForward {
+                x: input.clone(),
+                residual: input.clone(),
+                query: input.clone(),
+            });
+        }
+        let mut h = hidden.clone();
+        let mut residual = match c.residual_before_ln {
+            ResidualBeforeLn::Flag(true) => Some(h.clone()),
+            _ => None,
+        };
+        let query_before = h.clone();
+        if c.original_ln_before {
+            h = (h + input)?;
+            if matches!(c.residual_before_ln, ResidualBeforeLn::PostAdd(_)) {
+                residual = Some(h.clone());
+            }
+            h = layer_norm.forward(&h)?;
+        }
+        let residual = residual.unwrap_or_else(|| h.clone());
+        let query = if query_before_ln {
+            query_before
+        } else {
+            h.clone()
+        };
+        Ok(PreForward {
+            x: h,
+            residual,
+            query,
+        })
+    }
+
+    /// The bottleneck: `up = up(act(down(norm_before(x)))) * scaling`, then dropout,
+    /// `norm_after` and, for sequential adapters, the skip connection in the configured order.
+    /// Returns the output and `up` (what AdapterFusion attends over).
+    pub fn bottleneck(
         &self,
         x: &Tensor,
-        residual: Option<&Tensor>,
+        residual: &Tensor,
         mode: &mut Mode,
-    ) -> CandleResult<Tensor> {
+    ) -> CandleResult<(Tensor, Tensor)> {
         let c = &self.config;
         let x = match &self.norm_before {
             Some(norm) => norm.forward(x)?,
@@ -136,16 +209,38 @@ impl BottleneckAdapter {
         let down = c.non_linearity.forward(&self.down.forward(&x)?)?;
         let up = (self.up.forward(&down)? * c.scaling)?;
         let mut out = mode.dropout(&up, c.dropout)?;
-        if let (Some(r), true) = (residual, c.adapter_residual_before_ln) {
-            out = (out + r)?;
+        let skip = !c.is_parallel;
+        if skip && c.adapter_residual_before_ln {
+            out = (out + residual)?;
         }
         if let Some(norm) = &self.norm_after {
             out = norm.forward(&out)?;
         }
-        if let (Some(r), false) = (residual, c.adapter_residual_before_ln) {
-            out = (out + r)?;
+        if skip && !c.adapter_residual_before_ln {
+            out = (out + residual)?;
         }
-        Ok(out)
+        Ok((out, up))
+    }
+
+    /// AdapterHub's `post_forward`: a parallel adapter's output joins the sub-layer's
+    /// (`hidden`); then the original residual + LayerNorm.
+    pub fn post_forward(
+        &self,
+        out: Tensor,
+        hidden: &Tensor,
+        input: &Tensor,
+        layer_norm: &LayerNorm,
+    ) -> CandleResult<Tensor> {
+        let out = if self.config.is_parallel {
+            (out + hidden)?
+        } else {
+            out
+        };
+        if self.config.original_ln_after {
+            layer_norm.forward(&(out + input)?)
+        } else {
+            Ok(out)
+        }
     }
 
     /// Replaces the sub-layer's `LayerNorm(hidden + input)`: `hidden` is the sub-layer's output
@@ -157,34 +252,39 @@ impl BottleneckAdapter {
         layer_norm: &LayerNorm,
         mode: &mut Mode,
     ) -> CandleResult<Tensor> {
-        let c = &self.config;
-        let out = if c.is_parallel {
-            // Parallel: the adapter reads the sub-layer's input; its output joins the sub-layer's.
-            (self.bottleneck(input, None, mode)? + hidden)?
-        } else {
-            // Before: pick the skip connection, optionally apply the original LayerNorm.
-            let mut h = hidden.clone();
-            let mut residual = match c.residual_before_ln {
-                ResidualBeforeLn::Flag(true) => Some(h.clone()),
-                _ => None,
-            };
-            if c.original_ln_before {
-                h = (h + input)?;
-                if matches!(c.residual_before_ln, ResidualBeforeLn::PostAdd(_)) {
-                    residual = Some(h.clone());
-                }
-                h = layer_norm.forward(&h)?;
-            }
-            let residual = residual.unwrap_or_else(|| h.clone());
-            self.bottleneck(&h, Some(&residual), mode)?
+        let pre = self.pre_forward(hidden, input, layer_norm, false)?;
+        let (out, _) = self.bottleneck(&pre.x, &pre.residual, mode)?;
+        self.post_forward(out, hidden, input, layer_norm)
+    }
+
+    /// A copy whose weights are plain tensors: it runs, but takes no gradient (a frozen
+    /// adapter under AdapterFusion).
+    pub fn frozen(&self) -> Self {
+        let plain = |l: &Linear| Linear::new(l.weight().detach(), l.bias().map(Tensor::detach));
+        let plain_norm = |n: &LayerNorm| LayerNorm {
+            weight: n.weight.detach(),
+            bias: n.bias.detach(),
+            eps: n.eps,
         };
-        // After: the original residual + LayerNorm.
-        if c.original_ln_after {
-            layer_norm.forward(&(out + input)?)
-        } else {
-            Ok(out)
+        Self {
+            config: self.config.clone(),
+            norm_before: self.norm_before.as_ref().map(plain_norm),
+            down: plain(&self.down),
+            up: plain(&self.up),
+            norm_after: self.norm_after.as_ref().map(plain_norm),
+            params: Params::default(),
         }
     }
+}
+
+/// What [`BottleneckAdapter::pre_forward`] prepares.
+pub struct PreForward {
+    /// The bottleneck's input.
+    pub x: Tensor,
+    /// The skip connection around the bottleneck.
+    pub residual: Tensor,
+    /// A fusion layer's query.
+    pub query: Tensor,
 }
 
 /// Where in a layer an adapter sits, with AdapterHub's module path.
@@ -257,6 +357,18 @@ impl BottleneckAdapters {
         })
     }
 
+    /// A copy with plain-tensor weights (see [`BottleneckAdapter::frozen`]).
+    pub fn frozen(&self) -> Self {
+        Self {
+            layers: self
+                .layers
+                .iter()
+                .map(|places| places.clone().map(|a| a.map(|a| a.frozen())))
+                .collect(),
+            ..self.clone()
+        }
+    }
+
     pub fn get(&self, layer: usize, position: Position) -> Option<&BottleneckAdapter> {
         let index = match position {
             Position::Attention => 0,
@@ -278,6 +390,29 @@ impl BottleneckAdapters {
                         self.name
                     );
                     all.extend_prefixed(&prefix, adapter.params().clone());
+                }
+            }
+        }
+        all
+    }
+
+    /// Every weight with its full name, frozen or not (what `adapter.safetensors` holds).
+    pub fn tensors(&self) -> Vec<(String, Tensor)> {
+        let mut all = Vec::new();
+        for (i, places) in self.layers.iter().enumerate() {
+            for (position, adapter) in [Position::Attention, Position::Output].iter().zip(places) {
+                if let Some(adapter) = adapter {
+                    let prefix = format!(
+                        "encoder.layer.{i}.{}.adapters.{}",
+                        position.module(),
+                        self.name
+                    );
+                    all.extend(
+                        adapter
+                            .tensors()
+                            .into_iter()
+                            .map(|(n, t)| (format!("{prefix}.{n}"), t)),
+                    );
                 }
             }
         }

@@ -4,3 +4,4 @@
 
 pub mod bottleneck;
 pub mod bottleneck_config;
+pub mod fusion;

@@ -169,7 +169,10 @@ pub fn train(
         for indices in train.epoch_batches(config.batch_size, &mut shuffle_rng) {
             let (batch, targets) = train.batch(&indices, pad_id, &device)?;
             let logits = model.logits(&batch, &mut mode)?;
-            let loss = model.head.loss(&logits, &targets)?;
+            let mut loss = model.head.loss(&logits, &targets)?;
+            if let Some(regularization) = model.regularization_loss()? {
+                loss = (loss + regularization)?;
+            }
             let loss_value = loss.to_scalar::<f32>()? as f64;
             if !loss_value.is_finite() {
                 let kept = match (&best, output) {

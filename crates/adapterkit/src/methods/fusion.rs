@@ -1,0 +1,397 @@
+//! AdapterFusion (Pfeiffer et al., EACL 2021): attention over the outputs of several frozen
+//! adapters, learnt per layer for a target task, with AdapterHub's config, names and
+//! semantics (its `compose_fuse` and `BertFusion.forward`).
+
+use std::cell::Cell;
+
+use candle_core::{Device, Module, Result as CandleResult, Tensor, D};
+use candle_nn::Linear;
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+use crate::methods::bottleneck::{BottleneckAdapters, Position};
+use crate::model::hooks::LayerHooks;
+use crate::model::layer_norm::LayerNorm;
+use crate::model::{ops, BertConfig, Mode};
+use crate::params::{init, new_linear, Params};
+use crate::rng::SeededRng;
+
+/// AdapterHub's `AdapterFusionConfig`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct FusionConfig {
+    pub key: bool,
+    pub query: bool,
+    pub value: bool,
+    pub query_before_ln: bool,
+    /// Adds `0.01 * sum ||I - V||^2` over the value matrices to the training loss.
+    pub regularization: bool,
+    pub residual_before: bool,
+    /// Softmax temperature starting at 50, falling by 50/1000 per forward pass, down to 1.
+    pub temperature: bool,
+    pub value_before_softmax: bool,
+    /// Start the value matrix at the identity (off-diagonal 1e-6).
+    pub value_initialized: serde_json::Value,
+    /// Dropout on the attention scores; `None` takes the model's attention dropout.
+    pub dropout_prob: Option<f32>,
+}
+
+pub const FUSION_PRESETS: &[&str] = &["dynamic", "static"];
+
+impl FusionConfig {
+    pub fn preset(name: &str) -> Result<Self> {
+        let dynamic = name == "dynamic";
+        if !FUSION_PRESETS.contains(&name) {
+            return Err(Error::input(format!(
+                "unknown fusion preset '{name}' (known: {})",
+                FUSION_PRESETS.join(", ")
+            )));
+        }
+        Ok(Self {
+            key: true,
+            query: true,
+            value: dynamic,
+            query_before_ln: false,
+            regularization: dynamic,
+            residual_before: false,
+            temperature: false,
+            value_before_softmax: true,
+            value_initialized: dynamic.into(),
+            dropout_prob: None,
+        })
+    }
+
+    fn value_initialized(&self) -> bool {
+        match &self.value_initialized {
+            serde_json::Value::Bool(b) => *b,
+            serde_json::Value::String(s) => !s.is_empty() && s != "false",
+            _ => false,
+        }
+    }
+}
+
+/// One fusion layer: `softmax(query(q) . key(up_i) / T)` weighs the adapters' outputs.
+#[derive(Debug)]
+pub struct FusionLayer {
+    config: FusionConfig,
+    query: Option<Linear>,
+    key: Option<Linear>,
+    /// `[hidden, hidden]`, no bias.
+    value: Option<Linear>,
+    dropout: f32,
+    temperature: Cell<f64>,
+    params: Params,
+}
+
+impl Clone for FusionLayer {
+    fn clone(&self) -> Self {
+        Self {
+            config: self.config.clone(),
+            query: self.query.clone(),
+            key: self.key.clone(),
+            value: self.value.clone(),
+            dropout: self.dropout,
+            temperature: Cell::new(self.temperature.get()),
+            params: self.params.clone(),
+        }
+    }
+}
+
+impl FusionLayer {
+    pub fn new(
+        config: &FusionConfig,
+        hidden: usize,
+        dropout: f32,
+        rng: &mut SeededRng,
+        device: &Device,
+    ) -> Result<Self> {
+        let mut params = Params::default();
+        let mut dense = |params: &mut Params, name: &str| -> Result<Linear> {
+            new_linear(
+                params,
+                name,
+                init::normal(rng, (hidden, hidden), 0.02, device)?,
+                init::zeros(hidden, device)?,
+            )
+        };
+        let query = if config.query {
+            Some(dense(&mut params, "query")?)
+        } else {
+            None
+        };
+        let key = if config.key {
+            Some(dense(&mut params, "key")?)
+        } else {
+            None
+        };
+        let value = if config.value {
+            let weight = if config.value_initialized() {
+                let eye = Tensor::eye(hidden, candle_core::DType::F32, device)?;
+                ((eye.ones_like()? - &eye)? * 1e-6)?.add(&eye)?
+            } else {
+                init::normal(rng, (hidden, hidden), 0.02, device)?
+            };
+            let var = candle_core::Var::from_tensor(&weight)?;
+            let linear = Linear::new(var.as_tensor().clone(), None);
+            params.push("value.weight", var);
+            Some(linear)
+        } else {
+            None
+        };
+        Ok(Self {
+            config: config.clone(),
+            query,
+            key,
+            value,
+            dropout: config.dropout_prob.unwrap_or(dropout),
+            temperature: Cell::new(if config.temperature { 50.0 } else { 1.0 }),
+            params,
+        })
+    }
+
+    /// `query`: `[b, s, h]`; `ups`: `[b, s, n, h]`; `residual`: `[b, s, h]`. Returns the fused
+    /// output `[b, s, h]` and the attention `[b, s, n]`.
+    pub fn forward(
+        &self,
+        query: &Tensor,
+        ups: &Tensor,
+        residual: &Tensor,
+        mode: &mut Mode,
+    ) -> CandleResult<(Tensor, Tensor)> {
+        let c = &self.config;
+        let mut value = ups.clone();
+        if c.residual_before {
+            value = value.broadcast_add(&residual.unsqueeze(2)?)?;
+        }
+        let q = match &self.query {
+            Some(l) => l.forward(query)?,
+            None => query.clone(),
+        };
+        let k = match &self.key {
+            Some(l) => l.forward(ups)?,
+            None => ups.clone(),
+        };
+        if let (Some(l), true) = (&self.value, c.value_before_softmax) {
+            value = l.forward(&value)?;
+        }
+        // [b, s, 1, h] x [b, s, h, n] -> [b, s, n]
+        let scores = q
+            .unsqueeze(2)?
+            .matmul(&k.transpose(2, 3)?.contiguous()?)?
+            .squeeze(2)?;
+        let scores = mode.dropout(&scores, self.dropout)?;
+        let t = self.temperature.get();
+        let probs = ops::softmax_last_dim(&(scores / t)?)?;
+        if c.temperature {
+            self.temperature.set((t - 50.0 / 1000.0).max(1.0));
+        }
+        let mut context = probs
+            .unsqueeze(2)?
+            .matmul(&value.contiguous()?)?
+            .squeeze(2)?;
+        if let (Some(l), false) = (&self.value, c.value_before_softmax) {
+            context = l.forward(&context)?;
+        }
+        if !c.residual_before {
+            context = (context + residual)?;
+        }
+        Ok((context, probs))
+    }
+
+    /// `0.01 * ||I - V||^2`, when the layer has a value matrix.
+    pub fn regularization(&self) -> CandleResult<Option<Tensor>> {
+        let Some(value) = &self.value else {
+            return Ok(None);
+        };
+        let w = value.weight();
+        let eye = Tensor::eye(w.dim(0)?, w.dtype(), w.device())?;
+        Ok(Some(((eye - w)?.sqr()?.sum_all()? * 0.01)?))
+    }
+}
+
+/// AdapterFusion over named adapters, at every place where all of them have an adapter.
+#[derive(Debug, Clone)]
+pub struct Fusion {
+    pub config: FusionConfig,
+    /// The fused adapters, in order; frozen unless trained jointly.
+    pub adapters: Vec<BottleneckAdapters>,
+    layers: Vec<[Option<FusionLayer>; 2]>,
+    /// Records the attention of each forward pass when set: `(layer, position, [b, s, n])`.
+    pub record: Option<std::cell::RefCell<Vec<(usize, Position, Tensor)>>>,
+}
+
+const POSITIONS: [Position; 2] = [Position::Attention, Position::Output];
+
+impl Fusion {
+    pub fn new(
+        adapters: Vec<BottleneckAdapters>,
+        config: &FusionConfig,
+        model: &BertConfig,
+        rng: &mut SeededRng,
+        device: &Device,
+    ) -> Result<Self> {
+        if adapters.is_empty() {
+            return Err(Error::input("fusion needs at least one adapter, got none"));
+        }
+        let mut names = std::collections::BTreeSet::new();
+        for a in &adapters {
+            if !names.insert(a.name.as_str()) {
+                return Err(Error::input(format!(
+                    "adapter '{}' is named twice in the fusion (names must be unique)",
+                    a.name
+                )));
+            }
+        }
+        let layers = (0..model.num_hidden_layers)
+            .map(|_| {
+                let mut places = [None, None];
+                for (slot, position) in places.iter_mut().zip(POSITIONS) {
+                    // AdapterHub adds a fusion layer where every fused adapter's config places one.
+                    let everywhere = adapters.iter().all(|a| match position {
+                        Position::Attention => a.config.mh_adapter,
+                        Position::Output => a.config.output_adapter,
+                    });
+                    if everywhere {
+                        *slot = Some(FusionLayer::new(
+                            config,
+                            model.hidden_size,
+                            model.attention_probs_dropout_prob,
+                            rng,
+                            device,
+                        )?);
+                    }
+                }
+                Ok(places)
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Self {
+            config: config.clone(),
+            adapters,
+            layers,
+            record: None,
+        })
+    }
+
+    /// AdapterHub's name for the fusion: the adapter names joined by commas.
+    pub fn name(&self) -> String {
+        self.adapters
+            .iter()
+            .map(|a| a.name.as_str())
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    /// Parameters as AdapterHub names them (without the model prefix):
+    /// `encoder.layer.{i}.{attention.output|output}.adapter_fusion_layer.{a,b}.{query,key,value}.*`.
+    pub fn params(&self) -> Params {
+        let mut all = Params::default();
+        let name = self.name();
+        for (i, places) in self.layers.iter().enumerate() {
+            for (position, layer) in POSITIONS.iter().zip(places) {
+                if let Some(layer) = layer {
+                    all.extend_prefixed(
+                        &format!(
+                            "encoder.layer.{i}.{}.adapter_fusion_layer.{name}",
+                            position.module()
+                        ),
+                        layer.params.clone(),
+                    );
+                }
+            }
+        }
+        all
+    }
+
+    /// The fusion regularisation term over all layers, if the config asks for it.
+    pub fn regularization_loss(&self) -> CandleResult<Option<Tensor>> {
+        if !self.config.regularization {
+            return Ok(None);
+        }
+        let mut total: Option<Tensor> = None;
+        for layer in self.layers.iter().flatten().flatten() {
+            if let Some(r) = layer.regularization()? {
+                total = Some(match total {
+                    Some(t) => (t + r)?,
+                    None => r,
+                });
+            }
+        }
+        Ok(total)
+    }
+
+    fn run(
+        &self,
+        layer: usize,
+        position: Position,
+        hidden: &Tensor,
+        input: &Tensor,
+        layer_norm: &LayerNorm,
+        mode: &mut Mode,
+    ) -> CandleResult<Tensor> {
+        let present: Vec<_> = self
+            .adapters
+            .iter()
+            .filter_map(|a| a.get(layer, position))
+            .collect();
+        let fusion = self.layers[layer][match position {
+            Position::Attention => 0,
+            Position::Output => 1,
+        }]
+        .as_ref();
+        let (Some(fusion), Some(last)) = (fusion, present.last()) else {
+            return layer_norm.forward(&(hidden + input)?);
+        };
+        // As AdapterHub: the last adapter prepares the input, every adapter runs on it, the
+        // fusion layer weighs their `up` outputs, the last adapter finishes the sub-layer.
+        let pre = last.pre_forward(hidden, input, layer_norm, self.config.query_before_ln)?;
+        let ups = present
+            .iter()
+            .map(|a| Ok(a.bottleneck(&pre.x, &pre.residual, mode)?.1))
+            .collect::<CandleResult<Vec<_>>>()?;
+        let ups = Tensor::stack(&ups, 2)?;
+        let (fused, probs) = fusion.forward(&pre.query, &ups, &pre.residual, mode)?;
+        if let Some(record) = &self.record {
+            record.borrow_mut().push((layer, position, probs.detach()));
+        }
+        last.post_forward(fused, hidden, input, layer_norm)
+    }
+}
+
+impl LayerHooks for Fusion {
+    fn attention_output(
+        &self,
+        layer: usize,
+        hidden: &Tensor,
+        residual: &Tensor,
+        layer_norm: &LayerNorm,
+        mode: &mut Mode,
+    ) -> CandleResult<Tensor> {
+        self.run(
+            layer,
+            Position::Attention,
+            hidden,
+            residual,
+            layer_norm,
+            mode,
+        )
+    }
+
+    fn feed_forward_output(
+        &self,
+        layer: usize,
+        hidden: &Tensor,
+        residual: &Tensor,
+        layer_norm: &LayerNorm,
+        mode: &mut Mode,
+    ) -> CandleResult<Tensor> {
+        self.run(layer, Position::Output, hidden, residual, layer_norm, mode)
+    }
+}
+
+/// Mean attention `[n]` over the real tokens of a batch, from `[b, s, n]` and the mask `[b, s]`.
+pub fn mean_attention(probs: &Tensor, attention_mask: &Tensor) -> CandleResult<Tensor> {
+    let mask = attention_mask
+        .to_dtype(candle_core::DType::F32)?
+        .unsqueeze(D::Minus1)?;
+    let total = probs.broadcast_mul(&mask)?.sum((0, 1))?;
+    total / mask.sum_all()?.to_scalar::<f32>()? as f64
+}
