@@ -243,3 +243,133 @@ fn eval_data_with_a_label_the_head_does_not_know_is_rejected() {
     ]);
     assert_fails_with(&eval, &["label 'bird'", "example 2"]);
 }
+
+#[test]
+fn fuse_two_adapters_then_eval_and_plot_the_fusion_weights() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = tiny_bert();
+    let train = write_csv(dir.path(), "train.csv", 8);
+    let mut adapters = Vec::new();
+    for (name, method) in [("first", "houlsby"), ("second", "houlsby")] {
+        let out = dir.path().join(name);
+        let run = adapterkit(&[
+            "train",
+            "--model",
+            s(&model),
+            "--train",
+            s(&train),
+            "--validation",
+            s(&train),
+            "--method",
+            method,
+            "--name",
+            name,
+            "--epochs",
+            "1",
+            "--out",
+            s(&out),
+            "--quiet",
+        ]);
+        assert!(
+            run.status.success(),
+            "{}",
+            String::from_utf8_lossy(&run.stderr)
+        );
+        adapters.push(out);
+    }
+    let fused = dir.path().join("fused");
+    let run = adapterkit(&[
+        "fuse",
+        "--model",
+        s(&model),
+        "--adapters",
+        s(&adapters[0]),
+        s(&adapters[1]),
+        "--train",
+        s(&train),
+        "--validation",
+        s(&train),
+        "--epochs",
+        "1",
+        "--out",
+        s(&fused),
+        "--quiet",
+    ]);
+    assert!(
+        run.status.success(),
+        "{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    for file in [
+        "adapter_fusion_config.json",
+        "model_adapter_fusion.safetensors",
+        "first/adapter.safetensors",
+        "second/adapter_config.json",
+        "model_head.safetensors",
+    ] {
+        assert!(fused.join(file).exists(), "{file}");
+    }
+    let eval = adapterkit(&[
+        "eval",
+        "--model",
+        s(&model),
+        "--adapter",
+        s(&fused),
+        "--test",
+        s(&train),
+        "--json",
+    ]);
+    assert!(
+        eval.status.success(),
+        "{}",
+        String::from_utf8_lossy(&eval.stderr)
+    );
+
+    let plot = dir.path().join("weights");
+    let run = adapterkit(&[
+        "fusion-weights",
+        "--model",
+        s(&model),
+        "--adapter",
+        s(&fused),
+        "--test",
+        s(&train),
+        "--out",
+        s(&plot),
+    ]);
+    assert!(
+        run.status.success(),
+        "{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    let json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(plot.with_extension("json")).unwrap())
+            .unwrap();
+    assert_eq!(json["adapters"], serde_json::json!(["first", "second"]));
+    let rows = json["rows"].as_array().unwrap();
+    assert_eq!(rows.len(), 4, "2 layers x 2 places");
+    for row in rows {
+        let total: f64 = row["weights"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|w| w.as_f64().unwrap())
+            .sum();
+        assert!((total - 1.0).abs() < 1e-4, "attention sums to {total}");
+    }
+    assert!(std::fs::read_to_string(plot.with_extension("svg"))
+        .unwrap()
+        .starts_with("<svg"));
+
+    std::fs::remove_dir_all(fused.join("second")).unwrap();
+    let eval = adapterkit(&[
+        "eval",
+        "--model",
+        s(&model),
+        "--adapter",
+        s(&fused),
+        "--test",
+        s(&train),
+    ]);
+    assert_fails_with(&eval, &["adapter 'second'", "missing"]);
+}
