@@ -373,3 +373,52 @@ fn fuse_two_adapters_then_eval_and_plot_the_fusion_weights() {
     ]);
     assert_fails_with(&eval, &["adapter 'second'", "missing"]);
 }
+
+#[test]
+fn skipping_adapters_at_inference_is_checked() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = tiny_bert();
+    let train = write_csv(dir.path(), "train.csv", 8);
+    let out = dir.path().join("adapter");
+    let run = adapterkit(&[
+        "train",
+        "--model",
+        s(&model),
+        "--train",
+        s(&train),
+        "--validation",
+        s(&train),
+        "--epochs",
+        "1",
+        "--robust-drop",
+        "1",
+        "--out",
+        s(&out),
+        "--quiet",
+    ]);
+    assert!(
+        run.status.success(),
+        "{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    let eval = |extra: &[&str]| {
+        let mut args = vec![
+            "eval",
+            "--model",
+            s(&model),
+            "--adapter",
+            s(&out),
+            "--test",
+            s(&train),
+            "--json",
+        ];
+        args.extend_from_slice(extra);
+        adapterkit(&args)
+    };
+    assert!(eval(&["--skip-layers", "0"]).status.success());
+    assert!(eval(&["--drop-lower", "2"]).status.success());
+    assert_fails_with(
+        &eval(&["--skip-layers", "5"]),
+        &["cannot skip layer 5", "2 layers"],
+    );
+}

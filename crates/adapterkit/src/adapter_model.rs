@@ -135,6 +135,18 @@ impl AdapterModel {
         }
     }
 
+    /// AdapterDrop at run time: the adapters (single or fused) of these layers are skipped.
+    pub fn set_skip_layers(&mut self, layers: &std::collections::BTreeSet<usize>) {
+        if let Some(adapter) = &mut self.adapter {
+            adapter.skip_layers = layers.clone();
+        }
+        if let Some(fusion) = &mut self.fusion {
+            for adapter in &mut fusion.adapters {
+                adapter.skip_layers = layers.clone();
+            }
+        }
+    }
+
     /// Terms added to the training loss besides the head's (AdapterFusion's regularisation).
     pub fn regularization_loss(&self) -> Result<Option<Tensor>> {
         match &self.fusion {

@@ -23,6 +23,8 @@ pub struct Args {
     split: String,
     #[arg(long, default_value_t = 64)]
     batch_size: usize,
+    #[command(flatten)]
+    drop: super::DropArgs,
     /// Print one JSON object (`accuracy`, `macro_f1`, `mcc`, ... and `examples`).
     #[arg(long)]
     json: bool,
@@ -32,7 +34,8 @@ pub fn run(args: Args) -> Result<()> {
     anyhow::ensure!(args.batch_size > 0, "--batch-size must be positive");
     let device = Device::Cpu;
     let data = args.data.one(&args.split)?;
-    let (tokenizer, model) = super::load_tuned(&args.model, &args.adapter, &device)?;
+    let (tokenizer, mut model) = super::load_tuned(&args.model, &args.adapter, &device)?;
+    args.drop.apply(&mut model)?;
     let encoded = EncodedDataset::new(&data, &tokenizer, &model.head.config)?;
     let metrics = evaluate(
         &model,

@@ -26,3 +26,37 @@ pub fn load_tuned(
     let tuned = adapter_dir::load(adapter, pretrained.model, device)?;
     Ok((pretrained.tokenizer, tuned))
 }
+
+/// AdapterDrop at inference: which layers' adapters to skip.
+#[derive(clap::Args, Debug, Clone, Default)]
+pub struct DropArgs {
+    /// Skip the adapters of these layers (AdapterHub's `skip_layers`), e.g. `0,1,2`.
+    #[arg(long, value_delimiter = ',', conflicts_with = "drop_lower")]
+    skip_layers: Vec<usize>,
+    /// Skip the adapters of the lowest N layers.
+    #[arg(long, value_name = "N")]
+    drop_lower: Option<usize>,
+}
+
+impl DropArgs {
+    /// Applies the choice to `model`, checking the layers exist.
+    pub fn apply(&self, model: &mut AdapterModel) -> Result<()> {
+        let layers = model.encoder.layers.len();
+        let skip: std::collections::BTreeSet<usize> = match self.drop_lower {
+            Some(n) => (0..n).collect(),
+            None => self.skip_layers.iter().copied().collect(),
+        };
+        if let Some(bad) = skip
+            .iter()
+            .find(|l| **l >= layers)
+            .or(self.drop_lower.filter(|n| *n > layers).as_ref())
+        {
+            anyhow::bail!(
+                "cannot skip layer {bad}: the model has {layers} layers (0..{})",
+                layers - 1
+            );
+        }
+        model.set_skip_layers(&skip);
+        Ok(())
+    }
+}

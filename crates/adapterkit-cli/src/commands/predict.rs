@@ -17,6 +17,8 @@ pub struct Args {
     /// A directory saved by `adapterkit train` (or AdapterHub's `save_adapter`).
     #[arg(long)]
     adapter: PathBuf,
+    #[command(flatten)]
+    drop: super::DropArgs,
     /// Read texts from this file, one per line.
     #[arg(long)]
     file: Option<PathBuf>,
@@ -33,7 +35,8 @@ pub fn run(args: Args) -> Result<()> {
         None => crate::input::texts(&args.texts)?,
     };
     let device = Device::Cpu;
-    let (tokenizer, model) = super::load_tuned(&args.model, &args.adapter, &device)?;
+    let (tokenizer, mut model) = super::load_tuned(&args.model, &args.adapter, &device)?;
+    args.drop.apply(&mut model)?;
     let config = &model.head.config;
     let (kind, labels) = (config.kind()?, config.labels());
     let mut out = std::io::stdout().lock();

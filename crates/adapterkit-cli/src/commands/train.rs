@@ -71,6 +71,10 @@ pub struct TrainingArgs {
     /// Validation metric that selects the best epoch (default: accuracy, pearson or micro_f1).
     #[arg(long)]
     metric: Option<String>,
+    /// Robust AdapterDrop: each batch skips the adapters of the lowest n layers, n drawn from
+    /// 0..=MAX, so one adapter serves any n at inference.
+    #[arg(long, value_name = "MAX")]
+    robust_drop: Option<usize>,
     /// Print the summary as JSON.
     #[arg(long)]
     json: bool,
@@ -220,6 +224,7 @@ pub fn fit(
         patience: args.patience,
         metric: args.metric.clone(),
         eval_batch_size: 64,
+        robust_drop_max: args.robust_drop,
     };
     let trainable = model.trainable().count();
     let base = model.encoder.parameter_count();

@@ -330,6 +330,7 @@ impl Fusion {
         let present: Vec<_> = self
             .adapters
             .iter()
+            .filter(|a| !a.skip_layers.contains(&layer))
             .filter_map(|a| a.get(layer, position))
             .collect();
         let fusion = self.layers[layer][match position {

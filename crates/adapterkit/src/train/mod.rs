@@ -39,6 +39,9 @@ pub struct TrainConfig {
     /// The validation metric to select on; `None` picks the task's default.
     pub metric: Option<String>,
     pub eval_batch_size: usize,
+    /// Robust AdapterDrop: for each batch, skip the adapters of the lowest `n` layers, `n`
+    /// drawn uniformly from `0..=max` with the run's seed, so that one adapter serves any `n`.
+    pub robust_drop_max: Option<usize>,
 }
 
 impl Default for TrainConfig {
@@ -54,6 +57,7 @@ impl Default for TrainConfig {
             patience: None,
             metric: None,
             eval_batch_size: 64,
+            robust_drop_max: None,
         }
     }
 }
@@ -142,6 +146,8 @@ pub fn train(
         config.warmup_ratio,
     );
     let mut shuffle_rng = SeededRng::new(config.seed);
+    let mut drop_rng = SeededRng::new(config.seed ^ 0xad4b_7e5d_0000_0002);
+    let layers = model.encoder.layers.len();
     // Dropout draws from its own stream, so changing the batch order does not change masks.
     let mut mode = Mode::train(config.seed ^ 0x5eed_d20f_0000_0001);
     let log_path = output.map(|o| o.dir.join(TRAINING_LOG));
@@ -168,6 +174,10 @@ pub fn train(
         let (mut loss_sum, mut seen) = (0.0, 0usize);
         for indices in train.epoch_batches(config.batch_size, &mut shuffle_rng) {
             let (batch, targets) = train.batch(&indices, pad_id, &device)?;
+            if let Some(max) = config.robust_drop_max {
+                let dropped = drop_rng.below(max.min(layers) + 1);
+                model.set_skip_layers(&(0..dropped).collect());
+            }
             let logits = model.logits(&batch, &mut mode)?;
             let mut loss = model.head.loss(&logits, &targets)?;
             if let Some(regularization) = model.regularization_loss()? {
@@ -197,6 +207,9 @@ pub fn train(
             observer.on_step(step, loss_value, indices.len());
         }
         let epoch_train_seconds = epoch_start.elapsed().as_secs_f64();
+        if config.robust_drop_max.is_some() {
+            model.set_skip_layers(&Default::default()); // evaluate with every adapter
+        }
         train_seconds += epoch_train_seconds;
         let metrics =
             evaluate::evaluate(model, validation, config.eval_batch_size, pad_id, &device)?;
