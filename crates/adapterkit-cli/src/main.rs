@@ -33,6 +33,8 @@ enum Command {
     Predict(commands::predict::Args),
     /// AdapterFusion: learn attention over trained adapters for a new task.
     Fuse(commands::fuse::Args),
+    /// Measure inference and training speed, FLOP/s and memory on random weights.
+    Bench(commands::bench::Args),
     /// Mean fusion attention per layer over the fused adapters, as JSON and an SVG heatmap.
     FusionWeights(commands::fusion_weights::Args),
 }
@@ -46,6 +48,7 @@ fn main() -> ExitCode {
         Command::Eval(args) => commands::eval::run(args),
         Command::Predict(args) => commands::predict::run(args),
         Command::Fuse(args) => commands::fuse::run(args),
+        Command::Bench(args) => commands::bench::run(args),
         Command::FusionWeights(args) => commands::fusion_weights::run(args),
     };
     match result {

@@ -13,6 +13,7 @@
 
 pub mod adapter_model;
 pub mod batch;
+pub mod bench;
 pub mod data;
 pub mod error;
 pub mod heads;

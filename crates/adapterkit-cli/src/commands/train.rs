@@ -280,7 +280,7 @@ pub fn fit(
         "test": test_metrics,
         "train_seconds": summary.train_seconds,
         "train_examples_per_second": summary.train_examples_per_second,
-        "peak_rss_bytes": peak_rss_bytes(),
+        "peak_rss_bytes": adapterkit::bench::peak_rss_bytes(),
     });
     write_json_atomic(&args.out.join("results.json"), &result)?;
     if args.json {
@@ -298,12 +298,4 @@ pub fn fit(
         }
     }
     Ok(())
-}
-
-/// The process's peak resident memory (Linux: `VmHWM` in /proc/self/status).
-fn peak_rss_bytes() -> Option<u64> {
-    let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
-    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kib * 1024)
 }

@@ -1,0 +1,160 @@
+use anyhow::Result;
+use candle_core::Device;
+
+use adapterkit::adapter_model::{AdapterModel, Method};
+use adapterkit::bench::{
+    forward_flops, inference_step, matmul_peak, optimizer_for, peak_rss_bytes, random_batch,
+    time_per_step, training_step,
+};
+use adapterkit::data::TaskKind;
+use adapterkit::heads::HeadConfig;
+use adapterkit::model::{BertConfig, BertModel, Mode};
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// Model shape with random weights: minilm (6 x 384) or bert-base (12 x 768).
+    #[arg(long, default_value = "minilm")]
+    shape: String,
+    #[arg(long, default_value_t = 128)]
+    seq_len: usize,
+    #[arg(long, default_value_t = 32)]
+    batch_size: usize,
+    /// Threads for candle's kernels (default: all cores).
+    #[arg(long)]
+    threads: Option<usize>,
+    /// Timed steps per measurement (the median is reported), after one untimed step.
+    #[arg(long, default_value_t = 5)]
+    steps: usize,
+    /// What to measure, in order: inference, adapter (Houlsby training), full (fine-tuning).
+    #[arg(long, value_delimiter = ',', default_value = "inference,adapter,full")]
+    what: Vec<String>,
+    /// Also train the encoder's LayerNorms in the adapter measurement (off: as AdapterHub's
+    /// `train_adapter`, the side-by-side comparison's setting).
+    #[arg(long)]
+    train_layer_norms: bool,
+    /// Print one JSON object instead of a table.
+    #[arg(long)]
+    json: bool,
+}
+
+pub fn run(args: Args) -> Result<()> {
+    if let Some(n) = args.threads {
+        anyhow::ensure!(n > 0, "--threads must be positive");
+        // candle and gemm read this when they first size their thread pools.
+        std::env::set_var("RAYON_NUM_THREADS", n.to_string());
+    }
+    anyhow::ensure!(
+        args.seq_len > 0 && args.batch_size > 0 && args.steps > 0,
+        "sizes and steps must be positive"
+    );
+    let config = match args.shape.as_str() {
+        "minilm" => BertConfig::minilm_l6(),
+        "bert-base" => BertConfig::bert_base(),
+        other => anyhow::bail!("unknown shape '{other}' (minilm, bert-base)"),
+    };
+    anyhow::ensure!(
+        args.seq_len <= config.max_position_embeddings,
+        "--seq-len is at most {}",
+        config.max_position_embeddings
+    );
+    let device = Device::Cpu;
+    let (batch, targets) = random_batch(&config, args.batch_size, args.seq_len, 2, 1, &device)?;
+    let head = HeadConfig::new(TaskKind::Classification, &["a".into(), "b".into()])?;
+    let encoder = BertModel::random(&config, config_std(), 7, &device)?;
+    let flops = forward_flops(&config, args.batch_size, args.seq_len);
+    let peak = matmul_peak(1024, &device)?;
+
+    let mut rows = Vec::new();
+    for what in &args.what {
+        let (seconds, step_flops) = match what.as_str() {
+            "inference" => {
+                let model = AdapterModel::new(
+                    encoder.clone(),
+                    &Method::Head,
+                    "bench",
+                    head.clone(),
+                    false,
+                    1,
+                    &device,
+                )?;
+                (
+                    time_per_step(1, args.steps, || inference_step(&model, &batch))?,
+                    flops,
+                )
+            }
+            "adapter" | "full" => {
+                let method = if what == "full" {
+                    Method::Full
+                } else {
+                    Method::from_name("houlsby")?
+                };
+                let model = AdapterModel::new(
+                    encoder.clone(),
+                    &method,
+                    "bench",
+                    head.clone(),
+                    args.train_layer_norms,
+                    1,
+                    &device,
+                )?;
+                let mut optimizer = optimizer_for(&model)?;
+                let mut mode = Mode::train(1);
+                let seconds = time_per_step(1, args.steps, || {
+                    training_step(&model, &mut optimizer, &batch, &targets, &mut mode)
+                })?;
+                // Backward needs the input gradients (one forward's work) everywhere; full
+                // fine-tuning also needs every weight gradient (another).
+                (seconds, flops * if what == "full" { 3.0 } else { 2.0 })
+            }
+            other => anyhow::bail!("unknown measurement '{other}' (inference, adapter, full)"),
+        };
+        rows.push(serde_json::json!({
+            "what": what,
+            "sequences_per_second": args.batch_size as f64 / seconds,
+            "seconds_per_step": seconds,
+            "gflop_per_second": step_flops / seconds / 1e9,
+            "share_of_matmul_peak": step_flops / seconds / peak,
+            "peak_rss_mib_so_far": peak_rss_bytes().map(|b| b as f64 / 1048576.0),
+        }));
+    }
+    let report = serde_json::json!({
+        "shape": args.shape,
+        "seq_len": args.seq_len,
+        "batch_size": args.batch_size,
+        "threads": args.threads.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get())),
+        "matmul_peak_gflop_per_second": peak / 1e9,
+        "results": rows,
+    });
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+        return Ok(());
+    }
+    println!(
+        "{} shape, batch {} x {} tokens, {} threads; matmul peak {:.1} GFLOP/s",
+        args.shape,
+        args.batch_size,
+        args.seq_len,
+        report["threads"],
+        peak / 1e9
+    );
+    println!(
+        "{:<10} {:>12} {:>10} {:>9} {:>14}",
+        "what", "sequences/s", "GFLOP/s", "of peak", "peak RSS MiB"
+    );
+    for r in &rows {
+        println!(
+            "{:<10} {:>12.2} {:>10.1} {:>8.0}% {:>14.0}",
+            r["what"].as_str().unwrap_or(""),
+            r["sequences_per_second"].as_f64().unwrap_or(0.0),
+            r["gflop_per_second"].as_f64().unwrap_or(0.0),
+            100.0 * r["share_of_matmul_peak"].as_f64().unwrap_or(0.0),
+            r["peak_rss_mib_so_far"].as_f64().unwrap_or(0.0),
+        );
+    }
+    Ok(())
+}
+
+/// `transformers`' `initializer_range`.
+fn config_std() -> f64 {
+    0.02
+}

@@ -1,0 +1,117 @@
+//! Measurements for `adapterkit bench`: time per step of inference and training on random
+//! inputs, the FLOPs they do, and the machine's matmul peak to compare with.
+
+use std::time::Instant;
+
+use candle_core::{DType, Device, Tensor};
+
+use crate::adapter_model::AdapterModel;
+use crate::batch::Batch;
+use crate::error::Result;
+use crate::model::{BertConfig, Mode};
+use crate::rng::SeededRng;
+use crate::train::optim::{AdamW, AdamWConfig};
+
+/// A full batch of random token ids (no padding), and random class targets.
+pub fn random_batch(
+    config: &BertConfig,
+    batch: usize,
+    seq: usize,
+    classes: usize,
+    seed: u64,
+    device: &Device,
+) -> Result<(Batch, Tensor)> {
+    let mut rng = SeededRng::new(seed);
+    let ids: Vec<u32> = (0..batch * seq)
+        .map(|_| rng.below(config.vocab_size) as u32)
+        .collect();
+    let targets: Vec<u32> = (0..batch).map(|_| rng.below(classes) as u32).collect();
+    let input_ids = Tensor::from_vec(ids, (batch, seq), device)?;
+    Ok((
+        Batch {
+            token_type_ids: input_ids.zeros_like()?,
+            attention_mask: input_ids.ones_like()?,
+            input_ids,
+        },
+        Tensor::from_vec(targets, batch, device)?,
+    ))
+}
+
+/// Multiply-adds x 2 of one forward pass over `batch` sequences of `seq` tokens (the matmuls;
+/// element-wise work is small beside them).
+pub fn forward_flops(config: &BertConfig, batch: usize, seq: usize) -> f64 {
+    let (h, i, l) = (
+        config.hidden_size as f64,
+        config.intermediate_size as f64,
+        config.num_hidden_layers as f64,
+    );
+    let tokens = (batch * seq) as f64;
+    let projections = 4.0 * h * h + 2.0 * h * i;
+    let attention = 2.0 * seq as f64 * h;
+    2.0 * tokens * l * (projections + attention)
+}
+
+/// Seconds per call of `step`, after `warmup` untimed calls: the median of `runs`.
+pub fn time_per_step(
+    warmup: usize,
+    runs: usize,
+    mut step: impl FnMut() -> Result<()>,
+) -> Result<f64> {
+    for _ in 0..warmup {
+        step()?;
+    }
+    let mut times = Vec::with_capacity(runs);
+    for _ in 0..runs.max(1) {
+        let start = Instant::now();
+        step()?;
+        times.push(start.elapsed().as_secs_f64());
+    }
+    times.sort_by(f64::total_cmp);
+    Ok(times[times.len() / 2])
+}
+
+/// One evaluation forward pass with the model's hooks.
+pub fn inference_step(model: &AdapterModel, batch: &Batch) -> Result<()> {
+    let logits = model.logits(batch, &mut Mode::Eval)?;
+    logits.to_dtype(DType::F32)?.sum_all()?.to_scalar::<f32>()?;
+    Ok(())
+}
+
+/// A training step: forward with dropout, backward, AdamW update of `params`.
+pub fn training_step(
+    model: &AdapterModel,
+    optimizer: &mut AdamW,
+    batch: &Batch,
+    targets: &Tensor,
+    mode: &mut Mode,
+) -> Result<()> {
+    let logits = model.logits(batch, mode)?;
+    let loss = model.head.loss(&logits, targets)?;
+    let grads = loss.backward()?;
+    optimizer.step(&grads, 1e-4)
+}
+
+/// An optimizer for `model`'s trainable parameters with the training loop's settings.
+pub fn optimizer_for(model: &AdapterModel) -> Result<AdamW> {
+    AdamW::new(&model.trainable(), AdamWConfig::default())
+}
+
+/// FLOP/s of an `n x n` by `n x n` f32 matmul: the machine's practical peak.
+pub fn matmul_peak(n: usize, device: &Device) -> Result<f64> {
+    let mut rng = SeededRng::new(1);
+    let a = rng.normal_tensor((n, n), 0.0, 1.0, device)?;
+    let b = rng.normal_tensor((n, n), 0.0, 1.0, device)?;
+    let seconds = time_per_step(1, 5, || {
+        a.matmul(&b)?.sum_all()?.to_scalar::<f32>()?;
+        Ok(())
+    })?;
+    Ok(2.0 * (n * n * n) as f64 / seconds)
+}
+
+/// The process's peak resident memory in bytes (Linux `VmHWM`), if known.
+pub fn peak_rss_bytes() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
+}
