@@ -9,8 +9,8 @@ use std::path::Path;
 
 use adapterkit::adapter_model::AdapterModel;
 use adapterkit::io::adapter_dir;
-use adapterkit::methods::bottleneck::Position;
 use adapterkit::methods::fusion::{Fusion, FusionConfig};
+use adapterkit::model::hooks::Position;
 use adapterkit::model::load::ModelFiles;
 use adapterkit::model::{BertModel, Mode};
 use adapterkit::rng::SeededRng;

@@ -5,8 +5,8 @@ use anyhow::{Context, Result};
 use candle_core::Device;
 
 use adapterkit::io::atomic::write_atomic;
-use adapterkit::methods::bottleneck::Position;
 use adapterkit::methods::fusion::mean_attention;
+use adapterkit::model::hooks::Position;
 use adapterkit::model::Mode;
 use adapterkit::train::batches::EncodedDataset;
 

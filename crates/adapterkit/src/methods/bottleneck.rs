@@ -9,7 +9,7 @@ use candle_nn::Linear;
 
 use crate::error::{Error, Result};
 use crate::methods::bottleneck_config::{BnConfig, InitWeights, ResidualBeforeLn};
-use crate::model::hooks::LayerHooks;
+use crate::model::hooks::{LayerHooks, Position};
 use crate::model::layer_norm::LayerNorm;
 use crate::model::{BertConfig, Mode};
 use crate::params::{init, new_linear, Params};
@@ -287,24 +287,6 @@ pub struct PreForward {
     pub query: Tensor,
 }
 
-/// Where in a layer an adapter sits, with AdapterHub's module path.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Position {
-    /// After multi-head attention: `attention.output`.
-    Attention,
-    /// After the feed-forward block: `output`.
-    Output,
-}
-
-impl Position {
-    pub fn module(self) -> &'static str {
-        match self {
-            Position::Attention => "attention.output",
-            Position::Output => "output",
-        }
-    }
-}
-
 /// One named adapter across all layers of a model: the hooks that run it.
 #[derive(Debug, Clone)]
 pub struct BottleneckAdapters {
@@ -370,11 +352,7 @@ impl BottleneckAdapters {
     }
 
     pub fn get(&self, layer: usize, position: Position) -> Option<&BottleneckAdapter> {
-        let index = match position {
-            Position::Attention => 0,
-            Position::Output => 1,
-        };
-        self.layers.get(layer)?[index].as_ref()
+        self.layers.get(layer)?[position.index()].as_ref()
     }
 
     /// Every parameter under AdapterHub's name, without the model prefix:
@@ -382,7 +360,7 @@ impl BottleneckAdapters {
     pub fn params(&self) -> Params {
         let mut all = Params::default();
         for (i, places) in self.layers.iter().enumerate() {
-            for (position, adapter) in [Position::Attention, Position::Output].iter().zip(places) {
+            for (position, adapter) in Position::BOTH.iter().zip(places) {
                 if let Some(adapter) = adapter {
                     let prefix = format!(
                         "encoder.layer.{i}.{}.adapters.{}",
@@ -400,7 +378,7 @@ impl BottleneckAdapters {
     pub fn tensors(&self) -> Vec<(String, Tensor)> {
         let mut all = Vec::new();
         for (i, places) in self.layers.iter().enumerate() {
-            for (position, adapter) in [Position::Attention, Position::Output].iter().zip(places) {
+            for (position, adapter) in Position::BOTH.iter().zip(places) {
                 if let Some(adapter) = adapter {
                     let prefix = format!(
                         "encoder.layer.{i}.{}.adapters.{}",
@@ -424,8 +402,10 @@ impl BottleneckAdapters {
         (0..self.layers.len())
             .find(|l| !self.skip_layers.contains(l) && self.layers[*l].iter().any(Option::is_some))
     }
+}
 
-    fn run(
+impl LayerHooks for BottleneckAdapters {
+    fn sub_layer_output(
         &self,
         layer: usize,
         position: Position,
@@ -440,36 +420,5 @@ impl BottleneckAdapters {
             }
             _ => layer_norm.forward(&(hidden + input)?),
         }
-    }
-}
-
-impl LayerHooks for BottleneckAdapters {
-    fn attention_output(
-        &self,
-        layer: usize,
-        hidden: &Tensor,
-        residual: &Tensor,
-        layer_norm: &LayerNorm,
-        mode: &mut Mode,
-    ) -> CandleResult<Tensor> {
-        self.run(
-            layer,
-            Position::Attention,
-            hidden,
-            residual,
-            layer_norm,
-            mode,
-        )
-    }
-
-    fn feed_forward_output(
-        &self,
-        layer: usize,
-        hidden: &Tensor,
-        residual: &Tensor,
-        layer_norm: &LayerNorm,
-        mode: &mut Mode,
-    ) -> CandleResult<Tensor> {
-        self.run(layer, Position::Output, hidden, residual, layer_norm, mode)
     }
 }

@@ -9,8 +9,8 @@ use candle_nn::Linear;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
-use crate::methods::bottleneck::{BottleneckAdapters, Position};
-use crate::model::hooks::LayerHooks;
+use crate::methods::bottleneck::BottleneckAdapters;
+use crate::model::hooks::{LayerHooks, Position};
 use crate::model::layer_norm::LayerNorm;
 use crate::model::{ops, BertConfig, Mode};
 use crate::params::{init, new_linear, Params};
@@ -219,8 +219,6 @@ pub struct Fusion {
     pub record: Option<std::cell::RefCell<Vec<(usize, Position, Tensor)>>>,
 }
 
-const POSITIONS: [Position; 2] = [Position::Attention, Position::Output];
-
 impl Fusion {
     pub fn new(
         adapters: Vec<BottleneckAdapters>,
@@ -244,7 +242,7 @@ impl Fusion {
         let layers = (0..model.num_hidden_layers)
             .map(|_| {
                 let mut places = [None, None];
-                for (slot, position) in places.iter_mut().zip(POSITIONS) {
+                for (slot, position) in places.iter_mut().zip(Position::BOTH) {
                     // AdapterHub adds a fusion layer where every fused adapter's config places one.
                     let everywhere = adapters.iter().all(|a| match position {
                         Position::Attention => a.config.mh_adapter,
@@ -286,7 +284,7 @@ impl Fusion {
         let mut all = Params::default();
         let name = self.name();
         for (i, places) in self.layers.iter().enumerate() {
-            for (position, layer) in POSITIONS.iter().zip(places) {
+            for (position, layer) in Position::BOTH.iter().zip(places) {
                 if let Some(layer) = layer {
                     all.extend_prefixed(
                         &format!(
@@ -333,11 +331,7 @@ impl Fusion {
             .filter(|a| !a.skip_layers.contains(&layer))
             .filter_map(|a| a.get(layer, position))
             .collect();
-        let fusion = self.layers[layer][match position {
-            Position::Attention => 0,
-            Position::Output => 1,
-        }]
-        .as_ref();
+        let fusion = self.layers[layer][position.index()].as_ref();
         let (Some(fusion), Some(last)) = (fusion, present.last()) else {
             return layer_norm.forward(&(hidden + input)?);
         };
@@ -358,33 +352,16 @@ impl Fusion {
 }
 
 impl LayerHooks for Fusion {
-    fn attention_output(
+    fn sub_layer_output(
         &self,
         layer: usize,
+        position: Position,
         hidden: &Tensor,
         residual: &Tensor,
         layer_norm: &LayerNorm,
         mode: &mut Mode,
     ) -> CandleResult<Tensor> {
-        self.run(
-            layer,
-            Position::Attention,
-            hidden,
-            residual,
-            layer_norm,
-            mode,
-        )
-    }
-
-    fn feed_forward_output(
-        &self,
-        layer: usize,
-        hidden: &Tensor,
-        residual: &Tensor,
-        layer_norm: &LayerNorm,
-        mode: &mut Mode,
-    ) -> CandleResult<Tensor> {
-        self.run(layer, Position::Output, hidden, residual, layer_norm, mode)
+        self.run(layer, position, hidden, residual, layer_norm, mode)
     }
 }
 

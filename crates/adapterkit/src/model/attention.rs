@@ -6,7 +6,7 @@ use candle_nn::{Linear, VarBuilder};
 
 use crate::model::config::BertConfig;
 use crate::model::dropout::Mode;
-use crate::model::hooks::{KeyValue, LayerHooks, LinearSite};
+use crate::model::hooks::{KeyValue, LayerHooks, LinearSite, Position};
 use crate::model::layer_norm::LayerNorm;
 use crate::model::ops;
 
@@ -106,7 +106,14 @@ impl BertSelfOutput {
             mode,
         )?;
         let hidden = mode.dropout(&hidden, self.dropout)?;
-        hooks.attention_output(layer, &hidden, residual, &self.layer_norm, mode)
+        hooks.sub_layer_output(
+            layer,
+            Position::Attention,
+            &hidden,
+            residual,
+            &self.layer_norm,
+            mode,
+        )
     }
 }
 

@@ -25,6 +25,32 @@ pub enum LinearSite {
     Output,
 }
 
+/// Which sub-layer of a transformer layer a [`LayerHooks::sub_layer_output`] call ends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Position {
+    /// Multi-head attention: `attention.output`.
+    Attention,
+    /// The feed-forward block: `output`.
+    Output,
+}
+
+impl Position {
+    pub const BOTH: [Position; 2] = [Position::Attention, Position::Output];
+
+    /// The module path AdapterHub (and the checkpoint) use for this place in a layer.
+    pub fn module(self) -> &'static str {
+        match self {
+            Position::Attention => "attention.output",
+            Position::Output => "output",
+        }
+    }
+
+    /// 0 for attention, 1 for the feed-forward block.
+    pub fn index(self) -> usize {
+        self as usize
+    }
+}
+
 /// Key and value states of one attention layer, `[batch, heads, seq, head_dim]`, with the
 /// additive mask bias over key positions, `[batch, 1, 1, seq]`.
 pub struct KeyValue {
@@ -51,26 +77,14 @@ pub trait LayerHooks {
         Ok(kv)
     }
 
-    /// After the attention output projection and its dropout; must finish the sub-layer,
-    /// which the plain model does as `LayerNorm(hidden + residual)` (bottleneck adapters'
-    /// `mh_adapter` position).
-    fn attention_output(
+    /// After a sub-layer's output projection and its dropout (`hidden`), with the sub-layer's
+    /// input (`residual`); must finish the sub-layer, which the plain model does as
+    /// `LayerNorm(hidden + residual)`. Bottleneck adapters sit here (`mh_adapter` after
+    /// attention, `output_adapter` after the feed-forward block), and AdapterFusion with them.
+    fn sub_layer_output(
         &self,
         _layer: usize,
-        hidden: &Tensor,
-        residual: &Tensor,
-        layer_norm: &LayerNorm,
-        _mode: &mut Mode,
-    ) -> Result<Tensor> {
-        layer_norm.forward(&(hidden + residual)?)
-    }
-
-    /// After the feed-forward output projection and its dropout; must finish the layer, as
-    /// `LayerNorm(hidden + residual)` in the plain model (bottleneck adapters' `output_adapter`
-    /// position, where AdapterFusion also sits).
-    fn feed_forward_output(
-        &self,
-        _layer: usize,
+        _position: Position,
         hidden: &Tensor,
         residual: &Tensor,
         layer_norm: &LayerNorm,

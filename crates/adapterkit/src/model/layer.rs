@@ -6,7 +6,7 @@ use candle_nn::{Linear, VarBuilder};
 use crate::model::attention::BertAttention;
 use crate::model::config::BertConfig;
 use crate::model::dropout::Mode;
-use crate::model::hooks::{LayerHooks, LinearSite};
+use crate::model::hooks::{LayerHooks, LinearSite, Position};
 use crate::model::layer_norm::LayerNorm;
 use crate::model::ops::Activation;
 
@@ -82,8 +82,9 @@ impl BertLayer {
             mode,
         )?;
         let projected = mode.dropout(&projected, self.output.dropout)?;
-        let out = hooks.feed_forward_output(
+        let out = hooks.sub_layer_output(
             layer,
+            Position::Output,
             &projected,
             &attended,
             &self.output.layer_norm,
