@@ -1,5 +1,3 @@
-use std::path::PathBuf;
-
 use anyhow::Result;
 use candle_core::Device;
 
@@ -10,12 +8,8 @@ use crate::data_args::DataArgs;
 
 #[derive(clap::Args)]
 pub struct Args {
-    /// The pre-trained model the adapter was trained on.
-    #[arg(long)]
-    model: String,
-    /// A directory saved by `adapterkit train` (or AdapterHub's `save_adapter`).
-    #[arg(long)]
-    adapter: PathBuf,
+    #[command(flatten)]
+    tuned: super::TunedArgs,
     #[command(flatten)]
     data: DataArgs,
     /// Which split of a built-in dataset.
@@ -34,7 +28,7 @@ pub fn run(args: Args) -> Result<()> {
     anyhow::ensure!(args.batch_size > 0, "--batch-size must be positive");
     let device = Device::Cpu;
     let data = args.data.one(&args.split)?;
-    let (tokenizer, mut model) = super::load_tuned(&args.model, &args.adapter, &device)?;
+    let (tokenizer, mut model) = args.tuned.load(&device)?;
     args.drop.apply(&mut model)?;
     let encoded = EncodedDataset::new(&data, &tokenizer, &model.head.config)?;
     let metrics = evaluate(

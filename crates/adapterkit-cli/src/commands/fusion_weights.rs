@@ -14,12 +14,8 @@ use crate::data_args::DataArgs;
 
 #[derive(clap::Args)]
 pub struct Args {
-    /// The pre-trained model.
-    #[arg(long)]
-    model: String,
-    /// A directory saved by `adapterkit fuse`.
-    #[arg(long)]
-    adapter: PathBuf,
+    #[command(flatten)]
+    tuned: super::TunedArgs,
     #[command(flatten)]
     data: DataArgs,
     /// Which split of a built-in dataset.
@@ -33,11 +29,11 @@ pub struct Args {
 pub fn run(args: Args) -> Result<()> {
     let device = Device::Cpu;
     let data = args.data.one(&args.split)?;
-    let (tokenizer, mut model) = super::load_tuned(&args.model, &args.adapter, &device)?;
+    let (tokenizer, mut model) = args.tuned.load(&device)?;
     let fusion = model
         .fusion
         .as_mut()
-        .with_context(|| format!("{} holds no AdapterFusion", args.adapter.display()))?;
+        .with_context(|| format!("{} holds no AdapterFusion", args.tuned.adapter.display()))?;
     fusion.record = Some(RefCell::new(Vec::new()));
     let names: Vec<String> = fusion.adapters.iter().map(|a| a.name.clone()).collect();
     let encoded = EncodedDataset::new(&data, &tokenizer, &model.head.config)?;

@@ -7,7 +7,7 @@ pub mod info;
 pub mod predict;
 pub mod train;
 
-use std::path::Path;
+use std::path::PathBuf;
 
 use anyhow::Result;
 use candle_core::Device;
@@ -17,15 +17,24 @@ use adapterkit::io::adapter_dir;
 use adapterkit::model::load::Pretrained;
 use adapterkit::tokenizer::TextTokenizer;
 
-/// The pre-trained model with the adapter (and head) saved in `adapter`.
-pub fn load_tuned(
-    model: &str,
-    adapter: &Path,
-    device: &Device,
-) -> Result<(TextTokenizer, AdapterModel)> {
-    let pretrained = Pretrained::load(model, device)?;
-    let tuned = adapter_dir::load(adapter, pretrained.model, device)?;
-    Ok((pretrained.tokenizer, tuned))
+/// A pre-trained model and a trained adapter (or fusion) directory to run on it.
+#[derive(clap::Args, Debug, Clone)]
+pub struct TunedArgs {
+    /// The pre-trained model the adapter was trained on (directory or hub id).
+    #[arg(long)]
+    pub model: String,
+    /// A directory saved by `adapterkit train` or `fuse` (or AdapterHub's `save_adapter`).
+    #[arg(long)]
+    pub adapter: PathBuf,
+}
+
+impl TunedArgs {
+    /// The tokenizer and the model with the adapter (and head) loaded.
+    pub fn load(&self, device: &Device) -> Result<(TextTokenizer, AdapterModel)> {
+        let pretrained = Pretrained::load(&self.model, device)?;
+        let tuned = adapter_dir::load(&self.adapter, pretrained.model, device)?;
+        Ok((pretrained.tokenizer, tuned))
+    }
 }
 
 /// AdapterDrop at inference: which layers' adapters to skip.

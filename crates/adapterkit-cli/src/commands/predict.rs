@@ -11,12 +11,8 @@ use adapterkit::model::Mode;
 
 #[derive(clap::Args)]
 pub struct Args {
-    /// The pre-trained model the adapter was trained on.
-    #[arg(long)]
-    model: String,
-    /// A directory saved by `adapterkit train` (or AdapterHub's `save_adapter`).
-    #[arg(long)]
-    adapter: PathBuf,
+    #[command(flatten)]
+    tuned: super::TunedArgs,
     #[command(flatten)]
     drop: super::DropArgs,
     /// Read texts from this file, one per line.
@@ -35,7 +31,7 @@ pub fn run(args: Args) -> Result<()> {
         None => crate::input::texts(&args.texts)?,
     };
     let device = Device::Cpu;
-    let (tokenizer, mut model) = super::load_tuned(&args.model, &args.adapter, &device)?;
+    let (tokenizer, mut model) = args.tuned.load(&device)?;
     args.drop.apply(&mut model)?;
     let config = &model.head.config;
     let (kind, labels) = (config.kind()?, config.labels());
