@@ -269,6 +269,7 @@ fn fuse_two_adapters_then_eval_and_plot_the_fusion_weights() {
             "--out",
             s(&out),
             "--quiet",
+            "--freeze-layer-norms",
         ]);
         assert!(
             run.status.success(),
@@ -360,6 +361,40 @@ fn fuse_two_adapters_then_eval_and_plot_the_fusion_weights() {
     assert!(std::fs::read_to_string(plot.with_extension("svg"))
         .unwrap()
         .starts_with("<svg"));
+
+    // An adapter trained with the encoder's LayerNorms cannot be fused: they would be lost.
+    let with_norms = dir.path().join("with-norms");
+    let run = adapterkit(&[
+        "train",
+        "--model",
+        s(&model),
+        "--train",
+        s(&train),
+        "--validation",
+        s(&train),
+        "--epochs",
+        "1",
+        "--out",
+        s(&with_norms),
+        "--quiet",
+    ]);
+    assert!(run.status.success());
+    let run = adapterkit(&[
+        "fuse",
+        "--model",
+        s(&model),
+        "--adapters",
+        s(&adapters[0]),
+        s(&with_norms),
+        "--train",
+        s(&train),
+        "--validation",
+        s(&train),
+        "--out",
+        s(&dir.path().join("x")),
+        "--quiet",
+    ]);
+    assert_fails_with(&run, &["base_weights.safetensors", "--freeze-layer-norms"]);
 
     std::fs::remove_dir_all(fused.join("second")).unwrap();
     let eval = adapterkit(&[

@@ -92,6 +92,22 @@ impl HeadConfig {
         }
     }
 
+    /// Checks what serde cannot: a supported head type and a label map that numbers the
+    /// outputs `0..num_labels` once each.
+    pub fn validate(&self) -> Result<()> {
+        let kind = self.kind()?;
+        let mut ids: Vec<usize> = self.label2id.values().copied().collect();
+        ids.sort_unstable();
+        let expected: Vec<usize> = (0..self.num_labels).collect();
+        if kind != TaskKind::Regression && ids != expected {
+            return Err(Error::input(format!(
+                "label2id must number the {} outputs 0..{} once each, got ids {ids:?}",
+                self.num_labels, self.num_labels
+            )));
+        }
+        Ok(())
+    }
+
     /// Label names in output order.
     pub fn labels(&self) -> Vec<String> {
         let mut pairs: Vec<(&String, &usize)> = self.label2id.iter().collect();

@@ -231,3 +231,47 @@ fn an_adapter_for_another_hidden_size_is_named() {
         "{err}"
     );
 }
+
+#[test]
+fn saving_over_an_older_adapter_removes_what_the_new_model_lacks() {
+    let out = tempfile::tempdir().unwrap();
+    let with_adapter = load_case(&case_dir("houlsby"));
+    adapter_dir::save(out.path(), &with_adapter, "tiny-bert").unwrap();
+    let head_only = AdapterModel {
+        adapter: None,
+        ..with_adapter
+    };
+    adapter_dir::save(out.path(), &head_only, "tiny-bert").unwrap();
+    assert!(
+        !out.path().join("adapter_config.json").exists()
+            && !out.path().join("adapter.safetensors").exists()
+    );
+    assert!(adapter_dir::load(out.path(), tiny_encoder(), &Device::Cpu)
+        .unwrap()
+        .adapter
+        .is_none());
+}
+
+#[test]
+fn a_head_whose_label_ids_do_not_number_its_outputs_is_named() {
+    let copy = tempfile::tempdir().unwrap();
+    for entry in std::fs::read_dir(case_dir("houlsby")).unwrap() {
+        let entry = entry.unwrap();
+        std::fs::copy(entry.path(), copy.path().join(entry.file_name())).unwrap();
+    }
+    let path = copy.path().join("head_config.json");
+    std::fs::write(
+        &path,
+        std::fs::read_to_string(&path)
+            .unwrap()
+            .replace("\"pos\": 2", "\"pos\": 7"),
+    )
+    .unwrap();
+    let err = adapter_dir::load(copy.path(), tiny_encoder(), &Device::Cpu)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("head_config.json") && err.contains("label2id"),
+        "{err}"
+    );
+}

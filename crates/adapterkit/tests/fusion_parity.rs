@@ -9,6 +9,8 @@ use std::path::Path;
 
 use adapterkit::adapter_model::AdapterModel;
 use adapterkit::io::adapter_dir;
+use adapterkit::methods::bottleneck::BottleneckAdapters;
+use adapterkit::methods::bottleneck_config::BnConfig;
 use adapterkit::methods::fusion::{Fusion, FusionConfig};
 use adapterkit::model::hooks::Position;
 use adapterkit::model::load::ModelFiles;
@@ -223,6 +225,33 @@ fn bad_fusions_get_clear_errors() {
     .unwrap_err()
     .to_string();
     assert!(twice.contains("'a' is named twice"), "{twice}");
+    let pfeiffer = BnConfig::preset("pfeiffer").unwrap();
+    let other =
+        BottleneckAdapters::new("p", &pfeiffer, &encoder.config, &mut rng, &Device::Cpu).unwrap();
+    let mixed = Fusion::new(
+        vec![
+            adapter_dir::load_adapter(&fixtures().join("fusion/adapter_a"), &encoder, &Device::Cpu)
+                .unwrap(),
+            other,
+        ],
+        &config,
+        &encoder.config,
+        &mut rng,
+        &Device::Cpu,
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(mixed.contains("different places"), "{mixed}");
+    let odd_name = BottleneckAdapters::new(
+        "../evil",
+        &pfeiffer,
+        &encoder.config,
+        &mut rng,
+        &Device::Cpu,
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(odd_name.contains("only letters"), "{odd_name}");
     assert!(FusionConfig::preset("fancy")
         .unwrap_err()
         .to_string()

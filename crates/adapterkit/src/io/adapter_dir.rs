@@ -93,6 +93,7 @@ pub fn save_adapter(
 /// atomically. A fusion's adapters go to `dir/{adapter name}/`.
 pub fn save(dir: &Path, model: &AdapterModel, model_name: &str) -> Result<()> {
     std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+    remove_stale(dir, model)?;
     let hidden = model.encoder.config.hidden_size;
     if let Some(adapter) = &model.adapter {
         save_adapter(dir, adapter, hidden, model_name)?;
@@ -126,13 +127,53 @@ pub fn save(dir: &Path, model: &AdapterModel, model_name: &str) -> Result<()> {
         &envelope(config, hidden, model_name, &head.name),
     )?;
     save_tensors(&dir.join(HEAD_WEIGHTS), to_pairs(&head.params()))?;
-    let base_path = dir.join(BASE_WEIGHTS);
-    if model.base_trainable.0.is_empty() {
-        if base_path.exists() {
-            std::fs::remove_file(&base_path).map_err(|e| Error::io(&base_path, e))?;
+    if !model.base_trainable.0.is_empty() {
+        save_tensors(&dir.join(BASE_WEIGHTS), to_pairs(&model.base_trainable))?;
+    }
+    Ok(())
+}
+
+/// Removes what an earlier save into `dir` left that `model` does not have, so that loading
+/// `dir` gives back `model` and nothing else.
+fn remove_stale(dir: &Path, model: &AdapterModel) -> Result<()> {
+    let remove = |path: std::path::PathBuf| -> Result<()> {
+        match std::fs::remove_file(&path) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(Error::io(&path, e)),
+            _ => Ok(()),
         }
-    } else {
-        save_tensors(&base_path, to_pairs(&model.base_trainable))?;
+    };
+    let fusion_path = dir.join(FUSION_CONFIG);
+    if fusion_path.exists() {
+        let old: Vec<String> = read_json(&fusion_path)?
+            .get("adapter_names")
+            .and_then(|n| serde_json::from_value(n.clone()).ok())
+            .unwrap_or_default();
+        let keep: Vec<&str> = model
+            .fusion
+            .iter()
+            .flat_map(|f| f.adapters.iter().map(|a| a.name.as_str()))
+            .collect();
+        for name in old.iter().filter(|n| {
+            !keep.contains(&n.as_str()) && crate::methods::bottleneck::check_name(n).is_ok()
+        }) {
+            for file in [ADAPTER_CONFIG, ADAPTER_WEIGHTS] {
+                remove(dir.join(name).join(file))?;
+            }
+            let _ = std::fs::remove_dir(dir.join(name)); // only if now empty
+        }
+    }
+    let mut stale = vec![HEAD_WEIGHTS_PICKLE];
+    if model.adapter.is_none() {
+        stale.extend([ADAPTER_CONFIG, ADAPTER_WEIGHTS, ADAPTER_WEIGHTS_PICKLE]);
+    }
+    if model.fusion.is_none() {
+        stale.extend([FUSION_CONFIG, FUSION_WEIGHTS, FUSION_WEIGHTS_PICKLE]);
+    }
+    if model.base_trainable.0.is_empty() {
+        stale.push(BASE_WEIGHTS);
+    }
+    for name in stale {
+        remove(dir.join(name))?;
     }
     Ok(())
 }
@@ -267,7 +308,9 @@ pub fn load(dir: &Path, mut encoder: BertModel, device: &Device) -> Result<Adapt
             path: head_path.clone(),
             message: e.to_string(),
         })?;
-    head_config.kind().map_err(|e| Error::file(&head_path, e))?;
+    head_config
+        .validate()
+        .map_err(|e| Error::file(&head_path, e))?;
     let head = Head::new(
         &name_field(&head_path, &head_json)?,
         head_config,
@@ -281,7 +324,7 @@ pub fn load(dir: &Path, mut encoder: BertModel, device: &Device) -> Result<Adapt
     load_params(&path, &head.params(), &tensors)?;
 
     let adapter = if dir.join(ADAPTER_CONFIG).exists() {
-        Some(load_adapter(dir, &encoder, device)?)
+        Some(read_adapter(dir, &encoder, device)?)
     } else {
         None
     };
@@ -310,24 +353,43 @@ pub fn load(dir: &Path, mut encoder: BertModel, device: &Device) -> Result<Adapt
     })
 }
 
-/// Loads one adapter saved in `dir` (ours or AdapterHub's `save_adapter`), checked against
-/// `encoder`'s shape.
+/// Loads one adapter saved in `dir` to use apart from the rest of its directory (to fuse it),
+/// checked against `encoder`'s shape. An adapter trained together with the encoder's
+/// LayerNorms is refused: apart from them it would not be the adapter that was trained.
 pub fn load_adapter(
     dir: &Path,
     encoder: &BertModel,
     device: &Device,
 ) -> Result<BottleneckAdapters> {
+    if dir.join(BASE_WEIGHTS).exists() {
+        return Err(Error::file(
+            dir.join(BASE_WEIGHTS),
+            "this adapter was trained together with the encoder's LayerNorms, which a fusion \
+             cannot share; train it with --freeze-layer-norms to fuse it",
+        ));
+    }
+    read_adapter(dir, encoder, device)
+}
+
+/// Reads the adapter files of `dir` (ours or AdapterHub's `save_adapter`).
+fn read_adapter(dir: &Path, encoder: &BertModel, device: &Device) -> Result<BottleneckAdapters> {
     let path = dir.join(ADAPTER_CONFIG);
     if !path.exists() {
         return Err(Error::file(&path, "missing: not an adapter directory"));
     }
     let json = read_json(&path)?;
     check_envelope(&path, &json, encoder)?;
-    let config =
-        BnConfig::from_json(config_field(&path, &json)?).map_err(|message| Error::Config {
-            path: path.clone(),
-            message,
-        })?;
+    let mut raw = config_field(&path, &json)?;
+    // Configs older than AdapterHub's `version` key meant the tanh approximation by "gelu".
+    if json.get("version").is_none()
+        && raw.get("non_linearity").and_then(Value::as_str) == Some("gelu")
+    {
+        raw["non_linearity"] = "gelu_new".into();
+    }
+    let config = BnConfig::from_json(raw).map_err(|message| Error::Config {
+        path: path.clone(),
+        message,
+    })?;
     // Weights are overwritten from the file; the generator only shapes the modules.
     let adapter = BottleneckAdapters::new(
         &name_field(&path, &json)?,
@@ -384,7 +446,7 @@ fn load_fusion(dir: &Path, encoder: &BertModel, device: &Device) -> Result<Fusio
                 ),
             ));
         }
-        adapters.push(load_adapter(&adapter_dir, encoder, device)?.frozen());
+        adapters.push(read_adapter(&adapter_dir, encoder, device)?.frozen());
     }
     let fusion = Fusion::new(
         adapters,

@@ -308,6 +308,7 @@ impl BottleneckAdapters {
         device: &Device,
     ) -> Result<Self> {
         let invalid = |message: String| Error::input(format!("adapter '{name}': {message}"));
+        check_name(name).map_err(invalid)?;
         config
             .validate(model.num_hidden_layers, model.hidden_size)
             .map_err(invalid)?;
@@ -396,12 +397,6 @@ impl BottleneckAdapters {
         }
         all
     }
-
-    /// The lowest layer where an adapter runs, if any: nothing below it needs a backward pass.
-    pub fn lowest_active_layer(&self) -> Option<usize> {
-        (0..self.layers.len())
-            .find(|l| !self.skip_layers.contains(l) && self.layers[*l].iter().any(Option::is_some))
-    }
 }
 
 impl LayerHooks for BottleneckAdapters {
@@ -420,5 +415,21 @@ impl LayerHooks for BottleneckAdapters {
             }
             _ => layer_norm.forward(&(hidden + input)?),
         }
+    }
+}
+
+/// Names become directory names (a fusion's adapters) and are joined with commas (a fusion's
+/// name): letters, digits, `-`, `_` and `.` only, and not `.` or `..`.
+pub fn check_name(name: &str) -> std::result::Result<(), String> {
+    let fine = !name.is_empty()
+        && name != "."
+        && name != ".."
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c));
+    if fine {
+        Ok(())
+    } else {
+        Err("a name may hold only letters, digits, '-', '_' and '.'".into())
     }
 }

@@ -218,7 +218,8 @@ impl BnConfig {
         })
     }
 
-    /// Parses a config as AdapterHub writes it; checks it with [`validate`](Self::validate).
+    /// Parses a config as AdapterHub writes it (checked later, against a model, by
+    /// [`validate`](Self::validate)).
     pub fn from_json(value: Value) -> std::result::Result<Self, String> {
         let config: Self = serde_json::from_value(value).map_err(|e| e.to_string())?;
         Ok(config)

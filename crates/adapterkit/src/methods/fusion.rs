@@ -166,9 +166,10 @@ impl FusionLayer {
             Some(l) => l.forward(query)?,
             None => query.clone(),
         };
+        // AdapterHub adds the residual in place to the one tensor it passes as keys and values.
         let k = match &self.key {
-            Some(l) => l.forward(ups)?,
-            None => ups.clone(),
+            Some(l) => l.forward(&value)?,
+            None => value.clone(),
         };
         if let (Some(l), true) = (&self.value, c.value_before_softmax) {
             value = l.forward(&value)?;
@@ -229,6 +230,16 @@ impl Fusion {
     ) -> Result<Self> {
         if adapters.is_empty() {
             return Err(Error::input("fusion needs at least one adapter, got none"));
+        }
+        let placements = |a: &BottleneckAdapters| (a.config.mh_adapter, a.config.output_adapter);
+        if let Some(odd) = adapters
+            .iter()
+            .find(|a| placements(a) != placements(&adapters[0]))
+        {
+            return Err(Error::input(format!(
+                "adapters '{}' and '{}' sit at different places (mh_adapter, output_adapter: {:?} vs {:?}); fused adapters must share them",
+                adapters[0].name, odd.name, placements(&adapters[0]), placements(odd)
+            )));
         }
         let mut names = std::collections::BTreeSet::new();
         for a in &adapters {

@@ -92,6 +92,15 @@ pub fn evaluate(
     ))
 }
 
+/// The metrics [`metrics_of`] reports for a task.
+pub fn metric_names(kind: TaskKind) -> &'static [&'static str] {
+    match kind {
+        TaskKind::Classification => &["accuracy", "macro_f1", "mcc"],
+        TaskKind::Regression => &["pearson", "spearman", "mse"],
+        TaskKind::MultiLabel => &["subset_accuracy", "micro_f1", "macro_f1"],
+    }
+}
+
 /// The metric training selects on by default: accuracy, Pearson, or micro-F1.
 pub fn default_metric(kind: TaskKind) -> &'static str {
     match kind {

@@ -129,6 +129,16 @@ pub fn train(
         .metric
         .clone()
         .unwrap_or_else(|| evaluate::default_metric(kind).to_string());
+    let known = evaluate::metric_names(kind);
+    if !known.contains(&metric.as_str()) {
+        return Err(Error::input(format!(
+            "unknown metric '{metric}' (this task has: {})",
+            known.join(", ")
+        )));
+    }
+    if config.patience == Some(0) {
+        return Err(Error::input("patience must be at least 1 epoch"));
+    }
     let lower_is_better = metric == "mse";
 
     let params = model.trainable();
@@ -213,12 +223,9 @@ pub fn train(
         train_seconds += epoch_train_seconds;
         let metrics =
             evaluate::evaluate(model, validation, config.eval_batch_size, pad_id, &device)?;
-        let value = metrics.get(&metric).ok_or_else(|| {
-            Error::input(format!(
-                "unknown metric '{metric}' (this task has: {})",
-                metrics.0.keys().cloned().collect::<Vec<_>>().join(", ")
-            ))
-        })?;
+        let value = metrics
+            .get(&metric)
+            .expect("checked against metric_names above");
         let improved = match &best {
             None => true,
             Some((_, b, _)) => {
@@ -240,7 +247,7 @@ pub fn train(
             step,
             train_loss: loss_sum / seen.max(1) as f64,
             validation: metrics,
-            learning_rate: schedule.at(step),
+            learning_rate: schedule.at(step.saturating_sub(1)),
             seconds: epoch_start.elapsed().as_secs_f64(),
             train_examples_per_second: seen as f64 / epoch_train_seconds.max(1e-9),
             best: improved,

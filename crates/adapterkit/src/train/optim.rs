@@ -35,6 +35,9 @@ struct Slot {
     decay: bool,
     m: Tensor,
     v: Tensor,
+    /// Updates this parameter has had: torch counts per parameter, and a parameter without a
+    /// gradient in a step (an adapter skipped by AdapterDrop) takes no step.
+    steps: usize,
 }
 
 pub struct AdamW {
@@ -54,6 +57,7 @@ impl AdamW {
                     decay: var.rank() > 1,
                     m: var.zeros_like()?,
                     v: var.zeros_like()?,
+                    steps: 0,
                 })
             })
             .collect::<Result<Vec<_>>>()?;
@@ -72,13 +76,14 @@ impl AdamW {
     pub fn step(&mut self, grads: &GradStore, lr: f64) -> Result<()> {
         self.step += 1;
         let c = self.config;
-        let t = self.step as i32;
-        let bias1 = 1.0 - c.beta1.powi(t);
-        let bias2 = 1.0 - c.beta2.powi(t);
         for slot in &mut self.slots {
             let Some(grad) = grads.get(slot.var.as_tensor()) else {
                 continue;
             };
+            slot.steps += 1;
+            let t = slot.steps as i32;
+            let bias1 = 1.0 - c.beta1.powi(t);
+            let bias2 = 1.0 - c.beta2.powi(t);
             let theta = slot.var.as_tensor().detach();
             slot.m = ((&slot.m * c.beta1)? + (grad * (1.0 - c.beta1))?)?;
             slot.v = ((&slot.v * c.beta2)? + (grad.sqr()? * (1.0 - c.beta2))?)?;
@@ -95,34 +100,38 @@ impl AdamW {
         Ok(())
     }
 
-    /// The moments by parameter name (`{name}.exp_avg`, `{name}.exp_avg_sq`) and the step count.
-    pub fn state(&self) -> (HashMap<String, Tensor>, usize) {
+    /// The moments by parameter name (`{name}.exp_avg`, `{name}.exp_avg_sq`, and the
+    /// parameter's step count as a one-element `{name}.step`).
+    pub fn state(&self) -> Result<HashMap<String, Tensor>> {
         let mut tensors = HashMap::new();
         for slot in &self.slots {
             tensors.insert(format!("{}.exp_avg", slot.name), slot.m.clone());
             tensors.insert(format!("{}.exp_avg_sq", slot.name), slot.v.clone());
+            let steps = Tensor::new(&[slot.steps as f32], slot.m.device())?;
+            tensors.insert(format!("{}.step", slot.name), steps);
         }
-        (tensors, self.step)
+        Ok(tensors)
     }
 
-    pub fn load_state(&mut self, tensors: &HashMap<String, Tensor>, step: usize) -> Result<()> {
-        for slot in &mut self.slots {
-            for (suffix, target) in [("exp_avg", &mut slot.m), ("exp_avg_sq", &mut slot.v)] {
-                let key = format!("{}.{suffix}", slot.name);
-                let t = tensors
-                    .get(&key)
-                    .ok_or_else(|| Error::input(format!("optimizer state has no {key}")))?;
-                if t.dims() != target.dims() {
-                    return Err(Error::input(format!(
-                        "optimizer state {key} has shape {:?}, expected {:?}",
-                        t.dims(),
-                        target.dims()
-                    )));
-                }
-                *target = t.clone();
+    pub fn load_state(&mut self, tensors: &HashMap<String, Tensor>) -> Result<()> {
+        let get = |key: String, dims: &[usize]| -> Result<Tensor> {
+            let t = tensors
+                .get(&key)
+                .ok_or_else(|| Error::input(format!("optimizer state has no {key}")))?;
+            if t.dims() != dims {
+                return Err(Error::input(format!(
+                    "optimizer state {key} has shape {:?}, expected {dims:?}",
+                    t.dims()
+                )));
             }
+            Ok(t.clone())
+        };
+        for slot in &mut self.slots {
+            slot.m = get(format!("{}.exp_avg", slot.name), slot.m.dims())?;
+            slot.v = get(format!("{}.exp_avg_sq", slot.name), slot.v.dims())?;
+            slot.steps = get(format!("{}.step", slot.name), &[1])?.to_vec1::<f32>()?[0] as usize;
         }
-        self.step = step;
+        self.step = self.slots.iter().map(|s| s.steps).max().unwrap_or(0);
         Ok(())
     }
 }
@@ -183,10 +192,20 @@ mod tests {
         for (got, want) in w_now.iter().chain(&b_now).zip(w_want.iter().chain(&b_want)) {
             assert!((got - want).abs() < 1e-5, "{got} vs {want}");
         }
-        let (state, step) = opt.state();
         let mut again = AdamW::new(&params, AdamWConfig::default())?;
-        again.load_state(&state, step)?;
+        again.load_state(&opt.state()?)?;
         assert_eq!(again.steps_taken(), 2);
+        // The restored optimizer continues exactly as the original.
+        let loss = (w.as_tensor().sqr()?.sum_all()? + b.as_tensor().sqr()?.sum_all()?)?;
+        let grads = loss.backward()?;
+        let (before_w, before_b) = (w.as_tensor().copy()?, b.as_tensor().copy()?);
+        opt.step(&grads, 0.1)?;
+        let (once_w, once_b) = (w.as_tensor().copy()?, b.as_tensor().copy()?);
+        w.set(&before_w)?;
+        b.set(&before_b)?;
+        again.step(&grads, 0.1)?;
+        assert_eq!(w.as_tensor().to_vec2::<f32>()?, once_w.to_vec2::<f32>()?);
+        assert_eq!(b.as_tensor().to_vec1::<f32>()?, once_b.to_vec1::<f32>()?);
         Ok(())
     }
 }
