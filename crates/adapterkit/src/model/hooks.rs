@@ -69,7 +69,7 @@ pub trait LayerHooks {
         x: &Tensor,
         _mode: &mut Mode,
     ) -> Result<Tensor> {
-        linear.forward(x)
+        crate::model::ops::linear(linear, x)
     }
 
     /// Keys and values before attention scores are taken (prefix tuning prepends its own).

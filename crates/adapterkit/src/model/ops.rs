@@ -59,3 +59,84 @@ pub fn attention_bias(mask: &Tensor) -> Result<Tensor> {
     let bias = ((1.0 - keep)? * f32::MIN as f64)?;
     bias.reshape((batch, 1, 1, seq))
 }
+
+/// `x W^T + b`, where a frozen `W` (a plain tensor, not a `Var`) takes no gradient: candle's
+/// matmul backward computes the gradient of both operands, so through a frozen weight it does
+/// a third of the backward work for nothing. This op's backward returns only `dL/dx`.
+pub fn linear(linear: &candle_nn::Linear, x: &Tensor) -> Result<Tensor> {
+    use candle_core::Module;
+    let weight = linear.weight();
+    if weight.is_variable() || !x.track_op() || !x.device().is_cpu() || x.dtype() != DType::F32 {
+        return linear.forward(x);
+    }
+    let dims = x.dims().to_vec();
+    let k = *dims.last().expect("a linear's input has a feature dimension");
+    let rows = x.elem_count() / k.max(1);
+    let y = x
+        .reshape((rows, k))?
+        .contiguous()?
+        .apply_op1(FrozenMatmul { weight: weight.clone() })?;
+    let mut out_dims = dims;
+    *out_dims.last_mut().expect("non-empty") = weight.dim(0)?;
+    let y = y.reshape(out_dims)?;
+    match linear.bias() {
+        Some(b) => y.broadcast_add(b),
+        None => Ok(y),
+    }
+}
+
+/// `x [m, k] -> x W^T [m, n]` for a frozen `W [n, k]`.
+struct FrozenMatmul {
+    weight: Tensor,
+}
+
+impl candle_core::CustomOp1 for FrozenMatmul {
+    fn name(&self) -> &'static str {
+        "frozen-matmul"
+    }
+
+    fn cpu_fwd(&self, storage: &candle_core::CpuStorage, layout: &candle_core::Layout) -> Result<(candle_core::CpuStorage, candle_core::Shape)> {
+        let (start, end) = layout
+            .contiguous_offsets()
+            .ok_or_else(|| candle_core::Error::Msg("frozen-matmul needs a contiguous input".into()))?;
+        let x = Tensor::from_slice(&storage.as_slice::<f32>()?[start..end], layout.shape(), &candle_core::Device::Cpu)?;
+        let y = x.matmul(&self.weight.t()?)?;
+        let shape = y.shape().clone();
+        Ok((candle_core::CpuStorage::F32(y.flatten_all()?.to_vec1::<f32>()?), shape))
+    }
+
+    fn bwd(&self, _arg: &Tensor, _res: &Tensor, grad_res: &Tensor) -> Result<Option<Tensor>> {
+        Ok(Some(grad_res.matmul(&self.weight)?))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, Var};
+
+    #[test]
+    fn frozen_linear_matches_linear_and_gives_only_the_input_gradient() -> Result<()> {
+        let mut rng = crate::rng::SeededRng::new(3);
+        let dev = Device::Cpu;
+        let weight = rng.normal_tensor((5, 7), 0.0, 1.0, &dev)?;
+        let bias = rng.normal_tensor(5, 0.0, 1.0, &dev)?;
+        let linear = candle_nn::Linear::new(weight, Some(bias));
+        let x = Var::from_tensor(&rng.normal_tensor((2, 3, 7), 0.0, 1.0, &dev)?)?;
+        let probe = rng.normal_tensor((2, 3, 5), 0.0, 1.0, &dev)?;
+
+        use candle_core::Module;
+        let plain = linear.forward(x.as_tensor())?;
+        let frozen = super::linear(&linear, x.as_tensor())?;
+        let diff = (&plain - &frozen)?.abs()?.max_all()?.to_scalar::<f32>()?;
+        assert!(diff < 1e-5, "forward differs by {diff}");
+
+        let g_plain = (plain * &probe)?.sum_all()?.backward()?;
+        let g_frozen = (frozen * &probe)?.sum_all()?.backward()?;
+        let (a, b) = (g_plain.get(x.as_tensor()).unwrap(), g_frozen.get(x.as_tensor()).unwrap());
+        let diff = (a - b)?.abs()?.max_all()?.to_scalar::<f32>()?;
+        assert!(diff < 1e-5, "input gradient differs by {diff}");
+        assert!(g_frozen.get(linear.weight()).is_none(), "no gradient for the frozen weight");
+        Ok(())
+    }
+}
