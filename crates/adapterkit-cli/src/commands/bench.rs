@@ -25,7 +25,8 @@ pub struct Args {
     /// Timed steps per measurement (the median is reported), after one untimed step.
     #[arg(long, default_value_t = 5)]
     steps: usize,
-    /// What to measure, in order: inference, adapter (Houlsby training), full (fine-tuning).
+    /// What to measure, in order: inference, adapter (Houlsby training), full (fine-tuning),
+    /// ops (fused against composed LayerNorm and softmax, forward + backward, at this shape).
     #[arg(long, value_delimiter = ',', default_value = "inference,adapter,full")]
     what: Vec<String>,
     /// Also train the encoder's LayerNorms in the adapter measurement (off: as AdapterHub's
@@ -106,7 +107,11 @@ pub fn run(args: Args) -> Result<()> {
                 // fine-tuning also needs every weight gradient (another).
                 (seconds, flops * if what == "full" { 3.0 } else { 2.0 })
             }
-            other => anyhow::bail!("unknown measurement '{other}' (inference, adapter, full)"),
+            "ops" => {
+                compare_ops(&config, &args)?;
+                continue;
+            }
+            other => anyhow::bail!("unknown measurement '{other}' (inference, adapter, full, ops)"),
         };
         rows.push(serde_json::json!({
             "what": what,
@@ -151,6 +156,48 @@ pub fn run(args: Args) -> Result<()> {
             r["peak_rss_mib_so_far"].as_f64().unwrap_or(0.0),
         );
     }
+    Ok(())
+}
+
+/// Forward + backward of LayerNorm (`[batch x seq, hidden]`) and softmax (`[batch, heads,
+/// seq, seq]`), fused kernels against the composed ops, printed as milliseconds per call.
+fn compare_ops(config: &BertConfig, args: &Args) -> Result<()> {
+    use adapterkit::model::ops;
+    use candle_core::{Tensor, Var};
+    let device = Device::Cpu;
+    let mut rng = adapterkit::rng::SeededRng::new(3);
+    let rows = args.batch_size * args.seq_len;
+    let x = Var::from_tensor(&rng.normal_tensor((rows, config.hidden_size), 0.0, 1.0, &device)?)?;
+    let w = Var::from_tensor(&rng.normal_tensor(config.hidden_size, 1.0, 0.1, &device)?)?;
+    let b = Var::from_tensor(&rng.normal_tensor(config.hidden_size, 0.0, 0.1, &device)?)?;
+    let scores = Var::from_tensor(&rng.normal_tensor(
+        (
+            args.batch_size,
+            config.num_attention_heads,
+            args.seq_len,
+            args.seq_len,
+        ),
+        0.0,
+        1.0,
+        &device,
+    )?)?;
+    let time = |f: &dyn Fn() -> candle_core::Result<Tensor>| -> Result<f64> {
+        Ok(1e3
+            * time_per_step(1, args.steps, || {
+                f()?.sum_all()?.backward()?;
+                Ok(())
+            })?)
+    };
+    let ln = (x.as_tensor(), w.as_tensor(), b.as_tensor());
+    let fused_ln = time(&|| ops::layer_norm(ln.0, ln.1, ln.2, 1e-12))?;
+    let composed_ln = time(&|| ops::layer_norm_composed(ln.0, ln.1, ln.2, 1e-12))?;
+    let fused_sm = time(&|| ops::softmax_last_dim(scores.as_tensor()))?;
+    let composed_sm = time(&|| ops::softmax_composed(scores.as_tensor()))?;
+    println!("layer_norm [{rows}, {}] forward+backward: fused {fused_ln:.2} ms, composed {composed_ln:.2} ms", config.hidden_size);
+    println!(
+        "softmax [{}, {}, {}, {}] forward+backward: fused {fused_sm:.2} ms, composed {composed_sm:.2} ms",
+        args.batch_size, config.num_attention_heads, args.seq_len, args.seq_len
+    );
     Ok(())
 }
 

@@ -6,6 +6,7 @@ pub mod bert;
 pub mod config;
 pub mod dropout;
 pub mod embeddings;
+pub mod fused;
 pub mod hooks;
 pub mod layer;
 pub mod layer_norm;

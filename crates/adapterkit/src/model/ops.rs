@@ -33,8 +33,23 @@ impl Activation {
     }
 }
 
+/// Whether the fused CPU kernels (`model::fused`) apply.
+fn fused_applies(x: &Tensor) -> bool {
+    x.device().is_cpu() && x.dtype() == DType::F32
+}
+
 /// LayerNorm over the last dimension: `(x - mean) / sqrt(var + eps) * weight + bias`.
 pub fn layer_norm(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Result<Tensor> {
+    if fused_applies(x) {
+        return x
+            .contiguous()?
+            .apply_op3(weight, bias, crate::model::fused::LayerNormOp { eps });
+    }
+    layer_norm_composed(x, weight, bias, eps)
+}
+
+/// [`layer_norm`] composed from candle's differentiable ops (any device and dtype).
+pub fn layer_norm_composed(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Result<Tensor> {
     let mean = x.mean_keepdim(D::Minus1)?;
     let centered = x.broadcast_sub(&mean)?;
     let variance = centered.sqr()?.mean_keepdim(D::Minus1)?;
@@ -44,6 +59,14 @@ pub fn layer_norm(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Resul
 
 /// Softmax over the last dimension, shifted by the row maximum for stability.
 pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
+    if fused_applies(x) {
+        return x.contiguous()?.apply_op1(crate::model::fused::SoftmaxOp);
+    }
+    softmax_composed(x)
+}
+
+/// [`softmax_last_dim`] composed from candle's differentiable ops (any device and dtype).
+pub fn softmax_composed(x: &Tensor) -> Result<Tensor> {
     // The shift is a constant for the gradient: detaching it keeps the backward graph small.
     let max = x.max_keepdim(D::Minus1)?.detach();
     let exp = x.broadcast_sub(&max)?.exp()?;
@@ -70,12 +93,16 @@ pub fn linear(linear: &candle_nn::Linear, x: &Tensor) -> Result<Tensor> {
         return linear.forward(x);
     }
     let dims = x.dims().to_vec();
-    let k = *dims.last().expect("a linear's input has a feature dimension");
+    let k = *dims
+        .last()
+        .expect("a linear's input has a feature dimension");
     let rows = x.elem_count() / k.max(1);
     let y = x
         .reshape((rows, k))?
         .contiguous()?
-        .apply_op1(FrozenMatmul { weight: weight.clone() })?;
+        .apply_op1(FrozenMatmul {
+            weight: weight.clone(),
+        })?;
     let mut out_dims = dims;
     *out_dims.last_mut().expect("non-empty") = weight.dim(0)?;
     let y = y.reshape(out_dims)?;
@@ -95,14 +122,25 @@ impl candle_core::CustomOp1 for FrozenMatmul {
         "frozen-matmul"
     }
 
-    fn cpu_fwd(&self, storage: &candle_core::CpuStorage, layout: &candle_core::Layout) -> Result<(candle_core::CpuStorage, candle_core::Shape)> {
-        let (start, end) = layout
-            .contiguous_offsets()
-            .ok_or_else(|| candle_core::Error::Msg("frozen-matmul needs a contiguous input".into()))?;
-        let x = Tensor::from_slice(&storage.as_slice::<f32>()?[start..end], layout.shape(), &candle_core::Device::Cpu)?;
+    fn cpu_fwd(
+        &self,
+        storage: &candle_core::CpuStorage,
+        layout: &candle_core::Layout,
+    ) -> Result<(candle_core::CpuStorage, candle_core::Shape)> {
+        let (start, end) = layout.contiguous_offsets().ok_or_else(|| {
+            candle_core::Error::Msg("frozen-matmul needs a contiguous input".into())
+        })?;
+        let x = Tensor::from_slice(
+            &storage.as_slice::<f32>()?[start..end],
+            layout.shape(),
+            &candle_core::Device::Cpu,
+        )?;
         let y = x.matmul(&self.weight.t()?)?;
         let shape = y.shape().clone();
-        Ok((candle_core::CpuStorage::F32(y.flatten_all()?.to_vec1::<f32>()?), shape))
+        Ok((
+            candle_core::CpuStorage::F32(y.flatten_all()?.to_vec1::<f32>()?),
+            shape,
+        ))
     }
 
     fn bwd(&self, _arg: &Tensor, _res: &Tensor, grad_res: &Tensor) -> Result<Option<Tensor>> {
@@ -114,6 +152,51 @@ impl candle_core::CustomOp1 for FrozenMatmul {
 mod tests {
     use super::*;
     use candle_core::{Device, Var};
+
+    /// The fused kernels against the composed ops: outputs and the gradients of every input.
+    #[test]
+    fn fused_layer_norm_and_softmax_match_the_composed_ops() -> Result<()> {
+        let mut rng = crate::rng::SeededRng::new(5);
+        let dev = Device::Cpu;
+        let x = Var::from_tensor(&rng.normal_tensor((3, 4, 16), 0.5, 2.0, &dev)?)?;
+        let w = Var::from_tensor(&rng.normal_tensor(16, 1.0, 0.3, &dev)?)?;
+        let b = Var::from_tensor(&rng.normal_tensor(16, 0.0, 0.3, &dev)?)?;
+        let probe = rng.normal_tensor((3, 4, 16), 0.0, 1.0, &dev)?;
+        let max_diff = |a: &Tensor, b: &Tensor| -> Result<f32> {
+            (a - b)?.abs()?.max_all()?.to_scalar::<f32>()
+        };
+        type Run<'a> = Box<dyn Fn() -> Result<Tensor> + 'a>;
+        let runs: [(&str, Run, Run); 2] = [
+            (
+                "layer_norm",
+                Box::new(|| layer_norm(&x, &w, &b, 1e-5)),
+                Box::new(|| layer_norm_composed(&x, &w, &b, 1e-5)),
+            ),
+            (
+                "softmax",
+                Box::new(|| softmax_last_dim(&x)),
+                Box::new(|| softmax_composed(&x)),
+            ),
+        ];
+        for (name, fused, composed) in runs {
+            let (f, c) = (fused()?, composed()?);
+            assert!(max_diff(&f, &c)? < 1e-5, "{name} forward");
+            let gf = (f * &probe)?.sum_all()?.backward()?;
+            let gc = (c * &probe)?.sum_all()?.backward()?;
+            for var in [&x, &w, &b] {
+                if let (Some(a), Some(b)) = (gf.get(var.as_tensor()), gc.get(var.as_tensor())) {
+                    assert!(max_diff(a, b)? < 1e-4, "{name} gradient");
+                } else {
+                    assert_eq!(
+                        gf.get(var.as_tensor()).is_some(),
+                        gc.get(var.as_tensor()).is_some(),
+                        "{name}: same inputs get gradients"
+                    );
+                }
+            }
+        }
+        Ok(())
+    }
 
     #[test]
     fn frozen_linear_matches_linear_and_gives_only_the_input_gradient() -> Result<()> {
@@ -133,10 +216,16 @@ mod tests {
 
         let g_plain = (plain * &probe)?.sum_all()?.backward()?;
         let g_frozen = (frozen * &probe)?.sum_all()?.backward()?;
-        let (a, b) = (g_plain.get(x.as_tensor()).unwrap(), g_frozen.get(x.as_tensor()).unwrap());
+        let (a, b) = (
+            g_plain.get(x.as_tensor()).unwrap(),
+            g_frozen.get(x.as_tensor()).unwrap(),
+        );
         let diff = (a - b)?.abs()?.max_all()?.to_scalar::<f32>()?;
         assert!(diff < 1e-5, "input gradient differs by {diff}");
-        assert!(g_frozen.get(linear.weight()).is_none(), "no gradient for the frozen weight");
+        assert!(
+            g_frozen.get(linear.weight()).is_none(),
+            "no gradient for the frozen weight"
+        );
         Ok(())
     }
 }
