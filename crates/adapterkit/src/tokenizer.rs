@@ -183,10 +183,11 @@ fn wordpiece_from_vocab(path: &Path, lowercase: bool) -> Result<Tokenizer> {
     let mut tokenizer = Tokenizer::new(wordpiece);
     tokenizer
         .with_normalizer(Some(BertNormalizer::new(true, true, None, lowercase)))
-        .with_pre_tokenizer(Some(BertPreTokenizer))
-        .with_post_processor(Some(BertProcessing::new(
-            ("[SEP]".into(), sep),
-            ("[CLS]".into(), cls),
-        )));
+        .map_err(|e| fail(e.to_string()))?;
+    tokenizer.with_pre_tokenizer(Some(BertPreTokenizer));
+    tokenizer.with_post_processor(Some(BertProcessing::new(
+        ("[SEP]".into(), sep),
+        ("[CLS]".into(), cls),
+    )));
     Ok(tokenizer)
 }
