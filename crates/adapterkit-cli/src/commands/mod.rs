@@ -56,11 +56,7 @@ impl DropArgs {
             Some(n) => (0..n).collect(),
             None => self.skip_layers.iter().copied().collect(),
         };
-        if let Some(bad) = skip
-            .iter()
-            .find(|l| **l >= layers)
-            .or(self.drop_lower.filter(|n| *n > layers).as_ref())
-        {
+        if let Some(bad) = skip.iter().find(|l| **l >= layers) {
             anyhow::bail!(
                 "cannot skip layer {bad}: the model has {layers} layers (0..{})",
                 layers - 1

@@ -178,6 +178,13 @@ fn remove_stale(dir: &Path, model: &AdapterModel) -> Result<()> {
     Ok(())
 }
 
+/// A tensor name as our modules know it: without the model-with-head's `bert.` prefix.
+fn without_model_prefix(name: String) -> String {
+    name.strip_prefix(MODEL_PREFIX)
+        .map(str::to_owned)
+        .unwrap_or(name)
+}
+
 fn to_pairs(params: &Params) -> Vec<(String, Tensor)> {
     params
         .iter()
@@ -403,12 +410,7 @@ fn read_adapter(dir: &Path, encoder: &BertModel, device: &Device) -> Result<Bott
     let tensors: HashMap<String, Tensor> = tensors
         .into_iter()
         .filter(|(n, _)| !n.contains(".adapter_norm_before.")) // the alias of adapter_down.0
-        .map(|(n, t)| {
-            (
-                n.strip_prefix(MODEL_PREFIX).map(str::to_owned).unwrap_or(n),
-                t,
-            )
-        })
+        .map(|(n, t)| (without_model_prefix(n), t))
         .collect();
     load_params(&weights, &adapter.params(), &tensors)?;
     Ok(adapter)
@@ -459,12 +461,7 @@ fn load_fusion(dir: &Path, encoder: &BertModel, device: &Device) -> Result<Fusio
     let (weights, tensors) = read_tensors(dir, FUSION_WEIGHTS, FUSION_WEIGHTS_PICKLE, device)?;
     let tensors: HashMap<String, Tensor> = tensors
         .into_iter()
-        .map(|(n, t)| {
-            (
-                n.strip_prefix(MODEL_PREFIX).map(str::to_owned).unwrap_or(n),
-                t,
-            )
-        })
+        .map(|(n, t)| (without_model_prefix(n), t))
         .collect();
     load_params(&weights, &fusion.params(), &tensors)?;
     Ok(fusion)

@@ -65,11 +65,7 @@ impl BottleneckAdapter {
         } else {
             None
         };
-        let down_name = if config.ln_before {
-            "adapter_down.1"
-        } else {
-            "adapter_down.0"
-        };
+        let down_name = down_name(config.ln_before);
         let (down_w, up_w) = match config.init_weights {
             InitWeights::Bert => (
                 init::normal(rng, (bottleneck, hidden), 0.02, device)?,
@@ -134,11 +130,7 @@ impl BottleneckAdapter {
         if let Some(n) = &self.norm_after {
             norm("adapter_norm_after", n);
         }
-        let down = if self.norm_before.is_some() {
-            "adapter_down.1"
-        } else {
-            "adapter_down.0"
-        };
+        let down = down_name(self.norm_before.is_some());
         for (name, l) in [(down, &self.down), ("adapter_up", &self.up)] {
             out.push((format!("{name}.weight"), l.weight().clone()));
             if let Some(b) = l.bias() {
@@ -360,42 +352,39 @@ impl BottleneckAdapters {
     /// `encoder.layer.{i}.{attention.output|output}.adapters.{name}.adapter_down.0.weight`, ...
     pub fn params(&self) -> Params {
         let mut all = Params::default();
-        for (i, places) in self.layers.iter().enumerate() {
-            for (position, adapter) in Position::BOTH.iter().zip(places) {
-                if let Some(adapter) = adapter {
-                    let prefix = format!(
-                        "encoder.layer.{i}.{}.adapters.{}",
-                        position.module(),
-                        self.name
-                    );
-                    all.extend_prefixed(&prefix, adapter.params().clone());
-                }
-            }
+        for (prefix, adapter) in self.placed() {
+            all.extend_prefixed(&prefix, adapter.params().clone());
         }
         all
     }
 
     /// Every weight with its full name, frozen or not (what `adapter.safetensors` holds).
     pub fn tensors(&self) -> Vec<(String, Tensor)> {
-        let mut all = Vec::new();
-        for (i, places) in self.layers.iter().enumerate() {
-            for (position, adapter) in Position::BOTH.iter().zip(places) {
-                if let Some(adapter) = adapter {
+        self.placed()
+            .flat_map(|(prefix, adapter)| {
+                adapter
+                    .tensors()
+                    .into_iter()
+                    .map(move |(n, t)| (format!("{prefix}.{n}"), t))
+            })
+            .collect()
+    }
+
+    /// Each adapter with the name prefix AdapterHub gives its place.
+    fn placed(&self) -> impl Iterator<Item = (String, &BottleneckAdapter)> {
+        self.layers.iter().enumerate().flat_map(move |(i, places)| {
+            Position::BOTH
+                .iter()
+                .zip(places)
+                .filter_map(move |(position, adapter)| {
                     let prefix = format!(
                         "encoder.layer.{i}.{}.adapters.{}",
                         position.module(),
                         self.name
                     );
-                    all.extend(
-                        adapter
-                            .tensors()
-                            .into_iter()
-                            .map(|(n, t)| (format!("{prefix}.{n}"), t)),
-                    );
-                }
-            }
-        }
-        all
+                    adapter.as_ref().map(|a| (prefix, a))
+                })
+        })
     }
 }
 
@@ -415,6 +404,16 @@ impl LayerHooks for BottleneckAdapters {
             }
             _ => layer_norm.forward(&(hidden + input)?),
         }
+    }
+}
+
+/// AdapterHub's name for the down projection: `adapter_down.1` when a LayerNorm comes first
+/// (`ln_before`, which takes `adapter_down.0`).
+fn down_name(ln_before: bool) -> &'static str {
+    if ln_before {
+        "adapter_down.1"
+    } else {
+        "adapter_down.0"
     }
 }
 
