@@ -11,13 +11,14 @@ methods=("$@")
 [ ${#methods[@]} -gt 0 ] || methods=(houlsby pfeiffer head full)
 
 bash scripts/fetch-assets.sh >/dev/null
-cargo build --release -q -p adapterkit-cli
+bin=${ADAPTERKIT_BIN:-target/release/adapterkit}  # set it to run a fixed build
+[ -n "${ADAPTERKIT_BIN:-}" ] || cargo build --release -q -p adapterkit-cli
 for method in "${methods[@]}"; do
   for seed in 1 2 3; do
     out="runs/$dataset/$method-seed$seed"
     if [ -f "$out/results.json" ]; then echo "have $out"; continue; fi
     echo "run $out"
-    target/release/adapterkit train --model assets/all-MiniLM-L6-v2 --data "$dataset" \
+    "$bin" train --model assets/all-MiniLM-L6-v2 --data "$dataset" \
       --method "$method" --epochs "$epochs" --seed "$seed" --out "$out" --quiet
   done
 done

@@ -33,6 +33,32 @@ fn write_csv(dir: &Path, name: &str, rows: usize) -> PathBuf {
     path
 }
 
+/// `train` for one epoch on `train` (validated on it too), quietly, into `out`.
+fn train_quick(model: &Path, train: &Path, out: &Path, extra: &[&str]) -> Output {
+    let mut args = vec![
+        "train",
+        "--model",
+        s(model),
+        "--train",
+        s(train),
+        "--validation",
+        s(train),
+        "--epochs",
+        "1",
+        "--out",
+        s(out),
+        "--quiet",
+    ];
+    args.extend_from_slice(extra);
+    let run = adapterkit(&args);
+    assert!(
+        run.status.success(),
+        "{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    run
+}
+
 fn assert_fails_with(out: &Output, needles: &[&str]) {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "stderr: {stderr}");
@@ -252,30 +278,8 @@ fn fuse_two_adapters_then_eval_and_plot_the_fusion_weights() {
     let mut adapters = Vec::new();
     for (name, method) in [("first", "houlsby"), ("second", "houlsby")] {
         let out = dir.path().join(name);
-        let run = adapterkit(&[
-            "train",
-            "--model",
-            s(&model),
-            "--train",
-            s(&train),
-            "--validation",
-            s(&train),
-            "--method",
-            method,
-            "--name",
-            name,
-            "--epochs",
-            "1",
-            "--out",
-            s(&out),
-            "--quiet",
-            "--freeze-layer-norms",
-        ]);
-        assert!(
-            run.status.success(),
-            "{}",
-            String::from_utf8_lossy(&run.stderr)
-        );
+        let extra = ["--method", method, "--name", name, "--freeze-layer-norms"];
+        train_quick(&model, &train, &out, &extra);
         adapters.push(out);
     }
     let fused = dir.path().join("fused");
@@ -362,23 +366,75 @@ fn fuse_two_adapters_then_eval_and_plot_the_fusion_weights() {
         .unwrap()
         .starts_with("<svg"));
 
-    // An adapter trained with the encoder's LayerNorms cannot be fused: they would be lost.
-    let with_norms = dir.path().join("with-norms");
+    // Both tasks in one pass: each task's scores are what its adapter gives alone.
+    let predict = |adapters: &[&Path], setup: Option<&str>| -> Vec<serde_json::Value> {
+        let mut args = vec!["predict", "--model", s(&model)];
+        for adapter in adapters {
+            args.extend(["--adapter", s(adapter)]);
+        }
+        if let Some(setup) = setup {
+            args.extend(["--setup", setup]);
+        }
+        args.extend(["the cat sat", "a dog"]);
+        let run = adapterkit(&args);
+        assert!(
+            run.status.success(),
+            "{}",
+            String::from_utf8_lossy(&run.stderr)
+        );
+        String::from_utf8(run.stdout)
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
+    };
+    let together = predict(
+        &[&adapters[0], &adapters[1]],
+        Some("parallel(first,second)"),
+    );
+    assert_eq!(together.len(), 2);
+    for (name, dir) in ["first", "second"].iter().zip(&adapters) {
+        for (alone, both) in predict(&[dir], None).iter().zip(&together) {
+            let task = &both["tasks"][name];
+            assert_eq!(task["label"], alone["label"]);
+            for label in ["cat", "dog"] {
+                let (a, b) = (
+                    alone["scores"][label].as_f64(),
+                    task["scores"][label].as_f64(),
+                );
+                assert!((a.unwrap() - b.unwrap()).abs() < 1e-6, "{name} {label}");
+            }
+        }
+    }
+    // The fusion's own head under `fuse(...)`, from its directory.
+    let fused_lines = predict(&[&fused], Some("fuse(first,second)"));
+    assert!(fused_lines[0]["tasks"]["first,second"]["label"].is_string());
     let run = adapterkit(&[
-        "train",
+        "predict",
         "--model",
         s(&model),
-        "--train",
-        s(&train),
-        "--validation",
-        s(&train),
-        "--epochs",
-        "1",
-        "--out",
-        s(&with_norms),
-        "--quiet",
+        "--adapter",
+        s(&adapters[0]),
+        "--adapter",
+        s(&adapters[1]),
+        "x",
     ]);
-    assert!(run.status.success());
+    assert_fails_with(&run, &["--setup"]);
+    let run = adapterkit(&[
+        "predict",
+        "--model",
+        s(&model),
+        "--adapter",
+        s(&adapters[0]),
+        "--setup",
+        "fuse(parallel(first,second))",
+        "x",
+    ]);
+    assert_fails_with(&run, &["cannot nest Parallel in Fuse"]);
+
+    // An adapter trained with the encoder's LayerNorms cannot be fused: they would be lost.
+    let with_norms = dir.path().join("with-norms");
+    train_quick(&model, &train, &with_norms, &[]);
     let run = adapterkit(&[
         "fuse",
         "--model",
@@ -415,27 +471,7 @@ fn skipping_adapters_at_inference_is_checked() {
     let model = tiny_bert();
     let train = write_csv(dir.path(), "train.csv", 8);
     let out = dir.path().join("adapter");
-    let run = adapterkit(&[
-        "train",
-        "--model",
-        s(&model),
-        "--train",
-        s(&train),
-        "--validation",
-        s(&train),
-        "--epochs",
-        "1",
-        "--robust-drop",
-        "1",
-        "--out",
-        s(&out),
-        "--quiet",
-    ]);
-    assert!(
-        run.status.success(),
-        "{}",
-        String::from_utf8_lossy(&run.stderr)
-    );
+    train_quick(&model, &train, &out, &["--robust-drop", "1"]);
     let eval = |extra: &[&str]| {
         let mut args = vec![
             "eval",

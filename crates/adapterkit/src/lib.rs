@@ -14,6 +14,7 @@
 pub mod adapter_model;
 pub mod batch;
 pub mod bench;
+pub mod composed_model;
 pub mod data;
 pub mod error;
 pub mod heads;

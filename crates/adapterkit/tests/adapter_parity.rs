@@ -8,8 +8,7 @@ use std::path::{Path, PathBuf};
 
 use adapterkit::adapter_model::AdapterModel;
 use adapterkit::io::adapter_dir;
-use adapterkit::model::load::ModelFiles;
-use adapterkit::model::{BertModel, Mode};
+use adapterkit::model::Mode;
 use candle_core::{DType, Device, Tensor};
 use common::*;
 
@@ -23,13 +22,6 @@ const CASES: &[&str] = &[
 
 fn case_dir(case: &str) -> PathBuf {
     fixtures().join("adapters").join(case)
-}
-
-fn tiny_encoder() -> BertModel {
-    let files = ModelFiles::in_dir(&tiny_bert_dir()).unwrap();
-    files
-        .load_model(&files.load_config().unwrap(), &Device::Cpu)
-        .unwrap()
 }
 
 fn load_case(dir: &Path) -> AdapterModel {

@@ -13,44 +13,15 @@ use adapterkit::methods::bottleneck::BottleneckAdapters;
 use adapterkit::methods::bottleneck_config::BnConfig;
 use adapterkit::methods::fusion::{Fusion, FusionConfig};
 use adapterkit::model::hooks::Position;
-use adapterkit::model::load::ModelFiles;
 use adapterkit::model::{BertModel, Mode};
 use adapterkit::rng::SeededRng;
 use candle_core::{DType, Device};
 use common::*;
 
-fn tiny_encoder() -> BertModel {
-    let files = ModelFiles::in_dir(&tiny_bert_dir()).unwrap();
-    files
-        .load_model(&files.load_config().unwrap(), &Device::Cpu)
-        .unwrap()
-}
-
-fn copy_dir(from: &Path, to: &Path) {
-    std::fs::create_dir_all(to).unwrap();
-    for entry in std::fs::read_dir(from).unwrap() {
-        let entry = entry.unwrap();
-        if entry.file_type().unwrap().is_file() {
-            std::fs::copy(entry.path(), to.join(entry.file_name())).unwrap();
-        }
-    }
-}
-
-/// A fusion case laid out as we save it: the fusion and head files, with each fused adapter
-/// in a sub-directory named after it.
-fn laid_out(case: &str) -> tempfile::TempDir {
-    let dir = tempfile::tempdir().unwrap();
-    let fixtures = fixtures().join("fusion");
-    copy_dir(&fixtures.join(case), dir.path());
-    copy_dir(&fixtures.join("adapter_a"), &dir.path().join("a"));
-    copy_dir(&fixtures.join("adapter_b"), &dir.path().join("b"));
-    dir
-}
-
 #[test]
 fn fusion_matches_adapters_library() {
     for case in ["dynamic", "static", "single"] {
-        let dir = laid_out(case);
+        let dir = fusion_laid_out(case);
         let expected =
             candle_core::safetensors::load(dir.path().join("expected.safetensors"), &Device::Cpu)
                 .unwrap();
@@ -147,7 +118,7 @@ fn fusion_matches_adapters_library() {
 
 #[test]
 fn static_fusion_over_one_adapter_reproduces_that_adapter() {
-    let dir = laid_out("single");
+    let dir = fusion_laid_out("single");
     let expected =
         candle_core::safetensors::load(dir.path().join("expected.safetensors"), &Device::Cpu)
             .unwrap();
@@ -173,7 +144,7 @@ fn static_fusion_over_one_adapter_reproduces_that_adapter() {
 
 #[test]
 fn save_then_load_gives_identical_logits() {
-    let dir = laid_out("dynamic");
+    let dir = fusion_laid_out("dynamic");
     let model = adapter_dir::load(dir.path(), tiny_encoder(), &Device::Cpu).unwrap();
     let out = tempfile::tempdir().unwrap();
     adapter_dir::save(out.path(), &model, "tiny-bert").unwrap();
@@ -258,7 +229,7 @@ fn bad_fusions_get_clear_errors() {
         .contains("unknown fusion preset 'fancy'"));
 
     // A fusion whose adapter directory is missing.
-    let dir = laid_out("dynamic");
+    let dir = fusion_laid_out("dynamic");
     std::fs::remove_dir_all(dir.path().join("b")).unwrap();
     let err = adapter_dir::load(dir.path(), tiny_encoder(), &Device::Cpu)
         .unwrap_err()
@@ -269,7 +240,7 @@ fn bad_fusions_get_clear_errors() {
     );
 
     // An adapter made for another hidden size.
-    let dir = laid_out("dynamic");
+    let dir = fusion_laid_out("dynamic");
     let path = dir.path().join("b/adapter_config.json");
     std::fs::write(
         &path,
@@ -372,7 +343,7 @@ fn fusion_training_moves_only_fusion_and_head() {
 #[test]
 fn the_temperature_falls_by_a_thousandth_of_its_start_each_pass() {
     // `temperature/` holds only configs; its weights are `dynamic/`'s.
-    let dir = laid_out("dynamic");
+    let dir = fusion_laid_out("dynamic");
     copy_dir(&fixtures().join("fusion/temperature"), dir.path());
     let expected =
         candle_core::safetensors::load(dir.path().join("expected.safetensors"), &Device::Cpu)

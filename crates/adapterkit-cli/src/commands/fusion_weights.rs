@@ -33,7 +33,7 @@ pub fn run(args: Args) -> Result<()> {
     let fusion = model
         .fusion
         .as_mut()
-        .with_context(|| format!("{} holds no AdapterFusion", args.tuned.adapter.display()))?;
+        .with_context(|| format!("{} holds no AdapterFusion", args.tuned.adapter[0].display()))?;
     fusion.record = Some(RefCell::new(Vec::new()));
     let names: Vec<String> = fusion.adapters.iter().map(|a| a.name.clone()).collect();
     let encoded = EncodedDataset::new(&data, &tokenizer, &model.head.config)?;

@@ -12,28 +12,55 @@ use std::path::PathBuf;
 use anyhow::Result;
 use candle_core::Device;
 
+use std::collections::BTreeSet;
+
 use adapterkit::adapter_model::AdapterModel;
+use adapterkit::composed_model::ComposedModel;
 use adapterkit::io::adapter_dir;
+use adapterkit::methods::composition::Setup;
 use adapterkit::model::load::Pretrained;
 use adapterkit::tokenizer::TextTokenizer;
 
-/// A pre-trained model and a trained adapter (or fusion) directory to run on it.
+/// A pre-trained model and trained adapter (or fusion) directories to run on it.
 #[derive(clap::Args, Debug, Clone)]
 pub struct TunedArgs {
     /// The pre-trained model the adapter was trained on (directory or hub id).
     #[arg(long)]
     pub model: String,
-    /// A directory saved by `adapterkit train` or `fuse` (or AdapterHub's `save_adapter`).
-    #[arg(long)]
-    pub adapter: PathBuf,
+    /// A directory saved by `adapterkit train` or `fuse` (or AdapterHub's `save_adapter`);
+    /// `predict --setup` takes several (`--adapter A --adapter B`).
+    #[arg(long, required = true)]
+    pub adapter: Vec<PathBuf>,
 }
 
 impl TunedArgs {
+    /// The one adapter directory (several need a composition setup).
+    pub fn dir(&self) -> Result<&PathBuf> {
+        match self.adapter.as_slice() {
+            [one] => Ok(one),
+            _ => anyhow::bail!(
+                "give one --adapter directory; several run together only under `predict --setup`"
+            ),
+        }
+    }
+
     /// The tokenizer and the model with the adapter (and head) loaded.
     pub fn load(&self, device: &Device) -> Result<(TextTokenizer, AdapterModel)> {
+        let dir = self.dir()?;
         let pretrained = Pretrained::load(&self.model, device)?;
-        let tuned = adapter_dir::load(&self.adapter, pretrained.model, device)?;
+        let tuned = adapter_dir::load(dir, pretrained.model, device)?;
         Ok((pretrained.tokenizer, tuned))
+    }
+
+    /// The tokenizer and every adapter directory loaded under `setup`.
+    pub fn load_composed(
+        &self,
+        setup: Setup,
+        device: &Device,
+    ) -> Result<(TextTokenizer, ComposedModel)> {
+        let pretrained = Pretrained::load(&self.model, device)?;
+        let model = adapter_dir::load_composed(&self.adapter, setup, pretrained.model, device)?;
+        Ok((pretrained.tokenizer, model))
     }
 }
 
@@ -49,10 +76,9 @@ pub struct DropArgs {
 }
 
 impl DropArgs {
-    /// Applies the choice to `model`, checking the layers exist.
-    pub fn apply(&self, model: &mut AdapterModel) -> Result<()> {
-        let layers = model.encoder.layers.len();
-        let skip: std::collections::BTreeSet<usize> = match self.drop_lower {
+    /// The layers to skip, checked against a model of `layers` layers.
+    pub fn layers(&self, layers: usize) -> Result<BTreeSet<usize>> {
+        let skip: BTreeSet<usize> = match self.drop_lower {
             Some(n) => (0..n).collect(),
             None => self.skip_layers.iter().copied().collect(),
         };
@@ -62,7 +88,21 @@ impl DropArgs {
                 layers - 1
             );
         }
-        model.set_skip_layers(&skip);
+        Ok(skip)
+    }
+
+    /// Applies the choice to `model`.
+    pub fn apply(&self, model: &mut AdapterModel) -> Result<()> {
+        model.set_skip_layers(&self.layers(model.encoder.layers.len())?);
+        Ok(())
+    }
+
+    /// Applies the choice to every adapter of a composed model.
+    pub fn apply_composed(&self, model: &mut ComposedModel) -> Result<()> {
+        let skip = self.layers(model.encoder.layers.len())?;
+        for adapter in model.composition.adapters.values_mut() {
+            adapter.skip_layers = skip.clone();
+        }
         Ok(())
     }
 }

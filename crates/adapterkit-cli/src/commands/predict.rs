@@ -3,16 +3,23 @@ use std::io::Write;
 use std::path::PathBuf;
 
 use anyhow::Result;
-use candle_core::Device;
+use candle_core::{Device, Tensor};
+use serde_json::{json, Value};
 
 use adapterkit::data::TaskKind;
-use adapterkit::heads::scores;
+use adapterkit::heads::{scores, Head};
+use adapterkit::methods::composition::Setup;
 use adapterkit::model::Mode;
 
 #[derive(clap::Args)]
 pub struct Args {
     #[command(flatten)]
     tuned: super::TunedArgs,
+    /// Run several adapters (given with --adapter) together: an AdapterHub composition such as
+    /// `parallel(a,b,c)` (one prediction per task, in one pass), `stack(a,b)`, `fuse(a,b)`,
+    /// `average(a,b)[0.3,0.7]`, or its JSON.
+    #[arg(long)]
+    setup: Option<String>,
     #[command(flatten)]
     drop: super::DropArgs,
     /// Read texts from this file, one per line.
@@ -31,53 +38,76 @@ pub fn run(args: Args) -> Result<()> {
         None => crate::input::texts(&args.texts)?,
     };
     let device = Device::Cpu;
-    let (tokenizer, mut model) = args.tuned.load(&device)?;
-    args.drop.apply(&mut model)?;
-    let config = &model.head.config;
-    let (kind, labels) = (config.kind()?, config.labels());
     let mut out = std::io::stdout().lock();
+    let Some(setup) = &args.setup else {
+        let (tokenizer, mut model) = args.tuned.load(&device)?;
+        args.drop.apply(&mut model)?;
+        for chunk in texts.chunks(args.batch_size) {
+            let batch = tokenizer.batch(&refs(chunk), &device)?;
+            let logits = model.logits(&batch, &mut Mode::Eval)?;
+            for (text, mut line) in chunk.iter().zip(predictions(&model.head, &logits)?) {
+                line["text"] = text.as_str().into();
+                writeln!(out, "{line}")?;
+            }
+        }
+        return Ok(());
+    };
+    let setup = Setup::parse(setup)?;
+    let (tokenizer, mut model) = args.tuned.load_composed(setup, &device)?;
+    args.drop.apply_composed(&mut model)?;
     for chunk in texts.chunks(args.batch_size) {
-        let refs: Vec<&str> = chunk.iter().map(String::as_str).collect();
-        let batch = tokenizer.batch(&refs, &device)?;
+        let batch = tokenizer.batch(&refs(chunk), &device)?;
         let logits = model.logits(&batch, &mut Mode::Eval)?;
-        let scores = scores(kind, &logits)?;
-        let rows: Vec<Vec<f32>> = match kind {
-            TaskKind::Regression => scores
-                .to_vec1::<f32>()?
-                .into_iter()
-                .map(|v| vec![v])
-                .collect(),
-            _ => scores.to_vec2::<f32>()?,
-        };
-        for (text, row) in chunk.iter().zip(rows) {
-            let line = match kind {
-                TaskKind::Regression => serde_json::json!({ "text": text, "value": row[0] }),
-                TaskKind::Classification => {
-                    let best = adapterkit::train::evaluate::argmax(&row);
-                    let by_label: serde_json::Map<_, _> = labels
-                        .iter()
-                        .cloned()
-                        .zip(row.iter().map(|p| (*p).into()))
-                        .collect();
-                    serde_json::json!({ "text": text, "label": labels[best], "scores": by_label })
-                }
-                TaskKind::MultiLabel => {
-                    let chosen: Vec<&String> = labels
-                        .iter()
-                        .zip(&row)
-                        .filter(|(_, p)| **p > 0.5)
-                        .map(|(l, _)| l)
-                        .collect();
-                    let by_label: serde_json::Map<_, _> = labels
-                        .iter()
-                        .cloned()
-                        .zip(row.iter().map(|p| (*p).into()))
-                        .collect();
-                    serde_json::json!({ "text": text, "labels": chosen, "scores": by_label })
-                }
-            };
+        let mut lines: Vec<Value> = chunk
+            .iter()
+            .map(|text| json!({ "text": text, "tasks": {} }))
+            .collect();
+        for (head, logits) in model.heads.iter().zip(&logits) {
+            for (line, prediction) in lines.iter_mut().zip(predictions(head, logits)?) {
+                line["tasks"][&head.name] = prediction;
+            }
+        }
+        for line in lines {
             writeln!(out, "{line}")?;
         }
     }
     Ok(())
+}
+
+fn refs(texts: &[String]) -> Vec<&str> {
+    texts.iter().map(String::as_str).collect()
+}
+
+/// One JSON object per row of `logits`: the label (or labels, or value) and the scores.
+fn predictions(head: &Head, logits: &Tensor) -> Result<Vec<Value>> {
+    let kind = head.config.kind()?;
+    let labels = head.config.labels();
+    let scores = scores(kind, logits)?;
+    if kind == TaskKind::Regression {
+        let values = scores.to_vec1::<f32>()?;
+        return Ok(values.into_iter().map(|v| json!({ "value": v })).collect());
+    }
+    let rows = scores.to_vec2::<f32>()?;
+    Ok(rows
+        .into_iter()
+        .map(|row| {
+            let by_label: serde_json::Map<_, _> = labels
+                .iter()
+                .cloned()
+                .zip(row.iter().map(|p| (*p).into()))
+                .collect();
+            if kind == TaskKind::MultiLabel {
+                let chosen: Vec<&String> = labels
+                    .iter()
+                    .zip(&row)
+                    .filter(|(_, p)| **p > 0.5)
+                    .map(|(l, _)| l)
+                    .collect();
+                json!({ "labels": chosen, "scores": by_label })
+            } else {
+                let best = adapterkit::train::evaluate::argmax(&row);
+                json!({ "label": labels[best], "scores": by_label })
+            }
+        })
+        .collect())
 }

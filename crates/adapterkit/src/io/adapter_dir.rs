@@ -12,17 +12,19 @@
 //! safetensors ones are absent.
 
 use std::collections::HashMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use candle_core::{Device, Tensor};
 use serde_json::{json, Value};
 
 use crate::adapter_model::AdapterModel;
+use crate::composed_model::ComposedModel;
 use crate::error::{Error, Result};
 use crate::heads::{Head, HeadConfig};
 use crate::io::atomic::{write_atomic, write_json_atomic};
 use crate::methods::bottleneck::BottleneckAdapters;
 use crate::methods::bottleneck_config::BnConfig;
+use crate::methods::composition::Setup;
 use crate::methods::fusion::{Fusion, FusionConfig};
 use crate::model::BertModel;
 use crate::params::Params;
@@ -358,6 +360,32 @@ pub fn load(dir: &Path, mut encoder: BertModel, device: &Device) -> Result<Adapt
         head,
         base_trainable: Params::default(),
     })
+}
+
+/// Loads adapter (and fusion) directories onto `encoder` to run them under `setup`. With
+/// several directories, one holding trained LayerNorms is refused: they would share the encoder.
+pub fn load_composed(
+    dirs: &[PathBuf],
+    setup: Setup,
+    encoder: BertModel,
+    device: &Device,
+) -> Result<ComposedModel> {
+    if dirs.len() > 1 {
+        if let Some(dir) = dirs.iter().find(|d| d.join(BASE_WEIGHTS).exists()) {
+            return Err(Error::file(
+                dir.join(BASE_WEIGHTS),
+                "this adapter was trained together with the encoder's LayerNorms, which composed \
+                 adapters cannot share; train it with --freeze-layer-norms to compose it",
+            ));
+        }
+    }
+    let parts = dirs
+        .iter()
+        .map(|dir| load(dir, encoder.clone(), device))
+        .collect::<Result<Vec<_>>>()?;
+    // One directory may carry LayerNorms of its own: its encoder is the one to run.
+    let encoder = parts.first().map_or(encoder, |p| p.encoder.clone());
+    ComposedModel::new(encoder, setup, parts)
 }
 
 /// Loads one adapter saved in `dir` to use apart from the rest of its directory (to fuse it),

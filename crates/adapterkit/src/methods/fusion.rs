@@ -280,6 +280,11 @@ impl Fusion {
         })
     }
 
+    /// The fusion layer at one place, if the fused adapters all sit there.
+    pub fn layer(&self, layer: usize, position: Position) -> Option<&FusionLayer> {
+        self.layers.get(layer)?[position.index()].as_ref()
+    }
+
     /// AdapterHub's name for the fusion: the adapter names joined by commas.
     pub fn name(&self) -> String {
         self.adapters
@@ -342,8 +347,7 @@ impl Fusion {
             .filter(|a| !a.skip_layers.contains(&layer))
             .filter_map(|a| a.get(layer, position))
             .collect();
-        let fusion = self.layers[layer][position.index()].as_ref();
-        let (Some(fusion), Some(last)) = (fusion, present.last()) else {
+        let (Some(fusion), Some(last)) = (self.layer(layer, position), present.last()) else {
             return layer_norm.forward(&(hidden + input)?);
         };
         // As AdapterHub: the last adapter prepares the input, every adapter runs on it, the

@@ -4,4 +4,5 @@
 
 pub mod bottleneck;
 pub mod bottleneck_config;
+pub mod composition;
 pub mod fusion;

@@ -80,11 +80,37 @@ impl BertModel {
         hooks: &dyn LayerHooks,
         mode: &mut Mode,
     ) -> Result<Tensor> {
-        let mut hidden =
-            self.embeddings
-                .forward_embeds(inputs_embeds, &batch.token_type_ids, mode)?;
-        let bias = ops::attention_bias(&batch.attention_mask)?;
-        for layer in &self.layers {
+        let hidden = self
+            .embeddings
+            .forward_embeds(inputs_embeds, &batch.token_type_ids, mode)?;
+        self.run_layers(
+            hidden,
+            &batch.attention_mask,
+            0..self.layers.len(),
+            hooks,
+            mode,
+        )
+    }
+
+    /// The embeddings' output for `batch`, what layer 0 reads.
+    pub fn embed(&self, batch: &Batch, mode: &mut Mode) -> Result<Tensor> {
+        let embeds = self.embeddings.word_embeds(&batch.input_ids)?;
+        self.embeddings
+            .forward_embeds(&embeds, &batch.token_type_ids, mode)
+    }
+
+    /// Runs `layers` on `hidden` (what the first of them reads), `[batch, seq, hidden]`, with
+    /// the padding mask `[batch, seq]`.
+    pub fn run_layers(
+        &self,
+        mut hidden: Tensor,
+        attention_mask: &Tensor,
+        layers: std::ops::Range<usize>,
+        hooks: &dyn LayerHooks,
+        mode: &mut Mode,
+    ) -> Result<Tensor> {
+        let bias = ops::attention_bias(attention_mask)?;
+        for layer in &self.layers[layers] {
             hidden = layer.forward(&hidden, &bias, hooks, mode)?;
         }
         Ok(hidden)

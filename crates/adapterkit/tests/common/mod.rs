@@ -2,9 +2,11 @@
 #![allow(dead_code)]
 
 use std::collections::HashMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use adapterkit::batch::Batch;
+use adapterkit::model::load::ModelFiles;
+use adapterkit::model::BertModel;
 use candle_core::{DType, Device, Tensor};
 
 pub fn fixtures() -> PathBuf {
@@ -67,4 +69,33 @@ pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
 
 pub fn ids_of(t: &Tensor) -> Vec<Vec<u32>> {
     t.to_dtype(DType::U32).unwrap().to_vec2().unwrap()
+}
+
+/// The tiny random BERT of `tests/fixtures/tiny-bert/`.
+pub fn tiny_encoder() -> BertModel {
+    let files = ModelFiles::in_dir(&tiny_bert_dir()).unwrap();
+    files
+        .load_model(&files.load_config().unwrap(), &Device::Cpu)
+        .unwrap()
+}
+
+pub fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        if entry.file_type().unwrap().is_file() {
+            std::fs::copy(entry.path(), to.join(entry.file_name())).unwrap();
+        }
+    }
+}
+
+/// A fusion fixture case laid out as we save it: the fusion and head files, with each fused
+/// adapter in a sub-directory named after it.
+pub fn fusion_laid_out(case: &str) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    let fixtures = fixtures().join("fusion");
+    copy_dir(&fixtures.join(case), dir.path());
+    copy_dir(&fixtures.join("adapter_a"), &dir.path().join("a"));
+    copy_dir(&fixtures.join("adapter_b"), &dir.path().join("b"));
+    dir
 }

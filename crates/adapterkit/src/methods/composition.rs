@@ -1,0 +1,774 @@
+//! Composition of adapters with AdapterHub's blocks (`adapters.composition`): `Stack`, `Fuse`,
+//! `Parallel`, `BatchSplit` and `Average`, their nesting rules, and their forward pass at each
+//! adapter place (AdapterHub's `compose_*` of `BottleneckLayer`).
+//!
+//! A setup is written `parallel(a,b,c)`, `stack(a,fuse(b,c))`, `average(a,b)[0.3,0.7]` (the
+//! weights) or `batch_split(a,b)[4,4]` (the batch sizes), or given as AdapterHub's `to_dict()`
+//! JSON.
+
+use std::collections::BTreeMap;
+
+use candle_core::{Module, Result as CandleResult, Tensor};
+use serde_json::{json, Value};
+
+use crate::error::{Error, Result};
+use crate::methods::bottleneck::{check_name, BottleneckAdapter, BottleneckAdapters};
+use crate::methods::fusion::Fusion;
+use crate::model::hooks::{LayerHooks, Position};
+use crate::model::layer_norm::LayerNorm;
+use crate::model::Mode;
+
+/// An adapter setup: one adapter, or a block over child setups.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Setup {
+    Adapter(String),
+    /// Each child on the output of the one before.
+    Stack(Vec<Setup>),
+    /// AdapterFusion's attention over the children's outputs (a fusion layer of that name).
+    Fuse(Vec<Setup>),
+    /// Each child on its own copy of the batch: one output per child (multi-task inference).
+    Parallel(Vec<Setup>),
+    /// Consecutive slices of the batch, of these sizes, to the children in turn.
+    BatchSplit {
+        children: Vec<Setup>,
+        batch_sizes: Vec<usize>,
+    },
+    /// A weighted combination of the children's outputs; the weights are normalised to sum 1.
+    Average {
+        children: Vec<Setup>,
+        weights: Vec<f64>,
+    },
+}
+
+/// What each block may hold (AdapterHub's `ALLOWED_NESTINGS`, without Split and MultiTask).
+fn may_nest(parent: &Setup, child: &Setup) -> bool {
+    use Setup::*;
+    matches!(
+        (parent, child),
+        (_, Adapter(_))
+            | (Stack(_), _)
+            | (Fuse(_), Stack(_))
+            | (Parallel(_), Stack(_) | BatchSplit { .. } | Average { .. })
+            | (
+                BatchSplit { .. } | Average { .. },
+                Stack(_) | BatchSplit { .. } | Average { .. }
+            )
+    )
+}
+
+impl Setup {
+    /// Reads the text form (`parallel(a,b)`) or AdapterHub's JSON, and validates it. One bare
+    /// name is AdapterHub's `Stack(name)`.
+    pub fn parse(text: &str) -> Result<Self> {
+        let text = text.trim();
+        let setup = if text.starts_with('{') || text.starts_with('"') {
+            let value: Value = serde_json::from_str(text)
+                .map_err(|e| Error::input(format!("adapter setup JSON: {e}")))?;
+            Self::from_json(&value)?
+        } else {
+            let mut parser = Parser { text, at: 0 };
+            let setup = parser.setup()?;
+            parser.skip_space();
+            if parser.at != text.len() {
+                return Err(parser.error("unexpected text after the setup"));
+            }
+            setup
+        };
+        let setup = match setup {
+            Setup::Adapter(name) => Setup::Stack(vec![Setup::Adapter(name)]),
+            other => other,
+        };
+        setup.validate(0)?;
+        Ok(setup)
+    }
+
+    /// AdapterHub's `AdapterCompositionBlock.from_dict` (or a bare name).
+    pub fn from_json(value: &Value) -> Result<Self> {
+        let bad = |what: &str| Error::input(format!("adapter setup JSON: {what} in {value}"));
+        if let Some(name) = value.as_str() {
+            return Ok(Setup::Adapter(name.into()));
+        }
+        let kind = value["type"].as_str().ok_or_else(|| bad("no \"type\""))?;
+        let children = value["children"]
+            .as_array()
+            .ok_or_else(|| bad("no \"children\" list"))?;
+        if kind == "single" {
+            return match children.as_slice() {
+                [Value::String(name)] => Ok(Setup::Adapter(name.clone())),
+                _ => Err(bad("a \"single\" needs one adapter name")),
+            };
+        }
+        let children = children
+            .iter()
+            .map(Self::from_json)
+            .collect::<Result<Vec<_>>>()?;
+        let numbers = |key: &str| -> Result<Option<Vec<f64>>> {
+            match &value["kwargs"][key] {
+                Value::Null => Ok(None),
+                v => serde_json::from_value(v.clone())
+                    .map(Some)
+                    .map_err(|_| bad(&format!("\"{key}\" is not a list of numbers"))),
+            }
+        };
+        Self::block(
+            &kind.to_lowercase(),
+            children,
+            numbers("batch_sizes")?.or(numbers("weights")?),
+        )
+    }
+
+    /// A block from its (lower-case) name, children and the numbers in brackets.
+    fn block(kind: &str, children: Vec<Setup>, numbers: Option<Vec<f64>>) -> Result<Self> {
+        let takes_numbers = matches!(kind, "batchsplit" | "batch_split" | "average");
+        if numbers.is_some() && !takes_numbers {
+            return Err(Error::input(format!(
+                "{kind}(...) takes no [numbers]; only batch_split (the batch sizes) and average (the weights) do"
+            )));
+        }
+        Ok(match kind {
+            "stack" => Setup::Stack(children),
+            "fuse" => Setup::Fuse(children),
+            "parallel" => Setup::Parallel(children),
+            "batchsplit" | "batch_split" => {
+                let sizes = numbers.ok_or_else(|| {
+                    Error::input("batch_split(...) needs its batch sizes, e.g. batch_split(a,b)[4,4]")
+                })?;
+                if sizes.iter().any(|s| s.fract() != 0.0 || *s < 0.0) {
+                    return Err(Error::input(format!(
+                        "batch_split sizes must be whole numbers, got {sizes:?}"
+                    )));
+                }
+                Setup::BatchSplit {
+                    children,
+                    batch_sizes: sizes.iter().map(|s| *s as usize).collect(),
+                }
+            }
+            "average" => {
+                let n = children.len().max(1);
+                let weights = numbers.unwrap_or_else(|| vec![1.0; n]);
+                let total: f64 = weights.iter().sum();
+                if !total.is_finite() || total == 0.0 {
+                    return Err(Error::input(format!(
+                        "average weights must have a finite, non-zero sum, got {weights:?}"
+                    )));
+                }
+                Setup::Average {
+                    children,
+                    weights: weights.iter().map(|w| w / total).collect(),
+                }
+            }
+            other => {
+                return Err(Error::input(format!(
+                    "unknown composition block '{other}' (known: stack, fuse, parallel, batch_split, average)"
+                )))
+            }
+        })
+    }
+
+    /// The block's name as AdapterHub's class.
+    fn kind(&self) -> &'static str {
+        match self {
+            Setup::Adapter(_) => "single",
+            Setup::Stack(_) => "Stack",
+            Setup::Fuse(_) => "Fuse",
+            Setup::Parallel(_) => "Parallel",
+            Setup::BatchSplit { .. } => "BatchSplit",
+            Setup::Average { .. } => "Average",
+        }
+    }
+
+    pub fn children(&self) -> &[Setup] {
+        match self {
+            Setup::Adapter(_) => &[],
+            Setup::Stack(c) | Setup::Fuse(c) | Setup::Parallel(c) => c,
+            Setup::BatchSplit { children, .. } | Setup::Average { children, .. } => children,
+        }
+    }
+
+    /// AdapterHub's `validate_composition`: the nesting table, and below the first level only
+    /// stacks and adapters. Also checks names and that the numbers fit the children.
+    fn validate(&self, level: usize) -> Result<()> {
+        if level > 1 && !matches!(self, Setup::Stack(_) | Setup::Adapter(_)) {
+            return Err(Error::input(format!(
+                "adapter setup too deep: {self} cannot sit at nesting level {level} (only stack and adapters can)"
+            )));
+        }
+        if let Setup::Adapter(name) = self {
+            return check_name(name).map_err(|m| Error::input(format!("adapter '{name}': {m}")));
+        }
+        let children = self.children();
+        if children.is_empty() {
+            return Err(Error::input(format!("{self} has no adapters")));
+        }
+        let counts = match self {
+            Setup::BatchSplit { batch_sizes, .. } => Some(batch_sizes.len()),
+            Setup::Average { weights, .. } => Some(weights.len()),
+            _ => None,
+        };
+        if let Some(count) = counts.filter(|c| *c != children.len()) {
+            return Err(Error::input(format!(
+                "{self}: {count} numbers for {} children",
+                children.len()
+            )));
+        }
+        for child in children {
+            if !may_nest(self, child) {
+                return Err(Error::input(format!(
+                    "cannot nest {} in {} ({child} in {self}); {} may hold {}",
+                    child.kind(),
+                    self.kind(),
+                    self.kind(),
+                    allowed_children(self)
+                )));
+            }
+            child.validate(level + 1)?;
+        }
+        Ok(())
+    }
+
+    /// AdapterHub's `to_dict()`.
+    pub fn to_json(&self) -> Value {
+        if let Setup::Adapter(name) = self {
+            return json!({"type": "single", "children": [name]});
+        }
+        let mut value = json!({
+            "type": self.kind(),
+            "children": self.children().iter().map(Setup::to_json).collect::<Vec<_>>(),
+        });
+        match self {
+            Setup::BatchSplit { batch_sizes, .. } => {
+                value["kwargs"] = json!({ "batch_sizes": batch_sizes })
+            }
+            Setup::Average { weights, .. } => value["kwargs"] = json!({ "weights": weights }),
+            _ => {}
+        }
+        value
+    }
+
+    /// Every adapter name, in order of first appearance.
+    pub fn names(&self) -> Vec<&str> {
+        let mut out: Vec<&str> = Vec::new();
+        self.visit(&mut |s| {
+            if let Setup::Adapter(name) = s {
+                if !out.contains(&name.as_str()) {
+                    out.push(name);
+                }
+            }
+        });
+        out
+    }
+
+    fn visit<'a>(&'a self, f: &mut impl FnMut(&'a Setup)) {
+        f(self);
+        for child in self.children() {
+            child.visit(f);
+        }
+    }
+
+    /// AdapterHub's `first()`: the first adapter named.
+    pub fn first(&self) -> &str {
+        match self {
+            Setup::Adapter(name) => name,
+            block => block.children()[0].first(),
+        }
+    }
+
+    /// AdapterHub's `last()`: the last adapter named.
+    pub fn last(&self) -> &str {
+        match self {
+            Setup::Adapter(name) => name,
+            block => block
+                .children()
+                .last()
+                .expect("validated: not empty")
+                .last(),
+        }
+    }
+
+    /// A `Fuse` block's fusion layer name: its children's last adapters joined by commas.
+    pub fn fusion_name(children: &[Setup]) -> String {
+        children
+            .iter()
+            .map(Setup::last)
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    /// How many copies of the batch the setup runs on (AdapterHub's `parallel_channels`).
+    pub fn parallel_channels(&self) -> usize {
+        match self {
+            Setup::Adapter(_) => 1,
+            Setup::Parallel(children) => children.len(),
+            block => block
+                .children()
+                .iter()
+                .map(Setup::parallel_channels)
+                .max()
+                .unwrap_or(1),
+        }
+    }
+
+    /// The head each output goes to: one per parallel channel, named after the adapter (or
+    /// fusion) that produces it.
+    pub fn head_names(&self) -> Vec<String> {
+        match self {
+            Setup::Adapter(name) => vec![name.clone()],
+            Setup::Fuse(children) => vec![Setup::fusion_name(children)],
+            Setup::Parallel(children) => children
+                .iter()
+                .flat_map(|c| c.head_names().into_iter().last())
+                .collect(),
+            block => block.children().last().expect("validated").head_names(),
+        }
+    }
+}
+
+fn allowed_children(parent: &Setup) -> &'static str {
+    match parent {
+        Setup::Stack(_) => "adapters and any block",
+        Setup::Fuse(_) => "adapters and stack",
+        Setup::Parallel(_) => "adapters, stack, batch_split and average",
+        _ => "adapters, stack, batch_split and average",
+    }
+}
+
+impl std::fmt::Display for Setup {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let (name, numbers) = match self {
+            Setup::Adapter(name) => return write!(f, "{name}"),
+            Setup::Stack(_) => ("stack", None),
+            Setup::Fuse(_) => ("fuse", None),
+            Setup::Parallel(_) => ("parallel", None),
+            Setup::BatchSplit { batch_sizes, .. } => (
+                "batch_split",
+                Some(
+                    batch_sizes
+                        .iter()
+                        .map(|s| s.to_string())
+                        .collect::<Vec<_>>(),
+                ),
+            ),
+            Setup::Average { weights, .. } => (
+                "average",
+                Some(weights.iter().map(|w| w.to_string()).collect::<Vec<_>>()),
+            ),
+        };
+        let children: Vec<String> = self.children().iter().map(|c| c.to_string()).collect();
+        write!(f, "{name}({})", children.join(","))?;
+        if let Some(numbers) = numbers {
+            write!(f, "[{}]", numbers.join(","))?;
+        }
+        Ok(())
+    }
+}
+
+/// A recursive-descent reader of `block(child,...)[numbers]`.
+struct Parser<'a> {
+    text: &'a str,
+    at: usize,
+}
+
+impl Parser<'_> {
+    fn error(&self, message: &str) -> Error {
+        Error::input(format!(
+            "adapter setup '{}': {message} at character {}",
+            self.text,
+            self.at + 1
+        ))
+    }
+
+    fn skip_space(&mut self) {
+        while self.text[self.at..].starts_with(char::is_whitespace) {
+            self.at += 1;
+        }
+    }
+
+    fn eat(&mut self, c: char) -> bool {
+        self.skip_space();
+        if self.text[self.at..].starts_with(c) {
+            self.at += 1;
+            true
+        } else {
+            false
+        }
+    }
+
+    fn word(&mut self) -> &str {
+        self.skip_space();
+        let start = self.at;
+        let rest = &self.text[start..];
+        let len = rest
+            .find(|c: char| !(c.is_ascii_alphanumeric() || "-_.+e".contains(c)))
+            .unwrap_or(rest.len());
+        self.at += len;
+        &self.text[start..start + len]
+    }
+
+    fn setup(&mut self) -> Result<Setup> {
+        let word = self.word().to_string();
+        if word.is_empty() {
+            return Err(self.error("expected an adapter name or a block"));
+        }
+        if !self.eat('(') {
+            return Ok(Setup::Adapter(word));
+        }
+        let mut children = vec![self.setup()?];
+        while self.eat(',') {
+            children.push(self.setup()?);
+        }
+        if !self.eat(')') {
+            return Err(self.error("expected ',' or ')'"));
+        }
+        let numbers = if self.eat('[') {
+            let mut numbers = Vec::new();
+            loop {
+                let word = self.word().to_string();
+                numbers.push(
+                    word.parse::<f64>()
+                        .map_err(|_| self.error(&format!("'{word}' is not a number")))?,
+                );
+                if self.eat(']') {
+                    break;
+                }
+                if !self.eat(',') {
+                    return Err(self.error("expected ',' or ']'"));
+                }
+            }
+            Some(numbers)
+        } else {
+            None
+        };
+        Setup::block(&word.to_lowercase(), children, numbers)
+    }
+}
+
+/// A setup with the adapters and fusion layers it names: the hooks that run it.
+#[derive(Debug, Clone)]
+pub struct Composition {
+    pub setup: Setup,
+    pub adapters: BTreeMap<String, BottleneckAdapters>,
+    /// Fusion layers by name (`a,b`), for the setup's `Fuse` blocks.
+    pub fusions: BTreeMap<String, Fusion>,
+}
+
+/// What flows through the blocks at one adapter place (AdapterHub's `BottleneckState`).
+#[derive(Clone)]
+struct State {
+    hidden: Tensor,
+    /// The sub-layer's input (the transformer's residual).
+    input: Tensor,
+    /// The adapters' skip connection.
+    residual: Tensor,
+    /// The last adapter's up-projection (what a fusion attends over).
+    up: Option<Tensor>,
+    last: Option<String>,
+}
+
+impl State {
+    fn slice(&self, start: usize, len: usize) -> CandleResult<Self> {
+        Ok(Self {
+            hidden: self.hidden.narrow(0, start, len)?,
+            input: self.input.narrow(0, start, len)?,
+            residual: self.residual.narrow(0, start, len)?,
+            up: self
+                .up
+                .as_ref()
+                .map(|u| u.narrow(0, start, len))
+                .transpose()?,
+            last: self.last.clone(),
+        })
+    }
+
+    fn concat(states: Vec<State>) -> CandleResult<Self> {
+        let cat = |f: &dyn Fn(&State) -> Tensor| {
+            Tensor::cat(&states.iter().map(f).collect::<Vec<_>>(), 0)
+        };
+        let up = if states.iter().all(|s| s.up.is_some()) {
+            Some(cat(&|s| s.up.clone().expect("checked"))?)
+        } else {
+            None
+        };
+        Ok(Self {
+            hidden: cat(&|s| s.hidden.clone())?,
+            input: cat(&|s| s.input.clone())?,
+            residual: cat(&|s| s.residual.clone())?,
+            up,
+            last: states.iter().rev().find_map(|s| s.last.clone()),
+        })
+    }
+}
+
+impl Composition {
+    /// Checks that every adapter and fusion the setup names is given.
+    pub fn new(
+        setup: Setup,
+        adapters: BTreeMap<String, BottleneckAdapters>,
+        fusions: BTreeMap<String, Fusion>,
+    ) -> Result<Self> {
+        if let Some(missing) = setup
+            .names()
+            .into_iter()
+            .find(|n| !adapters.contains_key(*n))
+        {
+            let known: Vec<&String> = adapters.keys().collect();
+            return Err(Error::input(format!(
+                "the setup {setup} names adapter '{missing}', which is not loaded (loaded: {known:?})"
+            )));
+        }
+        let mut fuse_names = Vec::new();
+        setup.visit(&mut |s| {
+            if let Setup::Fuse(children) = s {
+                fuse_names.push(Setup::fusion_name(children));
+            }
+        });
+        if let Some(missing) = fuse_names.iter().find(|n| !fusions.contains_key(*n)) {
+            return Err(Error::input(format!(
+                "the setup {setup} fuses '{missing}', but no fusion of those adapters is loaded"
+            )));
+        }
+        Ok(Self {
+            setup,
+            adapters,
+            fusions,
+        })
+    }
+
+    /// The adapter `name` at this place, unless absent there or skipped (AdapterDrop).
+    fn adapter(&self, name: &str, layer: usize, position: Position) -> Option<&BottleneckAdapter> {
+        let adapters = self.adapters.get(name)?;
+        if adapters.skip_layers.contains(&layer) {
+            return None;
+        }
+        adapters.get(layer, position)
+    }
+
+    /// The lowest layer where any adapter of the setup runs: below it the model is the base
+    /// model, which parallel channels can share.
+    pub fn lowest_active_layer(&self, layers: usize) -> Option<usize> {
+        let names = self.setup.names();
+        (0..layers).find(|&layer| {
+            names.iter().any(|n| {
+                Position::BOTH
+                    .iter()
+                    .any(|p| self.adapter(n, layer, *p).is_some())
+            })
+        })
+    }
+
+    /// AdapterHub's `pre_block`: the first adapter (of `setup`) that is present prepares the
+    /// input and the skip connection.
+    fn pre_block(
+        &self,
+        setup: &Setup,
+        state: State,
+        at: (usize, Position),
+        layer_norm: &LayerNorm,
+    ) -> CandleResult<State> {
+        let first = setup
+            .names()
+            .into_iter()
+            .find_map(|n| self.adapter(n, at.0, at.1));
+        let Some(first) = first else {
+            return Ok(state);
+        };
+        let pre = first.pre_forward(&state.hidden, &state.input, layer_norm, false)?;
+        Ok(State {
+            hidden: pre.x,
+            residual: pre.residual,
+            ..state
+        })
+    }
+
+    fn single(
+        &self,
+        name: &str,
+        state: State,
+        at: (usize, Position),
+        mode: &mut Mode,
+    ) -> CandleResult<State> {
+        let Some(adapter) = self.adapter(name, at.0, at.1) else {
+            return Ok(state);
+        };
+        let (hidden, up) = adapter.bottleneck(&state.hidden, &state.residual, mode)?;
+        Ok(State {
+            hidden,
+            up: Some(up),
+            last: Some(name.to_string()),
+            ..state
+        })
+    }
+
+    /// A child of a block: an adapter runs as it is, a block through `compose`.
+    fn child(
+        &self,
+        child: &Setup,
+        state: State,
+        at: (usize, Position),
+        layer_norm: &LayerNorm,
+        mode: &mut Mode,
+    ) -> CandleResult<State> {
+        match child {
+            Setup::Adapter(name) => self.single(name, state, at, mode),
+            block => self.compose(block, state, at, layer_norm, mode),
+        }
+    }
+
+    fn compose(
+        &self,
+        setup: &Setup,
+        state: State,
+        at: (usize, Position),
+        layer_norm: &LayerNorm,
+        mode: &mut Mode,
+    ) -> CandleResult<State> {
+        match setup {
+            Setup::Adapter(name) => self.single(name, state, at, mode),
+            Setup::Stack(children) => {
+                let mut state = state;
+                for child in children {
+                    if let Setup::Adapter(_) = child {
+                        state = self.pre_block(child, state, at, layer_norm)?;
+                    }
+                    state = self.child(child, state, at, layer_norm, mode)?;
+                }
+                Ok(state)
+            }
+            Setup::Fuse(children) => self.fuse(children, state, at, layer_norm, mode),
+            Setup::Parallel(children) => {
+                let batch = state.hidden.dim(0)?;
+                if batch % children.len() != 0 {
+                    candle_core::bail!(
+                        "a parallel block of {} needs the batch replicated per child, got {batch} rows",
+                        children.len()
+                    );
+                }
+                let rows = batch / children.len();
+                let state = self.pre_block(setup, state, at, layer_norm)?;
+                let states = children
+                    .iter()
+                    .enumerate()
+                    .map(|(i, c)| self.child(c, state.slice(i * rows, rows)?, at, layer_norm, mode))
+                    .collect::<CandleResult<Vec<_>>>()?;
+                State::concat(states)
+            }
+            Setup::BatchSplit {
+                children,
+                batch_sizes,
+            } => {
+                let batch = state.hidden.dim(0)?;
+                if batch_sizes.iter().sum::<usize>() != batch {
+                    candle_core::bail!(
+                        "batch_split sizes {batch_sizes:?} do not add up to the batch of {batch}"
+                    );
+                }
+                let state = self.pre_block(setup, state, at, layer_norm)?;
+                let mut start = 0;
+                let mut states = Vec::new();
+                for (child, &rows) in children.iter().zip(batch_sizes) {
+                    states.push(self.child(
+                        child,
+                        state.slice(start, rows)?,
+                        at,
+                        layer_norm,
+                        mode,
+                    )?);
+                    start += rows;
+                }
+                State::concat(states)
+            }
+            Setup::Average { children, weights } => {
+                let state = self.pre_block(setup, state, at, layer_norm)?;
+                let states = children
+                    .iter()
+                    .map(|c| self.child(c, state.clone(), at, layer_norm, mode))
+                    .collect::<CandleResult<Vec<_>>>()?;
+                // AdapterHub 1.3 takes `mean(stack(w_i * h_i))`: the normalised weights are
+                // divided by the number of children once more. Matched for interoperability.
+                let mut sum = (&states[0].hidden * weights[0])?;
+                for (s, w) in states.iter().zip(weights).skip(1) {
+                    sum = (sum + (&s.hidden * *w)?)?;
+                }
+                let first = states[0].clone();
+                Ok(State {
+                    hidden: (sum / states.len() as f64)?,
+                    last: states.iter().rev().find_map(|s| s.last.clone()),
+                    ..first
+                })
+            }
+        }
+    }
+
+    /// AdapterHub's `compose_fuse`: the last adapter prepares the input and the query, each
+    /// child runs on it, the fusion layer weighs their up-projections.
+    fn fuse(
+        &self,
+        children: &[Setup],
+        state: State,
+        at: (usize, Position),
+        layer_norm: &LayerNorm,
+        mode: &mut Mode,
+    ) -> CandleResult<State> {
+        let name = Setup::fusion_name(children);
+        let fusion = &self.fusions[&name];
+        let last = children.last().expect("validated").last();
+        let (Some(last_adapter), Some(layer)) =
+            (self.adapter(last, at.0, at.1), fusion.layer(at.0, at.1))
+        else {
+            return Ok(state);
+        };
+        let pre = last_adapter.pre_forward(
+            &state.hidden,
+            &state.input,
+            layer_norm,
+            fusion.config.query_before_ln,
+        )?;
+        let state = State {
+            hidden: pre.x,
+            residual: pre.residual,
+            ..state
+        };
+        let mut ups = Vec::new();
+        for child in children {
+            if let Some(up) = self.child(child, state.clone(), at, layer_norm, mode)?.up {
+                ups.push(up);
+            }
+        }
+        let (hidden, _) =
+            layer.forward(&pre.query, &Tensor::stack(&ups, 2)?, &state.residual, mode)?;
+        Ok(State {
+            hidden,
+            last: Some(last.to_string()),
+            ..state
+        })
+    }
+}
+
+impl LayerHooks for Composition {
+    fn sub_layer_output(
+        &self,
+        layer: usize,
+        position: Position,
+        hidden: &Tensor,
+        input: &Tensor,
+        layer_norm: &LayerNorm,
+        mode: &mut Mode,
+    ) -> CandleResult<Tensor> {
+        let state = State {
+            hidden: hidden.clone(),
+            input: input.clone(),
+            residual: input.clone(),
+            up: None,
+            last: None,
+        };
+        let state = self.compose(&self.setup, state, (layer, position), layer_norm, mode)?;
+        match state
+            .last
+            .as_deref()
+            .and_then(|n| self.adapter(n, layer, position))
+        {
+            // AdapterHub finishes with the last adapter's `post_forward`, for every channel.
+            Some(last) => last.post_forward(state.hidden, hidden, &state.input, layer_norm),
+            None => layer_norm.forward(&(hidden + input)?),
+        }
+    }
+}

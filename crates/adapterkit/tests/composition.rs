@@ -1,0 +1,208 @@
+//! Composition blocks: AdapterHub parity (fixtures by
+//! `tests/fixtures/composition/make_composition_fixtures.py`), multi-task `Parallel` inference
+//! equal to each adapter alone, and the nesting rules.
+
+mod common;
+
+use std::collections::BTreeMap;
+
+use adapterkit::adapter_model::{AdapterModel, Method};
+use adapterkit::composed_model::ComposedModel;
+use adapterkit::data::TaskKind;
+use adapterkit::heads::HeadConfig;
+use adapterkit::io::adapter_dir;
+use adapterkit::methods::bottleneck_config::BnConfig;
+use adapterkit::methods::composition::{Composition, Setup};
+use adapterkit::model::Mode;
+use candle_core::Device;
+use common::*;
+
+#[test]
+fn blocks_match_adapters_library() {
+    let expected = load_expected("composition/expected.safetensors");
+    let cases: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(fixtures().join("composition/expected.json")).unwrap(),
+    )
+    .unwrap();
+    let batch = batch_of(
+        &expected["input_ids"],
+        &expected["token_type_ids"],
+        Some(&expected["attention_mask"]),
+    );
+    // The fusion fixture holds adapters "a" and "b" and their dynamic fusion.
+    let dir = fusion_laid_out("dynamic");
+    let tuned = adapter_dir::load(dir.path(), tiny_encoder(), &Device::Cpu).unwrap();
+    let fusion = tuned.fusion.unwrap();
+    let adapters: BTreeMap<_, _> = fusion
+        .adapters
+        .iter()
+        .map(|a| (a.name.clone(), a.clone()))
+        .collect();
+    let fusions = BTreeMap::from([(fusion.name(), fusion.clone())]);
+    for (case, listing) in cases["cases"].as_object().unwrap() {
+        let text = listing["setup"].as_str().unwrap();
+        let setup = Setup::parse(text).unwrap();
+        // AdapterHub's JSON for the same setup reads as the same setup.
+        let from_json = Setup::parse(&listing["adapterhub"].to_string()).unwrap();
+        assert_eq!(from_json, setup, "{case}");
+        let model = ComposedModel {
+            encoder: tiny_encoder(),
+            composition: Composition::new(setup, adapters.clone(), fusions.clone()).unwrap(),
+            heads: vec![],
+        };
+        let hidden = model.hidden(&batch, &mut Mode::Eval).unwrap();
+        let diff = max_abs_diff(&hidden, &expected[&format!("{case}.last_hidden_state")]);
+        eprintln!("{case} ({text}): max |diff| {diff:.2e}");
+        assert!(diff < 1e-5, "{case}: {diff}");
+    }
+}
+
+/// A task model on the tiny BERT: a Houlsby adapter (up-projections far from zero) and a
+/// 3-class head, both named `name`.
+fn task(name: &str, leave_out: &str, seed: u64) -> AdapterModel {
+    let config = BnConfig::preset("houlsby")
+        .unwrap()
+        .with_overrides(&[
+            ("leave_out".into(), leave_out.into()),
+            ("init_weights".into(), "bert".into()),
+        ])
+        .unwrap();
+    let labels: Vec<String> = ["x", "y", "z"].map(String::from).to_vec();
+    let head = HeadConfig::new(TaskKind::Classification, &labels).unwrap();
+    let model = AdapterModel::new(
+        tiny_encoder(),
+        &Method::Adapter(config),
+        name,
+        head,
+        false,
+        seed,
+        &Device::Cpu,
+    )
+    .unwrap();
+    for (_, var) in model.trainable().iter() {
+        var.set(&(var.as_tensor() * 20.0).unwrap()).unwrap();
+    }
+    model
+}
+
+fn batch() -> adapterkit::batch::Batch {
+    let expected = load_expected("composition/expected.safetensors");
+    batch_of(
+        &expected["input_ids"],
+        &expected["token_type_ids"],
+        Some(&expected["attention_mask"]),
+    )
+}
+
+#[test]
+fn parallel_gives_each_task_what_its_adapter_gives_alone() {
+    // Layer 0 has no adapter in any task, so it runs once for all three.
+    for leave_out in ["[]", "[0]"] {
+        let tasks = [
+            task("a", leave_out, 1),
+            task("b", leave_out, 2),
+            task("c", leave_out, 3),
+        ];
+        let alone: Vec<_> = tasks
+            .iter()
+            .map(|t| t.logits(&batch(), &mut Mode::Eval).unwrap())
+            .collect();
+        let setup = Setup::parse("parallel(a,b,c)").unwrap();
+        let model = ComposedModel::new(tiny_encoder(), setup, tasks.to_vec()).unwrap();
+        let shared = model.composition.lowest_active_layer(2);
+        assert_eq!(shared, Some(if leave_out == "[]" { 0 } else { 1 }));
+        let together = model.logits(&batch(), &mut Mode::Eval).unwrap();
+        assert_eq!(together.len(), 3);
+        for ((name, a), b) in ["a", "b", "c"].iter().zip(&alone).zip(&together) {
+            let diff = max_abs_diff(a, b);
+            assert!(diff < 1e-6, "task {name}, leave_out {leave_out}: {diff}");
+        }
+        // The tasks differ, so the comparison above is not vacuous.
+        assert!(max_abs_diff(&alone[0], &alone[1]) > 1e-3);
+    }
+}
+
+#[test]
+fn adapter_drop_applies_under_parallel() {
+    let mut tasks = [task("a", "[]", 1), task("b", "[]", 2)];
+    let setup = Setup::parse("parallel(a,b)").unwrap();
+    let mut model = ComposedModel::new(tiny_encoder(), setup, tasks.to_vec()).unwrap();
+    for adapter in model.composition.adapters.values_mut() {
+        adapter.skip_layers = [0].into();
+    }
+    assert_eq!(model.composition.lowest_active_layer(2), Some(1));
+    let together = model.logits(&batch(), &mut Mode::Eval).unwrap();
+    for (task, b) in tasks.iter_mut().zip(&together) {
+        task.set_skip_layers(&[0].into());
+        let alone = task.logits(&batch(), &mut Mode::Eval).unwrap();
+        assert!(max_abs_diff(&alone, b) < 1e-6);
+    }
+}
+
+#[test]
+fn illegal_setups_are_rejected_with_the_reason() {
+    let cases = [
+        (
+            "parallel(parallel(a,b),c)",
+            "cannot nest Parallel in Parallel",
+        ),
+        ("fuse(parallel(a,b))", "cannot nest Parallel in Fuse"),
+        ("parallel(fuse(a,b))", "cannot nest Fuse in Parallel"),
+        ("average(fuse(a,b),c)", "cannot nest Fuse in Average"),
+        ("stack(parallel(stack(average(a,b))))", "too deep"),
+        ("stack(fuse(stack(a),b))", ""),
+        ("split(a,b)", "unknown composition block 'split'"),
+        ("batch_split(a,b)", "needs its batch sizes"),
+        ("batch_split(a,b)[1]", "1 numbers for 2 children"),
+        ("average(a,b)[1,-1]", "non-zero sum"),
+        ("parallel(a,b)[1,2]", "takes no [numbers]"),
+        ("parallel(a,", "expected an adapter name"),
+        ("parallel(a b)", "expected ',' or ')'"),
+        ("stack(a) b", "unexpected text"),
+        ("parallel(a/b)", "expected ',' or ')'"),
+        ("{\"type\": \"Stack\"}", "no \"children\""),
+    ];
+    for (text, message) in cases {
+        match Setup::parse(text) {
+            Ok(setup) if message.is_empty() => assert!(setup.names() == ["a", "b"]),
+            Ok(setup) => panic!("{text} was accepted as {setup}"),
+            Err(e) => assert!(
+                !message.is_empty() && e.to_string().contains(message),
+                "{text}: {e}"
+            ),
+        }
+    }
+}
+
+#[test]
+fn setups_read_and_print_as_adapterhub_writes_them() {
+    let setup = Setup::parse("Parallel(stack(a, b), average(c, d)[1, 3])").unwrap();
+    assert_eq!(
+        setup.to_string(),
+        "parallel(stack(a,b),average(c,d)[0.25,0.75])"
+    );
+    assert_eq!(setup.parallel_channels(), 2);
+    assert_eq!(setup.head_names(), ["b", "d"]);
+    let json = setup.to_json();
+    assert_eq!(json["children"][1]["kwargs"]["weights"][1], 0.75);
+    assert_eq!(Setup::parse(&json.to_string()).unwrap(), setup);
+    // One name is AdapterHub's Stack(name).
+    assert_eq!(
+        Setup::parse("a").unwrap(),
+        Setup::Stack(vec![Setup::Adapter("a".into())])
+    );
+}
+
+#[test]
+fn missing_adapters_heads_and_fusions_are_named() {
+    let tasks = vec![task("a", "[]", 1), task("b", "[]", 2)];
+    let error = |text: &str| {
+        ComposedModel::new(tiny_encoder(), Setup::parse(text).unwrap(), tasks.clone())
+            .unwrap_err()
+            .to_string()
+    };
+    assert!(error("parallel(a,c)").contains("no head named 'c'"));
+    assert!(error("stack(c,a)").contains("names adapter 'c', which is not loaded"));
+    assert!(error("fuse(a,b)").contains("no head named 'a,b'"));
+    assert!(error("stack(a,parallel(a,b),b)").contains("gives 2 outputs"));
+}
