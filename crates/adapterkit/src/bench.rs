@@ -7,6 +7,7 @@ use candle_core::{DType, Device, Tensor};
 
 use crate::adapter_model::AdapterModel;
 use crate::batch::Batch;
+use crate::composed_model::ComposedModel;
 use crate::error::Result;
 use crate::model::{BertConfig, Mode};
 use crate::rng::SeededRng;
@@ -74,6 +75,14 @@ pub fn time_per_step(
 pub fn inference_step(model: &AdapterModel, batch: &Batch) -> Result<()> {
     let logits = model.logits(batch, &mut Mode::Eval)?;
     logits.to_dtype(DType::F32)?.sum_all()?.to_scalar::<f32>()?;
+    Ok(())
+}
+
+/// One evaluation forward pass of a composed model (every head).
+pub fn composed_step(model: &ComposedModel, batch: &Batch) -> Result<()> {
+    for logits in model.logits(batch, &mut Mode::Eval)? {
+        logits.sum_all()?.to_scalar::<f32>()?;
+    }
     Ok(())
 }
 

@@ -3,11 +3,14 @@ use candle_core::Device;
 
 use adapterkit::adapter_model::{AdapterModel, Method};
 use adapterkit::bench::{
-    forward_flops, inference_step, matmul_peak, optimizer_for, peak_rss_bytes, random_batch,
-    time_per_step, training_step,
+    composed_step, forward_flops, inference_step, matmul_peak, optimizer_for, peak_rss_bytes,
+    random_batch, time_per_step, training_step,
 };
+use adapterkit::composed_model::ComposedModel;
 use adapterkit::data::TaskKind;
 use adapterkit::heads::HeadConfig;
+use adapterkit::methods::bottleneck_config::BnConfig;
+use adapterkit::methods::composition::Setup;
 use adapterkit::model::{BertConfig, BertModel, Mode};
 
 #[derive(clap::Args)]
@@ -26,9 +29,15 @@ pub struct Args {
     #[arg(long, default_value_t = 5)]
     steps: usize,
     /// What to measure, in order: inference, adapter (Houlsby training), full (fine-tuning),
-    /// ops (fused against composed LayerNorm and softmax, forward + backward, at this shape).
+    /// ops (fused against composed LayerNorm and softmax, forward + backward, at this shape),
+    /// multitask (--tasks adapters one by one, then in one Parallel pass with the adapters of
+    /// the lowest k layers dropped, for every k), adapter-drop (adapter training with no
+    /// adapters in the lowest k layers, for every k).
     #[arg(long, value_delimiter = ',', default_value = "inference,adapter,full")]
     what: Vec<String>,
+    /// Task adapters in the multitask measurement.
+    #[arg(long, default_value_t = 8)]
+    tasks: usize,
     /// Also train the encoder's LayerNorms in the adapter measurement (off: as AdapterHub's
     /// `train_adapter`, the side-by-side comparison's setting).
     #[arg(long)]
@@ -65,6 +74,16 @@ pub fn run(args: Args) -> Result<()> {
     let flops = forward_flops(&config, args.batch_size, args.seq_len);
     let peak = matmul_peak(1024, &device)?;
 
+    let row = |what: &str, seconds: f64, step_flops: f64| {
+        serde_json::json!({
+            "what": what,
+            "sequences_per_second": args.batch_size as f64 / seconds,
+            "seconds_per_step": seconds,
+            "gflop_per_second": step_flops / seconds / 1e9,
+            "share_of_matmul_peak": step_flops / seconds / peak,
+            "peak_rss_mib_so_far": peak_rss_bytes().map(|b| b as f64 / 1048576.0),
+        })
+    };
     let mut rows = Vec::new();
     for what in &args.what {
         let (seconds, step_flops) = match what.as_str() {
@@ -111,16 +130,43 @@ pub fn run(args: Args) -> Result<()> {
                 compare_ops(&config, &args)?;
                 continue;
             }
-            other => anyhow::bail!("unknown measurement '{other}' (inference, adapter, full, ops)"),
+            "multitask" => {
+                for (label, seconds, step_flops) in multitask(&encoder, &head, &batch, &args)? {
+                    rows.push(row(&label, seconds, step_flops));
+                }
+                continue;
+            }
+            "adapter-drop" => {
+                for dropped in 0..config.num_hidden_layers {
+                    let config = BnConfig::preset("houlsby")?
+                        .with_overrides(&[("leave_out".into(), format!("{:?}", (0..dropped).collect::<Vec<_>>()))])
+                        .map_err(anyhow::Error::msg)?;
+                    let model = AdapterModel::new(
+                        encoder.clone(),
+                        &Method::Adapter(config),
+                        "bench",
+                        head.clone(),
+                        false,
+                        1,
+                        &device,
+                    )?;
+                    let mut optimizer = optimizer_for(&model)?;
+                    let mut mode = Mode::train(1);
+                    let seconds = time_per_step(1, args.steps, || {
+                        training_step(&model, &mut optimizer, &batch, &targets, &mut mode)
+                    })?;
+                    // Input gradients only above the lowest adapter.
+                    let layers = encoder.layers.len();
+                    let backward = flops * (layers - dropped) as f64 / layers as f64;
+                    rows.push(row(&format!("adapter, drop lowest {dropped}"), seconds, flops + backward));
+                }
+                continue;
+            }
+            other => anyhow::bail!(
+                "unknown measurement '{other}' (inference, adapter, full, ops, multitask, adapter-drop)"
+            ),
         };
-        rows.push(serde_json::json!({
-            "what": what,
-            "sequences_per_second": args.batch_size as f64 / seconds,
-            "seconds_per_step": seconds,
-            "gflop_per_second": step_flops / seconds / 1e9,
-            "share_of_matmul_peak": step_flops / seconds / peak,
-            "peak_rss_mib_so_far": peak_rss_bytes().map(|b| b as f64 / 1048576.0),
-        }));
+        rows.push(row(what, seconds, step_flops));
     }
     let report = serde_json::json!({
         "shape": args.shape,
@@ -143,12 +189,12 @@ pub fn run(args: Args) -> Result<()> {
         peak / 1e9
     );
     println!(
-        "{:<10} {:>12} {:>10} {:>9} {:>14}",
+        "{:<44} {:>12} {:>10} {:>9} {:>14}",
         "what", "sequences/s", "GFLOP/s", "of peak", "peak RSS MiB"
     );
     for r in &rows {
         println!(
-            "{:<10} {:>12.2} {:>10.1} {:>8.0}% {:>14.0}",
+            "{:<44} {:>12.2} {:>10.1} {:>8.0}% {:>14.0}",
             r["what"].as_str().unwrap_or(""),
             r["sequences_per_second"].as_f64().unwrap_or(0.0),
             r["gflop_per_second"].as_f64().unwrap_or(0.0),
@@ -204,4 +250,64 @@ fn compare_ops(config: &BertConfig, args: &Args) -> Result<()> {
 /// `transformers`' `initializer_range`.
 fn config_std() -> f64 {
     0.02
+}
+
+/// `--tasks` Houlsby adapters with heads on `encoder`: each alone, one after another, then all
+/// in one Parallel pass with the adapters of the lowest k layers dropped, for every k. Returns
+/// (label, seconds per batch, FLOPs per batch).
+fn multitask(
+    encoder: &BertModel,
+    head: &HeadConfig,
+    batch: &adapterkit::batch::Batch,
+    args: &Args,
+) -> Result<Vec<(String, f64, f64)>> {
+    let device = Device::Cpu;
+    let tasks = args.tasks;
+    anyhow::ensure!(tasks > 0, "--tasks must be positive");
+    let names: Vec<String> = (0..tasks).map(|i| format!("task{i}")).collect();
+    let parts = names
+        .iter()
+        .enumerate()
+        .map(|(i, name)| {
+            AdapterModel::new(
+                encoder.clone(),
+                &Method::from_name("houlsby")?,
+                name,
+                head.clone(),
+                false,
+                i as u64,
+                &device,
+            )
+        })
+        .collect::<adapterkit::Result<Vec<_>>>()?;
+    let flops = forward_flops(&encoder.config, args.batch_size, args.seq_len);
+    let mut out = Vec::new();
+    let seconds = time_per_step(1, args.steps, || {
+        for part in &parts {
+            inference_step(part, batch)?;
+        }
+        Ok(())
+    })?;
+    out.push((
+        format!("{tasks} tasks one after another"),
+        seconds,
+        flops * tasks as f64,
+    ));
+    let setup = Setup::parse(&format!("parallel({})", names.join(",")))?;
+    let mut model = ComposedModel::new(encoder.clone(), setup, parts)?;
+    let layers = encoder.layers.len();
+    for dropped in 0..layers {
+        for adapter in model.composition.adapters.values_mut() {
+            adapter.skip_layers = (0..dropped).collect();
+        }
+        let seconds = time_per_step(1, args.steps, || composed_step(&model, batch))?;
+        let shared = dropped as f64 / layers as f64;
+        let work = flops * (shared + tasks as f64 * (1.0 - shared));
+        out.push((
+            format!("{tasks} tasks in parallel, drop lowest {dropped}"),
+            seconds,
+            work,
+        ));
+    }
+    Ok(out)
 }
