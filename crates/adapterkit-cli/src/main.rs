@@ -6,6 +6,24 @@ mod input;
 
 use std::process::ExitCode;
 
+/// Every op allocates its output, often tens of MiB. The system allocator returns such blocks
+/// to the kernel on free and page-faults them back in on the next op; mimalloc, told to commit
+/// its arenas up front and never purge (see `keep_freed_memory`), reuses them.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+/// mimalloc's `mi_option_arena_eager_commit` and `mi_option_purge_delay` (their positions in
+/// `mi_option_e`, the same in its v2 and v3 headers; the Rust bindings do not name them).
+fn keep_freed_memory() {
+    const ARENA_EAGER_COMMIT: libmimalloc_sys::mi_option_t = 4;
+    const PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
+    // SAFETY: plain setters of mimalloc's global options, called before any thread starts.
+    unsafe {
+        libmimalloc_sys::mi_option_set(ARENA_EAGER_COMMIT, 1);
+        libmimalloc_sys::mi_option_set(PURGE_DELAY, -1);
+    }
+}
+
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
@@ -40,6 +58,7 @@ enum Command {
 }
 
 fn main() -> ExitCode {
+    keep_freed_memory();
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Info(args) => commands::info::run(args),
