@@ -6,6 +6,8 @@ mod input;
 
 use std::process::ExitCode;
 
+use clap::{Parser, Subcommand};
+
 /// Every op allocates its output, often tens of MiB. The system allocator returns such blocks
 /// to the kernel on free and page-faults them back in on the next op; mimalloc, told to commit
 /// its arenas up front and never purge (see `keep_freed_memory`), reuses them.
@@ -23,8 +25,6 @@ fn keep_freed_memory() {
         libmimalloc_sys::mi_option_set(PURGE_DELAY, -1);
     }
 }
-
-use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
 #[command(
@@ -55,6 +55,8 @@ enum Command {
     Bench(commands::bench::Args),
     /// Mean fusion attention per layer over the fused adapters, as JSON and an SVG heatmap.
     FusionWeights(commands::fusion_weights::Args),
+    /// Write a dataset's splits (a built-in one, or files) as JSON lines.
+    Export(commands::export::Args),
 }
 
 fn main() -> ExitCode {
@@ -65,6 +67,7 @@ fn main() -> ExitCode {
         Command::Encode(args) => commands::encode::run(args),
         Command::Train(args) => commands::train::run(args),
         Command::Eval(args) => commands::eval::run(args),
+        Command::Export(args) => commands::export::run(args),
         Command::Predict(args) => commands::predict::run(args),
         Command::Fuse(args) => commands::fuse::run(args),
         Command::Bench(args) => commands::bench::run(args),

@@ -493,3 +493,43 @@ fn skipping_adapters_at_inference_is_checked() {
         &["cannot skip layer 5", "2 layers"],
     );
 }
+
+#[test]
+fn export_writes_the_splits_as_json_lines() {
+    let dir = tempfile::tempdir().unwrap();
+    let train = write_csv(dir.path(), "train.csv", 4);
+    let validation = write_csv(dir.path(), "validation.csv", 2);
+    let out = dir.path().join("export");
+    let run = adapterkit(&[
+        "export",
+        "--train",
+        s(&train),
+        "--validation",
+        s(&validation),
+        "--out",
+        s(&out),
+    ]);
+    assert!(
+        run.status.success(),
+        "{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    let lines: Vec<serde_json::Value> = std::fs::read_to_string(out.join("train.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 4);
+    assert_eq!(
+        lines[0],
+        serde_json::json!({"text": "the cat, it sat on the mat", "label": "cat"})
+    );
+    assert_eq!(
+        std::fs::read_to_string(out.join("validation.jsonl"))
+            .unwrap()
+            .lines()
+            .count(),
+        2
+    );
+    assert!(!out.join("test.jsonl").exists());
+}

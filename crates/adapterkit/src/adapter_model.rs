@@ -127,6 +127,20 @@ impl AdapterModel {
         })
     }
 
+    /// A copy for inference: adapter, fusion and head weights as plain tensors, so a forward
+    /// pass records no graph and frees each activation as soon as the next op has read it.
+    /// (It has no trainable parameters left: train and save the original.)
+    pub fn frozen(&self) -> Self {
+        Self {
+            adapter: self.adapter.as_ref().map(BottleneckAdapters::frozen),
+            fusion: self.fusion.as_ref().map(Fusion::frozen),
+            train_fused_adapters: false,
+            head: self.head.frozen(),
+            base_trainable: Params::default(),
+            encoder: self.encoder.frozen(),
+        }
+    }
+
     pub fn hooks(&self) -> &dyn LayerHooks {
         match (&self.fusion, &self.adapter) {
             (Some(fusion), _) => fusion,

@@ -24,8 +24,10 @@ pub struct ComposedModel {
 impl ComposedModel {
     /// `setup` over the adapters, fusions and heads of `parts` (tuned models loaded on
     /// `encoder`'s weights; a name given twice keeps its first). Each output's head is the one
-    /// named after the adapter (or fusion) that ends its channel.
+    /// named after the adapter (or fusion) that ends its channel. For inference only: the
+    /// weights are taken as plain tensors ([`AdapterModel::frozen`]).
     pub fn new(encoder: BertModel, setup: Setup, parts: Vec<AdapterModel>) -> Result<Self> {
+        let parts = parts.iter().map(AdapterModel::frozen);
         let mut adapters = BTreeMap::new();
         let mut fusions = BTreeMap::new();
         let mut heads = BTreeMap::new();

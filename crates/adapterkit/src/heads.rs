@@ -15,7 +15,7 @@ use crate::data::TaskKind;
 use crate::error::{Error, Result};
 use crate::model::ops::Activation;
 use crate::model::Mode;
-use crate::params::{init, new_linear, Params};
+use crate::params::{frozen_linear, init, new_linear, Params};
 use crate::rng::SeededRng;
 
 /// The `config` object of AdapterHub's `head_config.json`.
@@ -174,6 +174,15 @@ impl Head {
             linears,
             params,
         })
+    }
+
+    /// A copy with plain-tensor weights: it runs, takes no gradient and records no graph.
+    pub fn frozen(&self) -> Self {
+        Self {
+            linears: self.linears.iter().map(frozen_linear).collect(),
+            params: Params::default(),
+            ..self.clone()
+        }
     }
 
     /// Parameters as AdapterHub names them: `heads.{name}.{index}.{weight,bias}`.

@@ -75,6 +75,11 @@ impl Params {
     }
 }
 
+/// The same Linear with plain tensors: it runs, takes no gradient and records no graph.
+pub fn frozen_linear(linear: &Linear) -> Linear {
+    Linear::new(linear.weight().detach(), linear.bias().map(Tensor::detach))
+}
+
 /// A trainable Linear (`weight: [out, in]`, `bias: [out]`) whose `Var`s are registered in
 /// `params` under `name.weight` / `name.bias`.
 pub fn new_linear(params: &mut Params, name: &str, weight: Tensor, bias: Tensor) -> Result<Linear> {

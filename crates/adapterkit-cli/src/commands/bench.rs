@@ -96,7 +96,8 @@ pub fn run(args: Args) -> Result<()> {
                     false,
                     1,
                     &device,
-                )?;
+                )?
+                .frozen();
                 (
                     time_per_step(1, args.steps, || inference_step(&model, &batch))?,
                     flops,
@@ -280,10 +281,11 @@ fn multitask(
             )
         })
         .collect::<adapterkit::Result<Vec<_>>>()?;
+    let frozen: Vec<AdapterModel> = parts.iter().map(AdapterModel::frozen).collect();
     let flops = forward_flops(&encoder.config, args.batch_size, args.seq_len);
     let mut out = Vec::new();
     let seconds = time_per_step(1, args.steps, || {
-        for part in &parts {
+        for part in &frozen {
             inference_step(part, batch)?;
         }
         Ok(())

@@ -1,6 +1,7 @@
 pub mod bench;
 pub mod encode;
 pub mod eval;
+pub mod export;
 pub mod fuse;
 pub mod fusion_weights;
 pub mod info;
@@ -49,7 +50,7 @@ impl TunedArgs {
         let dir = self.dir()?;
         let pretrained = Pretrained::load(&self.model, device)?;
         let tuned = adapter_dir::load(dir, pretrained.model, device)?;
-        Ok((pretrained.tokenizer, tuned))
+        Ok((pretrained.tokenizer, tuned.frozen()))
     }
 
     /// The tokenizer and every adapter directory loaded under `setup`.

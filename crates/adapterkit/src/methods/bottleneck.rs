@@ -12,7 +12,7 @@ use crate::methods::bottleneck_config::{BnConfig, InitWeights, ResidualBeforeLn}
 use crate::model::hooks::{LayerHooks, Position};
 use crate::model::layer_norm::LayerNorm;
 use crate::model::{BertConfig, Mode};
-use crate::params::{init, new_linear, Params};
+use crate::params::{frozen_linear, init, new_linear, Params};
 use crate::rng::SeededRng;
 
 /// One adapter at one place of one layer: `up(act(down(x))) * scaling` with a skip connection.
@@ -252,18 +252,12 @@ impl BottleneckAdapter {
     /// A copy whose weights are plain tensors: it runs, but takes no gradient (a frozen
     /// adapter under AdapterFusion).
     pub fn frozen(&self) -> Self {
-        let plain = |l: &Linear| Linear::new(l.weight().detach(), l.bias().map(Tensor::detach));
-        let plain_norm = |n: &LayerNorm| LayerNorm {
-            weight: n.weight.detach(),
-            bias: n.bias.detach(),
-            eps: n.eps,
-        };
         Self {
             config: self.config.clone(),
-            norm_before: self.norm_before.as_ref().map(plain_norm),
-            down: plain(&self.down),
-            up: plain(&self.up),
-            norm_after: self.norm_after.as_ref().map(plain_norm),
+            norm_before: self.norm_before.as_ref().map(LayerNorm::frozen),
+            down: frozen_linear(&self.down),
+            up: frozen_linear(&self.up),
+            norm_after: self.norm_after.as_ref().map(LayerNorm::frozen),
             params: Params::default(),
         }
     }

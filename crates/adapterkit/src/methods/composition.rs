@@ -479,21 +479,18 @@ impl State {
         })
     }
 
-    fn concat(states: Vec<State>) -> CandleResult<Self> {
-        let cat = |f: &dyn Fn(&State) -> Tensor| {
-            Tensor::cat(&states.iter().map(f).collect::<Vec<_>>(), 0)
-        };
-        let up = if states.iter().all(|s| s.up.is_some()) {
-            Some(cat(&|s| s.up.clone().expect("checked"))?)
-        } else {
-            None
-        };
+    /// Joins the states of consecutive row slices of `whole` (Parallel, BatchSplit). Children
+    /// never change the sub-layer input, so `whole`'s is kept; nothing reads `up` after such a
+    /// block (a Fuse holds only adapters and stacks), so it is dropped.
+    fn join(whole: State, parts: Vec<State>) -> CandleResult<Self> {
+        let cat =
+            |f: &dyn Fn(&State) -> Tensor| Tensor::cat(&parts.iter().map(f).collect::<Vec<_>>(), 0);
         Ok(Self {
             hidden: cat(&|s| s.hidden.clone())?,
-            input: cat(&|s| s.input.clone())?,
             residual: cat(&|s| s.residual.clone())?,
-            up,
-            last: states.iter().rev().find_map(|s| s.last.clone()),
+            up: None,
+            last: parts.iter().rev().find_map(|s| s.last.clone()),
+            input: whole.input,
         })
     }
 }
@@ -649,7 +646,7 @@ impl Composition {
                     .enumerate()
                     .map(|(i, c)| self.child(c, state.slice(i * rows, rows)?, at, layer_norm, mode))
                     .collect::<CandleResult<Vec<_>>>()?;
-                State::concat(states)
+                State::join(state, states)
             }
             Setup::BatchSplit {
                 children,
@@ -674,7 +671,7 @@ impl Composition {
                     )?);
                     start += rows;
                 }
-                State::concat(states)
+                State::join(state, states)
             }
             Setup::Average { children, weights } => {
                 let state = self.pre_block(setup, state, at, layer_norm)?;

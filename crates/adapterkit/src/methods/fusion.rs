@@ -13,7 +13,7 @@ use crate::methods::bottleneck::BottleneckAdapters;
 use crate::model::hooks::{LayerHooks, Position};
 use crate::model::layer_norm::LayerNorm;
 use crate::model::{ops, BertConfig, Mode};
-use crate::params::{init, new_linear, Params};
+use crate::params::{frozen_linear, init, new_linear, Params};
 use crate::rng::SeededRng;
 
 /// AdapterHub's `AdapterFusionConfig`.
@@ -148,6 +148,17 @@ impl FusionLayer {
         })
     }
 
+    /// A copy with plain-tensor weights: it runs, takes no gradient and records no graph.
+    pub fn frozen(&self) -> Self {
+        Self {
+            query: self.query.as_ref().map(frozen_linear),
+            key: self.key.as_ref().map(frozen_linear),
+            value: self.value.as_ref().map(frozen_linear),
+            params: Params::default(),
+            ..self.clone()
+        }
+    }
+
     /// `query`: `[b, s, h]`; `ups`: `[b, s, n, h]`; `residual`: `[b, s, h]`. Returns the fused
     /// output `[b, s, h]` and the attention `[b, s, n]`.
     pub fn forward(
@@ -278,6 +289,23 @@ impl Fusion {
             layers,
             record: None,
         })
+    }
+
+    /// A copy with plain-tensor weights throughout, for inference.
+    pub fn frozen(&self) -> Self {
+        Self {
+            adapters: self
+                .adapters
+                .iter()
+                .map(BottleneckAdapters::frozen)
+                .collect(),
+            layers: self
+                .layers
+                .iter()
+                .map(|places| places.clone().map(|l| l.map(|l| l.frozen())))
+                .collect(),
+            ..self.clone()
+        }
     }
 
     /// The fusion layer at one place, if the fused adapters all sit there.

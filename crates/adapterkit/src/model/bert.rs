@@ -147,6 +147,13 @@ impl BertModel {
         }
     }
 
+    /// A copy whose tensors are all plain (trainable ones detached): no gradient, no graph.
+    pub fn frozen(&self) -> Self {
+        let mut copy = self.clone();
+        copy.visit_tensors_mut(&mut |_, t| *t = t.detach());
+        copy
+    }
+
     /// Replaces the tensors named in `tensors` (checkpoint names), checking shapes; every
     /// name must be one of the model's.
     pub fn set_tensors(

@@ -20,6 +20,15 @@ impl LayerNorm {
             eps,
         })
     }
+
+    /// The same LayerNorm with plain tensors (no gradient, no graph).
+    pub fn frozen(&self) -> Self {
+        Self {
+            weight: self.weight.detach(),
+            bias: self.bias.detach(),
+            eps: self.eps,
+        }
+    }
 }
 
 impl Module for LayerNorm {

@@ -82,7 +82,8 @@ pub fn evaluate(
     pad_id: u32,
     device: &Device,
 ) -> Result<Metrics> {
-    let logits = predict_logits(model, data, batch_size, pad_id, device)?;
+    // Frozen weights: no graph is recorded, so activations are freed as the pass goes.
+    let logits = predict_logits(&model.frozen(), data, batch_size, pad_id, device)?;
     let config = &model.head.config;
     Ok(metrics_of(
         config.kind()?,

@@ -1,0 +1,68 @@
+"""Runs `adapterkit bench` and `benches/pytorch_baseline.py` alternately (A, B, A, B, ...),
+one process per measurement (so peak RSS is that measurement's), and prints both sides and the
+ratios as a Markdown table.
+
+    python3 benches/side_by_side.py --python V/bin/python [--shape minilm] [--rounds 2] [--steps 3]
+
+Needs `cargo build --release` first (target/release/adapterkit) and a Python with
+benches/requirements.txt installed. Uses only the standard library itself.
+"""
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run(command):
+    out = subprocess.run(command, check=True, capture_output=True, text=True).stdout
+    return json.loads(out[out.index("{"):])
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--python", default=sys.executable)
+    parser.add_argument("--binary", default=str(ROOT / "target/release/adapterkit"))
+    parser.add_argument("--shape", default="minilm")
+    parser.add_argument("--seq-len", default="128")
+    parser.add_argument("--batch-size", default="32")
+    parser.add_argument("--threads", default="2")
+    parser.add_argument("--steps", default="3")
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--what", default="inference,adapter,full")
+    args = parser.parse_args()
+    common = ["--shape", args.shape, "--seq-len", args.seq_len, "--batch-size", args.batch_size,
+              "--threads", args.threads, "--steps", args.steps]
+    sides = {
+        "adapterkit": lambda what: [args.binary, "bench", *common, "--what", what, "--json"],
+        "pytorch": lambda what: [args.python, str(ROOT / "benches/pytorch_baseline.py"), *common, "--what", what],
+    }
+    results = {(side, what): [] for side in sides for what in args.what.split(",")}
+    for round_ in range(args.rounds):
+        for what in args.what.split(","):
+            for side, command in sides.items():
+                row = run(command(what))["results"][0]
+                results[(side, what)].append(row)
+                print(f"round {round_ + 1} {side:<10} {what:<9} {row['sequences_per_second']:7.2f} seq/s "
+                      f"{row['peak_rss_mib_so_far']:7.0f} MiB", file=sys.stderr)
+
+    def median(side, what, key):
+        return statistics.median(r[key] for r in results[(side, what)])
+
+    print(f"| {args.shape}, seq {args.seq_len}, batch {args.batch_size}, {args.threads} threads, "
+          f"median of {args.rounds} rounds | adapterkit seq/s | PyTorch seq/s | ratio | adapterkit peak RSS MiB "
+          f"| PyTorch peak RSS MiB | ratio |")
+    print("|---|---|---|---|---|---|---|")
+    for what in args.what.split(","):
+        ours, theirs = (median(s, what, "sequences_per_second") for s in sides)
+        our_rss, their_rss = (median(s, what, "peak_rss_mib_so_far") for s in sides)
+        print(f"| {what} | {ours:.2f} | {theirs:.2f} | {ours / theirs:.2f}x | {our_rss:.0f} | {their_rss:.0f} "
+              f"| {our_rss / their_rss:.2f}x |")
+
+
+if __name__ == "__main__":
+    main()
