@@ -1,9 +1,41 @@
-//! LayerNorm and softmax as single CPU kernels with hand-written backward passes (candle's own
-//! fused versions have no backward). Each row is one pass over memory instead of the half-dozen
-//! tensors the composed versions allocate; `ops` picks these on CPU for f32 and keeps the
-//! composed ones elsewhere. `docs/BENCHMARKS.md` has the comparison.
+//! LayerNorm, softmax and GELU as single CPU kernels with hand-written backward passes
+//! (candle's fused LayerNorm and softmax have no backward, and its GELU backward is a chain of
+//! element-wise tensors). Each is one pass over memory, split by rows over candle's threads;
+//! `ops` picks these on CPU for f32 and keeps the composed ones elsewhere. `docs/BENCHMARKS.md`
+//! has the comparison.
 
 use candle_core::{CpuStorage, CustomOp1, CustomOp3, Layout, Result, Shape, Tensor};
+
+/// Runs `f(first_row, rows_of_out)` on consecutive blocks of whole rows of `out` (rows of
+/// `row_len`), one block per thread (candle's thread count), and returns each block's result.
+fn par_rows<R: Send>(
+    out: &mut [f32],
+    row_len: usize,
+    f: impl Fn(usize, &mut [f32]) -> R + Sync,
+) -> Vec<R> {
+    // A last partial row (GELU's element blocks) counts as a row.
+    let rows = out.len().div_ceil(row_len.max(1));
+    // Below ~64k elements a thread costs more than it saves.
+    let threads = candle_core::utils::get_num_threads()
+        .min(out.len() / 65536)
+        .clamp(1, rows.max(1));
+    if threads == 1 {
+        return vec![f(0, out)];
+    }
+    let per_thread = rows.div_ceil(threads);
+    std::thread::scope(|scope| {
+        let f = &f;
+        let handles: Vec<_> = out
+            .chunks_mut((per_thread * row_len).max(1))
+            .enumerate()
+            .map(|(i, block)| scope.spawn(move || f(i * per_thread, block)))
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().expect("a fused-op worker panicked"))
+            .collect()
+    })
+}
 
 fn contiguous<'a>(storage: &'a CpuStorage, layout: &Layout) -> Result<&'a [f32]> {
     let (start, end) = layout
@@ -52,12 +84,15 @@ impl CustomOp3 for LayerNormOp {
         );
         let h = w.len();
         let mut out = vec![0f32; x.len()];
-        for (row, dst) in x.chunks_exact(h).zip(out.chunks_exact_mut(h)) {
-            let (mean, rstd) = Self::stats(row, self.eps);
-            for i in 0..h {
-                dst[i] = (row[i] - mean) * rstd * w[i] + b[i];
+        par_rows(&mut out, h, |first, block| {
+            let rows = x[first * h..].chunks_exact(h);
+            for (row, dst) in rows.zip(block.chunks_exact_mut(h)) {
+                let (mean, rstd) = Self::stats(row, self.eps);
+                for i in 0..h {
+                    dst[i] = (row[i] - mean) * rstd * w[i] + b[i];
+                }
             }
-        }
+        });
         Ok((CpuStorage::F32(out), l1.shape().clone()))
     }
 
@@ -72,29 +107,36 @@ impl CustomOp3 for LayerNormOp {
         let (xs, ws, gs) = (values(x)?, values(w)?, values(grad)?);
         let h = ws.len();
         let mut dx = vec![0f32; xs.len()];
+        // Each thread sums dw and db over its rows; the partial sums are added after.
+        let partials = par_rows(&mut dx, h, |first, block| {
+            let (mut dw, mut db) = (vec![0f32; h], vec![0f32; h]);
+            let (mut xhat, mut gw) = (vec![0f32; h], vec![0f32; h]);
+            let rows = xs[first * h..]
+                .chunks_exact(h)
+                .zip(gs[first * h..].chunks_exact(h));
+            for ((row, g), dst) in rows.zip(block.chunks_exact_mut(h)) {
+                let (mean, rstd) = Self::stats(row, self.eps);
+                let (mut mean_gw, mut mean_gw_xhat) = (0f32, 0f32);
+                for i in 0..h {
+                    xhat[i] = (row[i] - mean) * rstd;
+                    gw[i] = g[i] * ws[i];
+                    mean_gw += gw[i];
+                    mean_gw_xhat += gw[i] * xhat[i];
+                    dw[i] += g[i] * xhat[i];
+                    db[i] += g[i];
+                }
+                mean_gw /= h as f32;
+                mean_gw_xhat /= h as f32;
+                for i in 0..h {
+                    dst[i] = rstd * (gw[i] - mean_gw - xhat[i] * mean_gw_xhat);
+                }
+            }
+            (dw, db)
+        });
         let (mut dw, mut db) = (vec![0f32; h], vec![0f32; h]);
-        let mut xhat = vec![0f32; h];
-        let mut gw = vec![0f32; h];
-        for ((row, g), dst) in xs
-            .chunks_exact(h)
-            .zip(gs.chunks_exact(h))
-            .zip(dx.chunks_exact_mut(h))
-        {
-            let (mean, rstd) = Self::stats(row, self.eps);
-            let (mut mean_gw, mut mean_gw_xhat) = (0f32, 0f32);
-            for i in 0..h {
-                xhat[i] = (row[i] - mean) * rstd;
-                gw[i] = g[i] * ws[i];
-                mean_gw += gw[i];
-                mean_gw_xhat += gw[i] * xhat[i];
-                dw[i] += g[i] * xhat[i];
-                db[i] += g[i];
-            }
-            mean_gw /= h as f32;
-            mean_gw_xhat /= h as f32;
-            for i in 0..h {
-                dst[i] = rstd * (gw[i] - mean_gw - xhat[i] * mean_gw_xhat);
-            }
+        for (pw, pb) in partials {
+            dw.iter_mut().zip(pw).for_each(|(a, b)| *a += b);
+            db.iter_mut().zip(pb).for_each(|(a, b)| *a += b);
         }
         let dev = x.device();
         Ok((
@@ -117,16 +159,21 @@ impl CustomOp1 for SoftmaxOp {
         let x = contiguous(storage, layout)?;
         let n = layout.shape().dims().last().copied().unwrap_or(1).max(1);
         let mut out = vec![0f32; x.len()];
-        for (row, dst) in x.chunks_exact(n).zip(out.chunks_exact_mut(n)) {
-            let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-            let mut sum = 0f32;
-            for (d, v) in dst.iter_mut().zip(row) {
-                *d = (v - max).exp();
-                sum += *d;
+        par_rows(&mut out, n, |first, block| {
+            for (row, dst) in x[first * n..]
+                .chunks_exact(n)
+                .zip(block.chunks_exact_mut(n))
+            {
+                let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                let mut sum = 0f32;
+                for (d, v) in dst.iter_mut().zip(row) {
+                    *d = (v - max).exp();
+                    sum += *d;
+                }
+                let inv = 1.0 / sum;
+                dst.iter_mut().for_each(|d| *d *= inv);
             }
-            let inv = 1.0 / sum;
-            dst.iter_mut().for_each(|d| *d *= inv);
-        }
+        });
         Ok((CpuStorage::F32(out), layout.shape().clone()))
     }
 
@@ -135,16 +182,63 @@ impl CustomOp1 for SoftmaxOp {
         let (ys, gs) = (values(y)?, values(grad)?);
         let n = y.dims().last().copied().unwrap_or(1).max(1);
         let mut dx = vec![0f32; ys.len()];
-        for ((yr, gr), dst) in ys
-            .chunks_exact(n)
-            .zip(gs.chunks_exact(n))
-            .zip(dx.chunks_exact_mut(n))
-        {
-            let dot: f32 = yr.iter().zip(gr).map(|(a, b)| a * b).sum();
-            for i in 0..n {
-                dst[i] = yr[i] * (gr[i] - dot);
+        par_rows(&mut dx, n, |first, block| {
+            let rows = ys[first * n..]
+                .chunks_exact(n)
+                .zip(gs[first * n..].chunks_exact(n));
+            for ((yr, gr), dst) in rows.zip(block.chunks_exact_mut(n)) {
+                let dot: f32 = yr.iter().zip(gr).map(|(a, b)| a * b).sum();
+                for i in 0..n {
+                    dst[i] = yr[i] * (gr[i] - dot);
+                }
             }
-        }
+        });
         Ok(Some(Tensor::from_vec(dx, y.shape(), y.device())?))
+    }
+}
+
+/// Exact GELU, `x * Phi(x) = 0.5 x (1 + erf(x / sqrt 2))`, with erf as candle computes it.
+pub struct GeluOp;
+
+const ROW: usize = 4096; // element blocks for `par_rows`; GELU has no rows of its own
+
+fn gelu(x: f32) -> f32 {
+    0.5 * x * (1.0 + candle_core::cpu::erf::erf_f32(x * std::f32::consts::FRAC_1_SQRT_2))
+}
+
+/// `d gelu / dx = Phi(x) + x phi(x)`.
+fn gelu_grad(x: f32) -> f32 {
+    let cdf = 0.5 * (1.0 + candle_core::cpu::erf::erf_f32(x * std::f32::consts::FRAC_1_SQRT_2));
+    let pdf = (-0.5 * x * x).exp()
+        * (0.5 * std::f32::consts::FRAC_2_SQRT_PI * std::f32::consts::FRAC_1_SQRT_2);
+    cdf + x * pdf
+}
+
+impl CustomOp1 for GeluOp {
+    fn name(&self) -> &'static str {
+        "fused-gelu"
+    }
+
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
+        let x = contiguous(storage, layout)?;
+        let mut out = vec![0f32; x.len()];
+        par_rows(&mut out, ROW, |first, block| {
+            for (d, v) in block.iter_mut().zip(&x[first * ROW..]) {
+                *d = gelu(*v);
+            }
+        });
+        Ok((CpuStorage::F32(out), layout.shape().clone()))
+    }
+
+    fn bwd(&self, x: &Tensor, _y: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        let (xs, gs) = (values(x)?, values(grad)?);
+        let mut dx = vec![0f32; xs.len()];
+        par_rows(&mut dx, ROW, |first, block| {
+            let at = first * ROW;
+            for ((d, v), g) in block.iter_mut().zip(&xs[at..]).zip(&gs[at..]) {
+                *d = g * gelu_grad(*v);
+            }
+        });
+        Ok(Some(Tensor::from_vec(dx, x.shape(), x.device())?))
     }
 }
