@@ -152,3 +152,62 @@ fn robust_drop_training_is_deterministic_for_a_seed() {
         "training ends with every adapter active"
     );
 }
+
+/// Hooks that run an adapter and note, per layer, whether the layer's output carries a graph.
+struct GraphProbe<'a> {
+    adapter: &'a BottleneckAdapters,
+    tracked: std::cell::RefCell<Vec<bool>>,
+}
+
+impl adapterkit::model::hooks::LayerHooks for GraphProbe<'_> {
+    fn sub_layer_output(
+        &self,
+        layer: usize,
+        position: adapterkit::model::hooks::Position,
+        hidden: &candle_core::Tensor,
+        input: &candle_core::Tensor,
+        layer_norm: &adapterkit::model::layer_norm::LayerNorm,
+        mode: &mut Mode,
+    ) -> candle_core::Result<candle_core::Tensor> {
+        self.adapter
+            .sub_layer_output(layer, position, hidden, input, layer_norm, mode)
+    }
+
+    fn layer_output(
+        &self,
+        _layer: usize,
+        hidden: candle_core::Tensor,
+        _mode: &mut Mode,
+    ) -> candle_core::Result<candle_core::Tensor> {
+        self.tracked.borrow_mut().push(hidden.track_op());
+        Ok(hidden)
+    }
+}
+
+#[test]
+fn no_graph_is_recorded_below_the_lowest_adapter() {
+    use adapterkit::model::hooks::LayerHooks;
+    let encoder = encoder();
+    let config = BnConfig::preset("houlsby")
+        .unwrap()
+        .with_overrides(&[("leave_out".into(), "[0]".into())])
+        .unwrap();
+    let adapter = BottleneckAdapters::new(
+        "a",
+        &config,
+        &encoder.config,
+        &mut SeededRng::new(1),
+        &Device::Cpu,
+    )
+    .unwrap();
+    let probe = GraphProbe {
+        adapter: &adapter,
+        tracked: Default::default(),
+    };
+    let hooks: &dyn LayerHooks = &probe;
+    encoder
+        .forward(&batch(), hooks, &mut Mode::train(1))
+        .unwrap();
+    // Layer 0 has no trainable tensor: nothing there is recorded, so backward stops above it.
+    assert_eq!(*probe.tracked.borrow(), [false, true]);
+}
