@@ -63,8 +63,8 @@ impl BertSelfAttention {
         let KeyValue { key, value, bias } = hooks.attention_key_value(layer, kv)?;
 
         let scale = 1.0 / (self.head_dim as f64).sqrt();
-        let scores = (query.matmul(&key.t()?.contiguous()?)? * scale)?.broadcast_add(&bias)?;
-        let probs = mode.dropout(&ops::softmax_last_dim(&scores)?, self.dropout)?;
+        let scores = query.matmul(&key.t()?.contiguous()?)?;
+        let probs = ops::attention_probs(&scores, &bias, scale, self.dropout, mode)?;
         probs
             .matmul(&value)?
             .transpose(1, 2)?

@@ -24,16 +24,24 @@ impl Mode {
     /// Inverted dropout: zeroes each element with probability `p` and scales the rest by
     /// `1 / (1 - p)` while training; the identity in evaluation.
     pub fn dropout(&mut self, x: &Tensor, p: f32) -> Result<Tensor> {
-        let rng = match self {
-            Mode::Train(rng) if p > 0.0 => rng,
-            _ => return Ok(x.clone()),
+        let Some(keep) = self.keep_mask(x.elem_count(), p) else {
+            return Ok(x.clone());
         };
         let scale = 1.0 / (1.0 - p);
-        let mask: Vec<f32> = (0..x.elem_count())
-            .map(|_| if rng.uniform_f32() < p { 0.0 } else { scale })
-            .collect();
+        let mask: Vec<f32> = keep.iter().map(|k| *k as f32 * scale).collect();
         let mask = Tensor::from_vec(mask, x.shape(), x.device())?.to_dtype(x.dtype())?;
         x * mask
+    }
+
+    /// Which of `n` elements inverted dropout keeps (1) or drops (0), drawn in order from the
+    /// generator; `None` in evaluation or when `p` is 0.
+    pub fn keep_mask(&mut self, n: usize, p: f32) -> Option<Vec<u8>> {
+        match self {
+            Mode::Train(rng) if p > 0.0 => {
+                Some((0..n).map(|_| (rng.uniform_f32() >= p) as u8).collect())
+            }
+            _ => None,
+        }
     }
 }
 

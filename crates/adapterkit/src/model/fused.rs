@@ -242,3 +242,100 @@ impl CustomOp1 for GeluOp {
         Ok(Some(Tensor::from_vec(dx, x.shape(), x.device())?))
     }
 }
+
+/// `dropout(softmax(x * scale + bias))` per row of the last dimension (attention
+/// probabilities). The backward pass recomputes the softmax from the input, so only the input
+/// and the byte mask are kept.
+pub struct AttentionProbsOp {
+    pub scale: f32,
+    /// `[batch, keys]`: the additive mask of each sequence's keys.
+    pub bias: Vec<f32>,
+    /// Rows (heads x queries) per sequence.
+    pub rows_per_batch: usize,
+    /// 1 keeps an element, 0 drops it; `None` without dropout.
+    pub keep: Option<Vec<u8>>,
+    /// `1 / (1 - p)`, what kept elements are scaled by.
+    pub keep_scale: f32,
+}
+
+impl AttentionProbsOp {
+    /// The softmax of row `r` (`x` the row, `out` its destination).
+    fn softmax_row(&self, r: usize, x: &[f32], out: &mut [f32]) {
+        let n = x.len();
+        let bias = &self.bias[(r / self.rows_per_batch) * n..][..n];
+        let mut max = f32::NEG_INFINITY;
+        for i in 0..n {
+            out[i] = x[i] * self.scale + bias[i];
+            max = max.max(out[i]);
+        }
+        let mut sum = 0f32;
+        for o in out.iter_mut() {
+            *o = (*o - max).exp();
+            sum += *o;
+        }
+        let inv = 1.0 / sum;
+        out.iter_mut().for_each(|o| *o *= inv);
+    }
+
+    /// What dropout multiplies element `i` of row `r` by.
+    fn kept(&self, r: usize, n: usize, i: usize) -> f32 {
+        match &self.keep {
+            Some(keep) => keep[r * n + i] as f32 * self.keep_scale,
+            None => 1.0,
+        }
+    }
+}
+
+impl CustomOp1 for AttentionProbsOp {
+    fn name(&self) -> &'static str {
+        "fused-attention-probs"
+    }
+
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
+        let x = contiguous(storage, layout)?;
+        let n = layout.shape().dims().last().copied().unwrap_or(1).max(1);
+        let mut out = vec![0f32; x.len()];
+        par_rows(&mut out, n, |first, block| {
+            let rows = x[first * n..]
+                .chunks_exact(n)
+                .zip(block.chunks_exact_mut(n));
+            for (j, (row, dst)) in rows.enumerate() {
+                let r = first + j;
+                self.softmax_row(r, row, dst);
+                if self.keep.is_some() {
+                    for (i, d) in dst.iter_mut().enumerate() {
+                        *d *= self.kept(r, n, i);
+                    }
+                }
+            }
+        });
+        Ok((CpuStorage::F32(out), layout.shape().clone()))
+    }
+
+    /// With `y` the softmax and `g' = g * kept`: `dx = scale * y * (g' - sum(g' * y))`.
+    fn bwd(&self, x: &Tensor, _out: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        let (xs, gs) = (values(x)?, values(grad)?);
+        let n = x.dims().last().copied().unwrap_or(1).max(1);
+        let mut dx = vec![0f32; xs.len()];
+        par_rows(&mut dx, n, |first, block| {
+            let mut y = vec![0f32; n];
+            let mut g = vec![0f32; n];
+            let rows = xs[first * n..]
+                .chunks_exact(n)
+                .zip(gs[first * n..].chunks_exact(n));
+            for (j, ((row, gr), dst)) in rows.zip(block.chunks_exact_mut(n)).enumerate() {
+                let r = first + j;
+                self.softmax_row(r, row, &mut y);
+                let mut dot = 0f32;
+                for i in 0..n {
+                    g[i] = gr[i] * self.kept(r, n, i);
+                    dot += g[i] * y[i];
+                }
+                for i in 0..n {
+                    dst[i] = self.scale * y[i] * (g[i] - dot);
+                }
+            }
+        });
+        Ok(Some(Tensor::from_vec(dx, x.shape(), x.device())?))
+    }
+}
