@@ -9,20 +9,24 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 /// Every op allocates its output, often tens of MiB. The system allocator returns such blocks
-/// to the kernel on free and page-faults them back in on the next op; mimalloc, told to commit
-/// its arenas up front and never purge (see `keep_freed_memory`), reuses them.
+/// to the kernel on free and page-faults them back in on the next op; mimalloc reuses them
+/// (see `keep_freed_memory`).
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 /// mimalloc's `mi_option_arena_eager_commit` and `mi_option_purge_delay` (their positions in
 /// `mi_option_e`, the same in its v2 and v3 headers; the Rust bindings do not name them).
+/// Freed memory goes back to the kernel only after 10 s unused: a training step frees and
+/// reuses its buffers within a few seconds (mimalloc's default 10 ms purged them in between,
+/// halving training speed), and a one-off peak, such as a batch of 512-token texts, is still
+/// returned (never purging kept it for the rest of the run).
 fn keep_freed_memory() {
     const ARENA_EAGER_COMMIT: libmimalloc_sys::mi_option_t = 4;
     const PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
     // SAFETY: plain setters of mimalloc's global options, called before any thread starts.
     unsafe {
         libmimalloc_sys::mi_option_set(ARENA_EAGER_COMMIT, 1);
-        libmimalloc_sys::mi_option_set(PURGE_DELAY, -1);
+        libmimalloc_sys::mi_option_set(PURGE_DELAY, 10_000);
     }
 }
 
