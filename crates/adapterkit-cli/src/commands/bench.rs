@@ -84,6 +84,23 @@ pub fn run(args: Args) -> Result<()> {
             "peak_rss_mib_so_far": peak_rss_bytes().map(|b| b as f64 / 1048576.0),
         })
     };
+    // Seconds per training step (forward with dropout, backward, AdamW) of a new model.
+    let time_training = |method: &Method, train_layer_norms: bool| -> Result<f64> {
+        let model = AdapterModel::new(
+            encoder.clone(),
+            method,
+            "bench",
+            head.clone(),
+            train_layer_norms,
+            1,
+            &device,
+        )?;
+        let mut optimizer = optimizer_for(&model)?;
+        let mut mode = Mode::train(1);
+        Ok(time_per_step(1, args.steps, || {
+            training_step(&model, &mut optimizer, &batch, &targets, &mut mode)
+        })?)
+    };
     let mut rows = Vec::new();
     for what in &args.what {
         let (seconds, step_flops) = match what.as_str() {
@@ -109,20 +126,7 @@ pub fn run(args: Args) -> Result<()> {
                 } else {
                     Method::from_name("houlsby")?
                 };
-                let model = AdapterModel::new(
-                    encoder.clone(),
-                    &method,
-                    "bench",
-                    head.clone(),
-                    args.train_layer_norms,
-                    1,
-                    &device,
-                )?;
-                let mut optimizer = optimizer_for(&model)?;
-                let mut mode = Mode::train(1);
-                let seconds = time_per_step(1, args.steps, || {
-                    training_step(&model, &mut optimizer, &batch, &targets, &mut mode)
-                })?;
+                let seconds = time_training(&method, args.train_layer_norms)?;
                 // Backward needs the input gradients (one forward's work) everywhere; full
                 // fine-tuning also needs every weight gradient (another).
                 (seconds, flops * if what == "full" { 3.0 } else { 2.0 })
@@ -142,20 +146,7 @@ pub fn run(args: Args) -> Result<()> {
                     let config = BnConfig::preset("houlsby")?
                         .with_overrides(&[("leave_out".into(), format!("{:?}", (0..dropped).collect::<Vec<_>>()))])
                         .map_err(anyhow::Error::msg)?;
-                    let model = AdapterModel::new(
-                        encoder.clone(),
-                        &Method::Adapter(config),
-                        "bench",
-                        head.clone(),
-                        false,
-                        1,
-                        &device,
-                    )?;
-                    let mut optimizer = optimizer_for(&model)?;
-                    let mut mode = Mode::train(1);
-                    let seconds = time_per_step(1, args.steps, || {
-                        training_step(&model, &mut optimizer, &batch, &targets, &mut mode)
-                    })?;
+                    let seconds = time_training(&Method::Adapter(config), false)?;
                     // Input gradients only above the lowest adapter.
                     let layers = encoder.layers.len();
                     let backward = flops * (layers - dropped) as f64 / layers as f64;
