@@ -14,19 +14,23 @@ use clap::{Parser, Subcommand};
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-/// mimalloc's `mi_option_arena_eager_commit` and `mi_option_purge_delay` (their positions in
-/// `mi_option_e`, the same in its v2 and v3 headers; the Rust bindings do not name them).
-/// Freed memory goes back to the kernel only after 10 s unused: a training step frees and
-/// reuses its buffers within a few seconds (mimalloc's default 10 ms purged them in between,
-/// halving training speed), and a one-off peak, such as a batch of 512-token texts, is still
-/// returned (never purging kept it for the rest of the run).
+/// mimalloc's `mi_option_arena_eager_commit`, `mi_option_purge_delay` and
+/// `mi_option_arena_purge_mult` (their positions in its v2 header's `mi_option_e`; the Rust
+/// bindings do not name them). Freed memory goes back to the kernel only after 10 s unused: a
+/// training step frees and reuses its buffers within a few seconds (mimalloc's default 10 ms
+/// purged them in between, halving training speed), and a one-off peak, such as a batch of
+/// 512-token texts, is still returned (never purging kept it for the rest of the run).
+/// mimalloc v3 is not used: once its first purge has run, it keeps purging, and a long
+/// training run page-faults every buffer back in (about 12 GB per MiniLM step).
 fn keep_freed_memory() {
     const ARENA_EAGER_COMMIT: libmimalloc_sys::mi_option_t = 4;
     const PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
+    const ARENA_PURGE_MULT: libmimalloc_sys::mi_option_t = 24;
     // SAFETY: plain setters of mimalloc's global options, called before any thread starts.
     unsafe {
         libmimalloc_sys::mi_option_set(ARENA_EAGER_COMMIT, 1);
         libmimalloc_sys::mi_option_set(PURGE_DELAY, 10_000);
+        libmimalloc_sys::mi_option_set(ARENA_PURGE_MULT, 1);
     }
 }
 

@@ -17,7 +17,6 @@ pub struct BertSelfAttention {
     pub key: Linear,
     pub value: Linear,
     num_heads: usize,
-    head_dim: usize,
     dropout: f32,
 }
 
@@ -29,17 +28,8 @@ impl BertSelfAttention {
             key: candle_nn::linear(h, h, vb.pp("key"))?,
             value: candle_nn::linear(h, h, vb.pp("value"))?,
             num_heads: config.num_attention_heads,
-            head_dim: config.head_dim(),
             dropout: config.attention_probs_dropout_prob,
         })
-    }
-
-    /// `[batch, seq, hidden]` -> `[batch, heads, seq, head_dim]`
-    fn split_heads(&self, x: &Tensor) -> Result<Tensor> {
-        let (batch, seq, _) = x.dims3()?;
-        x.reshape((batch, seq, self.num_heads, self.head_dim))?
-            .transpose(1, 2)?
-            .contiguous()
     }
 
     pub fn forward(
@@ -50,25 +40,22 @@ impl BertSelfAttention {
         hooks: &dyn LayerHooks,
         mode: &mut Mode,
     ) -> Result<Tensor> {
-        let (batch, seq, hidden_size) = hidden.dims3()?;
-        let project = |site, linear: &Linear, mode: &mut Mode| {
-            self.split_heads(&hooks.linear(layer, site, linear, hidden, mode)?)
-        };
-        let query = project(LinearSite::Query, &self.query, mode)?;
+        let query = hooks.linear(layer, LinearSite::Query, &self.query, hidden, mode)?;
         let kv = KeyValue {
-            key: project(LinearSite::Key, &self.key, mode)?,
-            value: project(LinearSite::Value, &self.value, mode)?,
+            key: hooks.linear(layer, LinearSite::Key, &self.key, hidden, mode)?,
+            value: hooks.linear(layer, LinearSite::Value, &self.value, hidden, mode)?,
             bias: bias.clone(),
         };
         let KeyValue { key, value, bias } = hooks.attention_key_value(layer, kv)?;
-
-        let scale = 1.0 / (self.head_dim as f64).sqrt();
-        let scores = query.matmul(&key.t()?.contiguous()?)?;
-        let probs = ops::attention_probs(&scores, &bias, scale, self.dropout, mode)?;
-        probs
-            .matmul(&value)?
-            .transpose(1, 2)?
-            .reshape((batch, seq, hidden_size))
+        ops::attention(
+            &query,
+            &key,
+            &value,
+            &bias,
+            self.num_heads,
+            self.dropout,
+            mode,
+        )
     }
 }
 

@@ -37,15 +37,185 @@ fn par_rows<R: Send>(
     })
 }
 
-fn contiguous<'a>(storage: &'a CpuStorage, layout: &Layout) -> Result<&'a [f32]> {
+pub(crate) fn contiguous<'a>(storage: &'a CpuStorage, layout: &Layout) -> Result<&'a [f32]> {
     let (start, end) = layout
         .contiguous_offsets()
         .ok_or_else(|| candle_core::Error::Msg("fused op needs a contiguous input".into()))?;
     Ok(&storage.as_slice::<f32>()?[start..end])
 }
 
-fn values(t: &Tensor) -> Result<Vec<f32>> {
-    t.flatten_all()?.to_vec1::<f32>()
+/// Runs `f` on the values of a contiguous f32 CPU tensor, borrowed, not copied.
+pub(crate) fn with_values<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> Result<R>) -> Result<R> {
+    let t = t.contiguous()?;
+    let (storage, layout) = t.storage_and_layout();
+    match &*storage {
+        candle_core::Storage::Cpu(cpu) => f(contiguous(cpu, layout)?),
+        _ => candle_core::bail!("fused op: a CPU tensor was expected"),
+    }
+}
+
+/// A matrix inside a slice: element `(r, c)` at `data[r * row_stride + c * col_stride]`.
+#[derive(Clone, Copy)]
+pub(crate) struct View<'a> {
+    data: &'a [f32],
+    rows: usize,
+    cols: usize,
+    row_stride: usize,
+    col_stride: usize,
+}
+
+impl<'a> View<'a> {
+    /// Panics if the matrix reaches past the end of `data` (the bound that makes `matmul_into`
+    /// sound).
+    pub fn new(
+        data: &'a [f32],
+        rows: usize,
+        cols: usize,
+        row_stride: usize,
+        col_stride: usize,
+    ) -> Self {
+        let last = (rows.max(1) - 1) * row_stride + (cols.max(1) - 1) * col_stride;
+        assert!(
+            rows == 0 || cols == 0 || last < data.len(),
+            "matrix view out of bounds"
+        );
+        Self {
+            data,
+            rows,
+            cols,
+            row_stride,
+            col_stride,
+        }
+    }
+
+    /// A dense row-major matrix.
+    pub fn rows(data: &'a [f32], rows: usize, cols: usize) -> Self {
+        Self::new(data, rows, cols, cols, 1)
+    }
+
+    pub fn t(self) -> Self {
+        Self {
+            rows: self.cols,
+            cols: self.rows,
+            row_stride: self.col_stride,
+            col_stride: self.row_stride,
+            ..self
+        }
+    }
+}
+
+/// `dst = lhs rhs`, or `dst += lhs rhs` when `accumulate`; `dst` is `lhs.rows x rhs.cols`
+/// with row stride `dst_row_stride`. One `gemm` call (the crate candle uses), on `threads`.
+pub(crate) fn matmul_into(
+    dst: &mut [f32],
+    dst_row_stride: usize,
+    lhs: View,
+    rhs: View,
+    accumulate: bool,
+    threads: usize,
+) {
+    let (m, n, k) = (lhs.rows, rhs.cols, lhs.cols);
+    assert_eq!(k, rhs.rows, "matmul_into: inner dimensions differ");
+    if m == 0 || n == 0 {
+        return;
+    }
+    assert!(
+        (m - 1) * dst_row_stride + n <= dst.len(),
+        "matmul_into: dst too small"
+    );
+    let parallelism = if threads > 1 {
+        gemm::Parallelism::Rayon(threads)
+    } else {
+        gemm::Parallelism::None
+    };
+    // SAFETY: the three views were checked to lie within their slices (`View::new` and the
+    // assert above), `dst` is borrowed mutably so it aliases neither input.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst.as_mut_ptr(),
+            1,
+            dst_row_stride as isize,
+            accumulate,
+            lhs.data.as_ptr(),
+            lhs.col_stride as isize,
+            lhs.row_stride as isize,
+            rhs.data.as_ptr(),
+            rhs.col_stride as isize,
+            rhs.row_stride as isize,
+            1.0,
+            1.0,
+            false,
+            false,
+            false,
+            parallelism,
+        )
+    }
+}
+
+/// `x W^T + b` for a frozen `W` `[n, k]` and `b` `[n]` over the last dimension of `x`: one
+/// matrix product written onto the broadcast bias, and a backward pass that returns only
+/// `dL/dx` (candle's matmul backward also computes the frozen weight's gradient, a third of
+/// the backward work for nothing).
+pub struct FrozenLinearOp {
+    pub weight: Tensor,
+    pub bias: Option<Tensor>,
+}
+
+impl CustomOp1 for FrozenLinearOp {
+    fn name(&self) -> &'static str {
+        "frozen-linear"
+    }
+
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
+        let x = contiguous(storage, layout)?;
+        let (n, k) = self.weight.dims2()?;
+        let rows = x.len() / k.max(1);
+        let out = with_values(&self.weight, |w| {
+            let (mut out, accumulate) = match &self.bias {
+                Some(bias) => (with_values(bias, |b| Ok(b.repeat(rows)))?, true),
+                None => (vec![0f32; rows * n], false),
+            };
+            let threads = candle_core::utils::get_num_threads();
+            matmul_into(
+                &mut out,
+                n,
+                View::rows(x, rows, k),
+                View::rows(w, n, k).t(),
+                accumulate,
+                threads,
+            );
+            Ok(out)
+        })?;
+        let mut dims = layout.shape().dims().to_vec();
+        *dims
+            .last_mut()
+            .expect("a linear's input has a feature dimension") = n;
+        Ok((CpuStorage::F32(out), Shape::from(dims)))
+    }
+
+    fn bwd(&self, x: &Tensor, _y: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        let (n, k) = self.weight.dims2()?;
+        let rows = x.elem_count() / k.max(1);
+        let dx = with_values(grad, |g| {
+            with_values(&self.weight, |w| {
+                let mut dx = vec![0f32; rows * k];
+                let threads = candle_core::utils::get_num_threads();
+                matmul_into(
+                    &mut dx,
+                    k,
+                    View::rows(g, rows, n),
+                    View::rows(w, n, k),
+                    false,
+                    threads,
+                );
+                Ok(dx)
+            })
+        })?;
+        Ok(Some(Tensor::from_vec(dx, x.shape(), x.device())?))
+    }
 }
 
 /// LayerNorm over the last dimension; arguments `x`, `weight`, `bias`.
@@ -104,7 +274,23 @@ impl CustomOp3 for LayerNormOp {
         _res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let (xs, ws, gs) = (values(x)?, values(w)?, values(grad)?);
+        with_values(x, |xs| {
+            with_values(w, |ws| {
+                with_values(grad, |gs| self.backward(xs, ws, gs, x, w))
+            })
+        })
+    }
+}
+
+impl LayerNormOp {
+    fn backward(
+        &self,
+        xs: &[f32],
+        ws: &[f32],
+        gs: &[f32],
+        x: &Tensor,
+        w: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let h = ws.len();
         let mut dx = vec![0f32; xs.len()];
         // Each thread sums dw and db over its rows; the partial sums are added after.
@@ -179,20 +365,24 @@ impl CustomOp1 for SoftmaxOp {
 
     /// `dx = y * (g - sum(g * y))` per row.
     fn bwd(&self, _x: &Tensor, y: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
-        let (ys, gs) = (values(y)?, values(grad)?);
         let n = y.dims().last().copied().unwrap_or(1).max(1);
-        let mut dx = vec![0f32; ys.len()];
-        par_rows(&mut dx, n, |first, block| {
-            let rows = ys[first * n..]
-                .chunks_exact(n)
-                .zip(gs[first * n..].chunks_exact(n));
-            for ((yr, gr), dst) in rows.zip(block.chunks_exact_mut(n)) {
-                let dot: f32 = yr.iter().zip(gr).map(|(a, b)| a * b).sum();
-                for i in 0..n {
-                    dst[i] = yr[i] * (gr[i] - dot);
-                }
-            }
-        });
+        let dx = with_values(y, |ys| {
+            with_values(grad, |gs| {
+                let mut dx = vec![0f32; ys.len()];
+                par_rows(&mut dx, n, |first, block| {
+                    let rows = ys[first * n..]
+                        .chunks_exact(n)
+                        .zip(gs[first * n..].chunks_exact(n));
+                    for ((yr, gr), dst) in rows.zip(block.chunks_exact_mut(n)) {
+                        let dot: f32 = yr.iter().zip(gr).map(|(a, b)| a * b).sum();
+                        for i in 0..n {
+                            dst[i] = yr[i] * (gr[i] - dot);
+                        }
+                    }
+                });
+                Ok(dx)
+            })
+        })?;
         Ok(Some(Tensor::from_vec(dx, y.shape(), y.device())?))
     }
 }
@@ -231,111 +421,18 @@ impl CustomOp1 for GeluOp {
     }
 
     fn bwd(&self, x: &Tensor, _y: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
-        let (xs, gs) = (values(x)?, values(grad)?);
-        let mut dx = vec![0f32; xs.len()];
-        par_rows(&mut dx, ROW, |first, block| {
-            let at = first * ROW;
-            for ((d, v), g) in block.iter_mut().zip(&xs[at..]).zip(&gs[at..]) {
-                *d = g * gelu_grad(*v);
-            }
-        });
-        Ok(Some(Tensor::from_vec(dx, x.shape(), x.device())?))
-    }
-}
-
-/// `dropout(softmax(x * scale + bias))` per row of the last dimension (attention
-/// probabilities). The backward pass recomputes the softmax from the input, so only the input
-/// and the byte mask are kept.
-pub struct AttentionProbsOp {
-    pub scale: f32,
-    /// `[batch, keys]`: the additive mask of each sequence's keys.
-    pub bias: Vec<f32>,
-    /// Rows (heads x queries) per sequence.
-    pub rows_per_batch: usize,
-    /// 1 keeps an element, 0 drops it; `None` without dropout.
-    pub keep: Option<Vec<u8>>,
-    /// `1 / (1 - p)`, what kept elements are scaled by.
-    pub keep_scale: f32,
-}
-
-impl AttentionProbsOp {
-    /// The softmax of row `r` (`x` the row, `out` its destination).
-    fn softmax_row(&self, r: usize, x: &[f32], out: &mut [f32]) {
-        let n = x.len();
-        let bias = &self.bias[(r / self.rows_per_batch) * n..][..n];
-        let mut max = f32::NEG_INFINITY;
-        for i in 0..n {
-            out[i] = x[i] * self.scale + bias[i];
-            max = max.max(out[i]);
-        }
-        let mut sum = 0f32;
-        for o in out.iter_mut() {
-            *o = (*o - max).exp();
-            sum += *o;
-        }
-        let inv = 1.0 / sum;
-        out.iter_mut().for_each(|o| *o *= inv);
-    }
-
-    /// What dropout multiplies element `i` of row `r` by.
-    fn kept(&self, r: usize, n: usize, i: usize) -> f32 {
-        match &self.keep {
-            Some(keep) => keep[r * n + i] as f32 * self.keep_scale,
-            None => 1.0,
-        }
-    }
-}
-
-impl CustomOp1 for AttentionProbsOp {
-    fn name(&self) -> &'static str {
-        "fused-attention-probs"
-    }
-
-    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
-        let x = contiguous(storage, layout)?;
-        let n = layout.shape().dims().last().copied().unwrap_or(1).max(1);
-        let mut out = vec![0f32; x.len()];
-        par_rows(&mut out, n, |first, block| {
-            let rows = x[first * n..]
-                .chunks_exact(n)
-                .zip(block.chunks_exact_mut(n));
-            for (j, (row, dst)) in rows.enumerate() {
-                let r = first + j;
-                self.softmax_row(r, row, dst);
-                if self.keep.is_some() {
-                    for (i, d) in dst.iter_mut().enumerate() {
-                        *d *= self.kept(r, n, i);
+        let dx = with_values(x, |xs| {
+            with_values(grad, |gs| {
+                let mut dx = vec![0f32; xs.len()];
+                par_rows(&mut dx, ROW, |first, block| {
+                    let at = first * ROW;
+                    for ((d, v), g) in block.iter_mut().zip(&xs[at..]).zip(&gs[at..]) {
+                        *d = g * gelu_grad(*v);
                     }
-                }
-            }
-        });
-        Ok((CpuStorage::F32(out), layout.shape().clone()))
-    }
-
-    /// With `y` the softmax and `g' = g * kept`: `dx = scale * y * (g' - sum(g' * y))`.
-    fn bwd(&self, x: &Tensor, _out: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
-        let (xs, gs) = (values(x)?, values(grad)?);
-        let n = x.dims().last().copied().unwrap_or(1).max(1);
-        let mut dx = vec![0f32; xs.len()];
-        par_rows(&mut dx, n, |first, block| {
-            let mut y = vec![0f32; n];
-            let mut g = vec![0f32; n];
-            let rows = xs[first * n..]
-                .chunks_exact(n)
-                .zip(gs[first * n..].chunks_exact(n));
-            for (j, ((row, gr), dst)) in rows.zip(block.chunks_exact_mut(n)).enumerate() {
-                let r = first + j;
-                self.softmax_row(r, row, &mut y);
-                let mut dot = 0f32;
-                for i in 0..n {
-                    g[i] = gr[i] * self.kept(r, n, i);
-                    dot += g[i] * y[i];
-                }
-                for i in 0..n {
-                    dst[i] = self.scale * y[i] * (g[i] - dot);
-                }
-            }
-        });
+                });
+                Ok(dx)
+            })
+        })?;
         Ok(Some(Tensor::from_vec(dx, x.shape(), x.device())?))
     }
 }

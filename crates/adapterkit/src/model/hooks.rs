@@ -51,8 +51,8 @@ impl Position {
     }
 }
 
-/// Key and value states of one attention layer, `[batch, heads, seq, head_dim]`, with the
-/// additive mask bias over key positions, `[batch, 1, 1, seq]`.
+/// Key and value states of one attention layer, `[batch, seq, hidden]` (the heads side by side),
+/// with the additive mask bias over key positions, `[batch, 1, 1, seq]`.
 pub struct KeyValue {
     pub key: Tensor,
     pub value: Tensor,

@@ -7,6 +7,7 @@ pub mod config;
 pub mod dropout;
 pub mod embeddings;
 pub mod fused;
+pub mod fused_attention;
 pub mod hooks;
 pub mod layer;
 pub mod layer_norm;

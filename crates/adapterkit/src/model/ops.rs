@@ -68,30 +68,64 @@ pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
     softmax_composed(x)
 }
 
-/// Attention probabilities, `dropout(softmax(scores * scale + bias))` over the last dimension:
-/// `scores` `[batch, heads, queries, keys]`, `bias` `[batch, 1, 1, keys]` (the padding mask).
-/// On CPU in f32 one fused op, which keeps its input and a byte mask for the backward pass
-/// instead of the scaled, biased, normalised and dropped-out tensors: a fifth of the memory.
-pub fn attention_probs(
-    scores: &Tensor,
+/// Multi-head attention, `dropout(softmax(q k^T / sqrt(head_dim) + bias)) v` per head:
+/// `query` `[batch, queries, hidden]`, `key` and `value` `[batch, keys, hidden]` (heads side by
+/// side in `hidden`), `bias` `[batch, 1, 1, keys]` (the padding mask); `[batch, queries,
+/// hidden]` out. On CPU in f32 one fused op (`model::fused_attention`), elsewhere composed.
+pub fn attention(
+    query: &Tensor,
+    key: &Tensor,
+    value: &Tensor,
     bias: &Tensor,
-    scale: f64,
+    heads: usize,
     dropout: f32,
     mode: &mut crate::model::Mode,
 ) -> Result<Tensor> {
-    let (batch, heads, queries, keys) = scores.dims4()?;
-    if fused_applies(scores) && bias.dims() == [batch, 1, 1, keys] && !bias.track_op() {
-        let op = crate::model::fused::AttentionProbsOp {
+    let (batch, queries, hidden) = query.dims3()?;
+    let keys = key.dim(1)?;
+    let scale = 1.0 / ((hidden / heads) as f64).sqrt();
+    if fused_applies(query) && bias.dims() == [batch, 1, 1, keys] && !bias.track_op() {
+        let op = crate::model::fused_attention::AttentionOp {
+            heads,
             scale: scale as f32,
             bias: bias.flatten_all()?.to_vec1()?,
-            rows_per_batch: heads * queries,
-            keep: mode.keep_mask(scores.elem_count(), dropout),
+            keep: mode.keep_mask(batch * heads * queries * keys, dropout),
             keep_scale: 1.0 / (1.0 - dropout),
         };
-        return scores.contiguous()?.apply_op1(op);
+        return query
+            .contiguous()?
+            .apply_op3(&key.contiguous()?, &value.contiguous()?, op);
     }
-    let scores = (scores * scale)?.broadcast_add(bias)?;
-    mode.dropout(&softmax_last_dim(&scores)?, dropout)
+    attention_composed(query, key, value, bias, heads, dropout, mode)
+}
+
+/// [`attention`] composed from candle's differentiable ops (any device and dtype).
+pub fn attention_composed(
+    query: &Tensor,
+    key: &Tensor,
+    value: &Tensor,
+    bias: &Tensor,
+    heads: usize,
+    dropout: f32,
+    mode: &mut crate::model::Mode,
+) -> Result<Tensor> {
+    let (batch, queries, hidden) = query.dims3()?;
+    let head_dim = hidden / heads;
+    // [batch, seq, hidden] -> [batch, heads, seq, head_dim]
+    let split = |x: &Tensor| -> Result<Tensor> {
+        let seq = x.dim(1)?;
+        x.reshape((batch, seq, heads, head_dim))?
+            .transpose(1, 2)?
+            .contiguous()
+    };
+    let (query, key, value) = (split(query)?, split(key)?, split(value)?);
+    let scores = query.matmul(&key.t()?.contiguous()?)?;
+    let scores = (scores * (1.0 / (head_dim as f64).sqrt()))?.broadcast_add(bias)?;
+    let probs = mode.dropout(&softmax_composed(&scores)?, dropout)?;
+    probs
+        .matmul(&value)?
+        .transpose(1, 2)?
+        .reshape((batch, queries, hidden))
 }
 
 /// [`softmax_last_dim`] composed from candle's differentiable ops (any device and dtype).
@@ -112,69 +146,20 @@ pub fn attention_bias(mask: &Tensor) -> Result<Tensor> {
     bias.reshape((batch, 1, 1, seq))
 }
 
-/// `x W^T + b`, where a frozen `W` (a plain tensor, not a `Var`) takes no gradient: candle's
-/// matmul backward computes the gradient of both operands, so through a frozen weight it does
-/// a third of the backward work for nothing. This op's backward returns only `dL/dx`.
+/// `x W^T + b`. A frozen `W` (a plain tensor, not a `Var`) takes no gradient, and on CPU in f32
+/// such a Linear is one op (`model::fused::FrozenLinearOp`) whose backward pass computes only
+/// `dL/dx`; a trained one is candle's.
 pub fn linear(linear: &candle_nn::Linear, x: &Tensor) -> Result<Tensor> {
     use candle_core::Module;
-    let weight = linear.weight();
-    if weight.is_variable() || !x.track_op() || !x.device().is_cpu() || x.dtype() != DType::F32 {
+    let trained = linear.weight().is_variable() || linear.bias().is_some_and(|b| b.is_variable());
+    if trained || !fused_applies(x) {
         return linear.forward(x);
     }
-    let dims = x.dims().to_vec();
-    let k = *dims
-        .last()
-        .expect("a linear's input has a feature dimension");
-    let rows = x.elem_count() / k.max(1);
-    let y = x
-        .reshape((rows, k))?
-        .contiguous()?
-        .apply_op1(FrozenMatmul {
-            weight: weight.clone(),
-        })?;
-    let mut out_dims = dims;
-    *out_dims.last_mut().expect("non-empty") = weight.dim(0)?;
-    let y = y.reshape(out_dims)?;
-    match linear.bias() {
-        Some(b) => y.broadcast_add(b),
-        None => Ok(y),
-    }
-}
-
-/// `x [m, k] -> x W^T [m, n]` for a frozen `W [n, k]`.
-struct FrozenMatmul {
-    weight: Tensor,
-}
-
-impl candle_core::CustomOp1 for FrozenMatmul {
-    fn name(&self) -> &'static str {
-        "frozen-matmul"
-    }
-
-    fn cpu_fwd(
-        &self,
-        storage: &candle_core::CpuStorage,
-        layout: &candle_core::Layout,
-    ) -> Result<(candle_core::CpuStorage, candle_core::Shape)> {
-        let (start, end) = layout.contiguous_offsets().ok_or_else(|| {
-            candle_core::Error::Msg("frozen-matmul needs a contiguous input".into())
-        })?;
-        let x = Tensor::from_slice(
-            &storage.as_slice::<f32>()?[start..end],
-            layout.shape(),
-            &candle_core::Device::Cpu,
-        )?;
-        let y = x.matmul(&self.weight.t()?)?;
-        let shape = y.shape().clone();
-        Ok((
-            candle_core::CpuStorage::F32(y.flatten_all()?.to_vec1::<f32>()?),
-            shape,
-        ))
-    }
-
-    fn bwd(&self, _arg: &Tensor, _res: &Tensor, grad_res: &Tensor) -> Result<Option<Tensor>> {
-        Ok(Some(grad_res.matmul(&self.weight)?))
-    }
+    x.contiguous()?
+        .apply_op1(crate::model::fused::FrozenLinearOp {
+            weight: linear.weight().clone(),
+            bias: linear.bias().cloned(),
+        })
 }
 
 #[cfg(test)]
@@ -243,19 +228,23 @@ mod tests {
         Ok(())
     }
 
-    /// The fused attention probabilities against scale, mask, softmax and dropout composed,
-    /// with and without dropout (the same seed draws the same mask), on a padded batch.
+    /// Fused attention against the composed ops, with and without dropout (the same seed draws
+    /// the same mask), on padded batches with more keys than queries (as with a prefix):
+    /// outputs and the gradients of queries, keys and values.
     #[test]
-    fn fused_attention_probs_match_the_composed_ops() -> Result<()> {
+    fn fused_attention_matches_the_composed_ops() -> Result<()> {
         let mut rng = crate::rng::SeededRng::new(9);
         let dev = Device::Cpu;
-        for (batch, heads, seq) in [(2, 3, 5), (8, 4, 64)] {
-            let x =
-                Var::from_tensor(&rng.normal_tensor((batch, heads, seq, seq), 0.0, 3.0, &dev)?)?;
-            let mut mask = vec![1u32; batch * seq];
-            mask[seq - 2..seq].iter_mut().for_each(|m| *m = 0); // padding in sequence 0
-            let bias = attention_bias(&Tensor::from_vec(mask, (batch, seq), &dev)?)?;
-            let probe = rng.normal_tensor((batch, heads, seq, seq), 0.0, 1.0, &dev)?;
+        for (batch, heads, queries, keys, head_dim) in [(2, 3, 5, 7, 4), (8, 4, 64, 64, 16)] {
+            let hidden = heads * head_dim;
+            let mut var = |seq| -> Result<Var> {
+                Var::from_tensor(&rng.normal_tensor((batch, seq, hidden), 0.0, 1.0, &dev)?)
+            };
+            let (q, k, v) = (var(queries)?, var(keys)?, var(keys)?);
+            let mut mask = vec![1u32; batch * keys];
+            mask[keys - 2..keys].iter_mut().for_each(|m| *m = 0); // padding in sequence 0
+            let bias = attention_bias(&Tensor::from_vec(mask, (batch, keys), &dev)?)?;
+            let probe = rng.normal_tensor((batch, queries, hidden), 0.0, 1.0, &dev)?;
             for train in [false, true] {
                 let mode = || {
                     if train {
@@ -264,19 +253,18 @@ mod tests {
                         crate::model::Mode::Eval
                     }
                 };
-                let fused = attention_probs(&x, &bias, 0.125, 0.1, &mut mode())?;
-                let scaled = (x.as_tensor() * 0.125)?.broadcast_add(&bias)?;
-                let composed = mode().dropout(&softmax_composed(&scaled)?, 0.1)?;
+                let (qt, kt, vt) = (q.as_tensor(), k.as_tensor(), v.as_tensor());
+                let fused = attention(qt, kt, vt, &bias, heads, 0.1, &mut mode())?;
+                let composed = attention_composed(qt, kt, vt, &bias, heads, 0.1, &mut mode())?;
                 let diff = (&fused - &composed)?.abs()?.max_all()?.to_scalar::<f32>()?;
-                assert!(diff < 1e-6, "forward, train {train}: {diff}");
+                assert!(diff < 1e-5, "forward, train {train}: {diff}");
                 let gf = (fused * &probe)?.sum_all()?.backward()?;
                 let gc = (composed * &probe)?.sum_all()?.backward()?;
-                let (a, b) = (
-                    gf.get(x.as_tensor()).unwrap(),
-                    gc.get(x.as_tensor()).unwrap(),
-                );
-                let diff = (a - b)?.abs()?.max_all()?.to_scalar::<f32>()?;
-                assert!(diff < 1e-6, "gradient, train {train}: {diff}");
+                for (name, x) in [("q", qt), ("k", kt), ("v", vt)] {
+                    let (a, b) = (gf.get(x).unwrap(), gc.get(x).unwrap());
+                    let diff = (a - b)?.abs()?.max_all()?.to_scalar::<f32>()?;
+                    assert!(diff < 1e-5, "d{name}, train {train}: {diff}");
+                }
             }
         }
         Ok(())

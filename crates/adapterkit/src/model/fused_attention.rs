@@ -1,0 +1,287 @@
+//! Multi-head scaled dot-product attention as one CPU op with a hand-written backward pass.
+//!
+//! Composed from candle ops, attention is about fifteen graph nodes per layer (splitting heads,
+//! transposing keys, two products, scale, mask, softmax, dropout, merging heads), and candle's
+//! backward pass allocates, zero-fills and adds a gradient for every one of them, several of
+//! them `[batch, heads, queries, keys]`. Here queries, keys and values stay in the projections'
+//! `[batch, seq, hidden]` layout (a head is a strided view, read in place by `gemm`), and only
+//! they and a byte mask of the dropout are kept for the backward pass, which recomputes the
+//! attention probabilities (one extra `queries x keys` product per head, ~3% of a layer's work).
+
+use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
+
+use crate::model::fused::{contiguous, matmul_into, with_values, View};
+
+/// `dropout(softmax(q k^T * scale + bias)) v` per head; arguments `q` `[batch, queries,
+/// hidden]`, `k` and `v` `[batch, keys, hidden]`, output `[batch, queries, hidden]`.
+pub struct AttentionOp {
+    pub heads: usize,
+    pub scale: f32,
+    /// `[batch, keys]`: the additive mask of each sequence's keys.
+    pub bias: Vec<f32>,
+    /// `[batch, heads, queries, keys]`, 1 keeps an attention probability, 0 drops it; `None`
+    /// without dropout.
+    pub keep: Option<Vec<u8>>,
+    /// `1 / (1 - p)`, what kept probabilities are scaled by.
+    pub keep_scale: f32,
+}
+
+/// The sizes of one call.
+#[derive(Clone, Copy)]
+struct Dims {
+    queries: usize,
+    keys: usize,
+    hidden: usize,
+    head_dim: usize,
+}
+
+/// One sequence's tensors, `[seq, hidden]` each.
+struct Sequence<'a> {
+    index: usize,
+    q: &'a [f32],
+    k: &'a [f32],
+    v: &'a [f32],
+}
+
+impl AttentionOp {
+    fn dims(&self, q: &Layout, k: &Layout) -> Result<(usize, Dims)> {
+        let (batch, queries, hidden) = q.shape().dims3()?;
+        let keys = k.shape().dims3()?.1;
+        if hidden % self.heads != 0 || self.bias.len() != batch * keys {
+            candle_core::bail!(
+                "fused attention: {hidden} hidden, {} heads, bias of {} for {batch} x {keys} keys",
+                self.heads,
+                self.bias.len()
+            );
+        }
+        let head_dim = hidden / self.heads;
+        Ok((
+            batch,
+            Dims {
+                queries,
+                keys,
+                hidden,
+                head_dim,
+            },
+        ))
+    }
+
+    /// Head `h`'s attention probabilities before dropout, `[queries, keys]`, into `p`.
+    fn probs(&self, s: &Sequence, h: usize, d: Dims, p: &mut [f32]) {
+        let at = h * d.head_dim;
+        let q = View::new(&s.q[at..], d.queries, d.head_dim, d.hidden, 1);
+        let k = View::new(&s.k[at..], d.keys, d.head_dim, d.hidden, 1);
+        matmul_into(p, d.keys, q, k.t(), false, 1);
+        let bias = &self.bias[s.index * d.keys..][..d.keys];
+        for row in p.chunks_exact_mut(d.keys) {
+            let mut max = f32::NEG_INFINITY;
+            for (x, b) in row.iter_mut().zip(bias) {
+                *x = *x * self.scale + b;
+                max = max.max(*x);
+            }
+            let mut sum = 0f32;
+            for x in row.iter_mut() {
+                *x = (*x - max).exp();
+                sum += *x;
+            }
+            let inv = 1.0 / sum;
+            row.iter_mut().for_each(|x| *x *= inv);
+        }
+    }
+
+    /// What dropout multiplies head `h`'s probabilities by, `[queries, keys]`.
+    fn kept(&self, s: &Sequence, h: usize, d: Dims) -> Option<impl Iterator<Item = f32> + '_> {
+        let n = d.queries * d.keys;
+        let at = (s.index * self.heads + h) * n;
+        let scale = self.keep_scale;
+        self.keep
+            .as_ref()
+            .map(move |keep| keep[at..at + n].iter().map(move |k| *k as f32 * scale))
+    }
+
+    fn forward_sequence(&self, s: &Sequence, d: Dims, out: &mut [f32], p: &mut [f32]) {
+        for h in 0..self.heads {
+            self.probs(s, h, d, p);
+            if let Some(kept) = self.kept(s, h, d) {
+                p.iter_mut().zip(kept).for_each(|(x, k)| *x *= k);
+            }
+            let at = h * d.head_dim;
+            let v = View::new(&s.v[at..], d.keys, d.head_dim, d.hidden, 1);
+            let probs = View::rows(p, d.queries, d.keys);
+            matmul_into(&mut out[at..], d.hidden, probs, v, false, 1);
+        }
+    }
+
+    /// With `P` the probabilities, `P'` after dropout and `g` the output gradient:
+    /// `dv = P'^T g`, `dP = (g v^T) * kept`, `dS = scale * P * (dP - rowsum(dP * P))`,
+    /// `dq = dS k`, `dk = dS^T q`.
+    #[allow(clippy::too_many_arguments)]
+    fn backward_sequence(
+        &self,
+        s: &Sequence,
+        g: &[f32],
+        d: Dims,
+        (dq, dk, dv): (&mut [f32], &mut [f32], &mut [f32]),
+        p: &mut [f32],
+        dropped: &mut [f32],
+        dp: &mut [f32],
+    ) {
+        for h in 0..self.heads {
+            let at = h * d.head_dim;
+            let g_h = View::new(&g[at..], d.queries, d.head_dim, d.hidden, 1);
+            self.probs(s, h, d, p);
+            dropped.copy_from_slice(p);
+            if let Some(kept) = self.kept(s, h, d) {
+                dropped.iter_mut().zip(kept).for_each(|(x, k)| *x *= k);
+            }
+            let dropped = View::rows(dropped, d.queries, d.keys);
+            matmul_into(&mut dv[at..], d.hidden, dropped.t(), g_h, false, 1);
+
+            let v = View::new(&s.v[at..], d.keys, d.head_dim, d.hidden, 1);
+            matmul_into(dp, d.keys, g_h, v.t(), false, 1);
+            if let Some(kept) = self.kept(s, h, d) {
+                dp.iter_mut().zip(kept).for_each(|(x, k)| *x *= k);
+            }
+            for (dp_row, p_row) in dp.chunks_exact_mut(d.keys).zip(p.chunks_exact(d.keys)) {
+                let dot: f32 = dp_row.iter().zip(p_row).map(|(a, b)| a * b).sum();
+                for (x, y) in dp_row.iter_mut().zip(p_row) {
+                    *x = self.scale * y * (*x - dot);
+                }
+            }
+            let ds = View::rows(dp, d.queries, d.keys);
+            let k = View::new(&s.k[at..], d.keys, d.head_dim, d.hidden, 1);
+            let q = View::new(&s.q[at..], d.queries, d.head_dim, d.hidden, 1);
+            matmul_into(&mut dq[at..], d.hidden, ds, k, false, 1);
+            matmul_into(&mut dk[at..], d.hidden, ds.t(), q, false, 1);
+        }
+    }
+}
+
+/// Splits `0..batch` into one block of consecutive sequences per thread and runs `f(first,
+/// count)` on each; `f` gets that block's part of every output.
+fn par_sequences<const N: usize>(
+    batch: usize,
+    outputs: [(&mut [f32], usize); N],
+    f: impl Fn(usize, [&mut [f32]; N]) + Sync,
+) {
+    let threads = candle_core::utils::get_num_threads().clamp(1, batch.max(1));
+    let per_thread = batch.div_ceil(threads).max(1);
+    let mut blocks: Vec<Vec<&mut [f32]>> = (0..threads).map(|_| Vec::new()).collect();
+    for (out, per_sequence) in outputs {
+        for (i, block) in out.chunks_mut(per_thread * per_sequence).enumerate() {
+            blocks[i].push(block);
+        }
+    }
+    let f = &f;
+    std::thread::scope(|scope| {
+        for (i, block) in blocks.into_iter().enumerate() {
+            if let Ok(block) = <[&mut [f32]; N]>::try_from(block) {
+                scope.spawn(move || f(i * per_thread, block));
+            }
+        }
+    });
+}
+
+impl CustomOp3 for AttentionOp {
+    fn name(&self) -> &'static str {
+        "fused-attention"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (batch, d) = self.dims(l1, l2)?;
+        let (q, k, v) = (
+            contiguous(s1, l1)?,
+            contiguous(s2, l2)?,
+            contiguous(s3, l3)?,
+        );
+        let (q_len, kv_len) = (d.queries * d.hidden, d.keys * d.hidden);
+        let mut out = vec![0f32; batch * q_len];
+        par_sequences(batch, [(&mut out, q_len)], |first, [out]| {
+            let mut p = vec![0f32; d.queries * d.keys];
+            for (i, out) in out.chunks_exact_mut(q_len).enumerate() {
+                let b = first + i;
+                let s = Sequence {
+                    index: b,
+                    q: &q[b * q_len..][..q_len],
+                    k: &k[b * kv_len..][..kv_len],
+                    v: &v[b * kv_len..][..kv_len],
+                };
+                self.forward_sequence(&s, d, out, &mut p);
+            }
+        });
+        Ok((CpuStorage::F32(out), l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        _out: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (batch, d) = self.dims(q.layout(), k.layout())?;
+        let (q_len, kv_len) = (d.queries * d.hidden, d.keys * d.hidden);
+        let (mut dq, mut dk, mut dv) = (
+            vec![0f32; batch * q_len],
+            vec![0f32; batch * kv_len],
+            vec![0f32; batch * kv_len],
+        );
+        with_values(q, |qs| {
+            with_values(k, |ks| {
+                with_values(v, |vs| {
+                    with_values(grad, |gs| {
+                        let outputs = [
+                            (&mut dq[..], q_len),
+                            (&mut dk[..], kv_len),
+                            (&mut dv[..], kv_len),
+                        ];
+                        par_sequences(batch, outputs, |first, [dq, dk, dv]| {
+                            let n = d.queries * d.keys;
+                            let (mut p, mut dropped, mut dp) =
+                                (vec![0f32; n], vec![0f32; n], vec![0f32; n]);
+                            let sequences = dq
+                                .chunks_exact_mut(q_len)
+                                .zip(dk.chunks_exact_mut(kv_len))
+                                .zip(dv.chunks_exact_mut(kv_len));
+                            for (i, ((dq, dk), dv)) in sequences.enumerate() {
+                                let b = first + i;
+                                let s = Sequence {
+                                    index: b,
+                                    q: &qs[b * q_len..][..q_len],
+                                    k: &ks[b * kv_len..][..kv_len],
+                                    v: &vs[b * kv_len..][..kv_len],
+                                };
+                                let g = &gs[b * q_len..][..q_len];
+                                self.backward_sequence(
+                                    &s,
+                                    g,
+                                    d,
+                                    (dq, dk, dv),
+                                    &mut p,
+                                    &mut dropped,
+                                    &mut dp,
+                                );
+                            }
+                        });
+                        Ok(())
+                    })
+                })
+            })
+        })?;
+        let dev = q.device();
+        Ok((
+            Some(Tensor::from_vec(dq, q.shape(), dev)?),
+            Some(Tensor::from_vec(dk, k.shape(), dev)?),
+            Some(Tensor::from_vec(dv, v.shape(), dev)?),
+        ))
+    }
+}
