@@ -2,8 +2,10 @@
 # Reproduces docs/RESULTS.md's AdapterFusion section. Knowledge extraction: a Pfeiffer adapter per
 # source task (movie_sentiment, trec6, sms_spam; LayerNorms frozen, so the adapters can share one
 # base model). Knowledge composition: dynamic fusion over them on tweets_sentiment with 500
-# training examples, against a single Pfeiffer adapter trained on those 500 alone; 3 seeds each.
-# Runs go to runs/fusion/{sources,tweets}/; skips runs that are already finished.
+# training examples, against a single Pfeiffer adapter trained on those 500 alone; and "ST-A +
+# fusion" (the paper's setting): fusion over the sources and that seed's single target adapter.
+# Seeds 1-5 (SEEDS="1 2 3" to run fewer). Runs go to runs/fusion/{sources,tweets}/; skips runs
+# that are already finished.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -21,14 +23,18 @@ for source in "${sources[@]}"; do
   "$bin" train --model "$model" --data "$source" --method pfeiffer --freeze-layer-norms \
     --name "$source" --epochs 3 --seed 1 --out "$out" --quiet
 done
-for seed in 1 2 3; do
-  out="$root/tweets/single-seed$seed"
-  [ -f "$out/results.json" ] || "$bin" train --model "$model" "${target[@]}" --method pfeiffer \
-    --freeze-layer-norms --name tweets_sentiment --seed "$seed" --out "$out"
-  out="$root/tweets/fusion-seed$seed"
-  [ -f "$out/results.json" ] || "$bin" fuse --model "$model" "${target[@]}" --seed "$seed" \
-    --adapters "${sources[@]/#/$root/sources/}" --out "$out"
-  [ -f "$out/weights.json" ] || "$bin" fusion-weights --model "$model" --adapter "$out" \
-    --data tweets_sentiment --split test --out "$out/weights"
+for seed in ${SEEDS:-1 2 3 4 5}; do
+  single="$root/tweets/single-seed$seed"
+  [ -f "$single/results.json" ] || "$bin" train --model "$model" "${target[@]}" --method pfeiffer \
+    --freeze-layer-norms --name tweets_sentiment --seed "$seed" --out "$single"
+  for variant in fusion fusion_st; do
+    adapters=("${sources[@]/#/$root/sources/}")
+    [ "$variant" = fusion_st ] && adapters+=("$single")
+    out="$root/tweets/$variant-seed$seed"
+    [ -f "$out/results.json" ] || "$bin" fuse --model "$model" "${target[@]}" --seed "$seed" \
+      --adapters "${adapters[@]}" --out "$out"
+    [ -f "$out/weights.json" ] || "$bin" fusion-weights --model "$model" --adapter "$out" \
+      --data tweets_sentiment --split test --out "$out/weights"
+  done
 done
 python3 scripts/summarize_results.py "$root/tweets"

@@ -12,7 +12,8 @@ from pathlib import Path
 runs = defaultdict(list)
 for path in sorted(Path(sys.argv[1]).glob("*/results.json")):
     result = json.loads(path.read_text())
-    runs[result["method"]].append(result)
+    # Runs are folders named METHOD-seedN; the name keeps variants of one method apart.
+    runs[path.parent.name.rsplit("-seed", 1)[0]].append(result)
 
 
 def mean_sd(values):

@@ -10,7 +10,9 @@
 
 use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
 
-use crate::model::fused::{contiguous, matmul_into, with_values, View};
+use crate::model::fused::{
+    contiguous, dot, exp, matmul_into, max, sum, with_values, with_wide_simd, View,
+};
 
 /// `dropout(softmax(q k^T * scale + bias)) v` per head; arguments `q` `[batch, queries,
 /// hidden]`, `k` and `v` `[batch, keys, hidden]`, output `[batch, queries, hidden]`.
@@ -34,6 +36,22 @@ struct Dims {
     hidden: usize,
     head_dim: usize,
 }
+
+/// `softmax(x * scale + bias)` over each row of `p` (rows as long as `bias`), in place.
+#[inline(always)]
+fn softmax_rows_kernel(p: &mut [f32], bias: &[f32], scale: f32) {
+    for row in p.chunks_exact_mut(bias.len()) {
+        for (x, b) in row.iter_mut().zip(bias) {
+            *x = *x * scale + b;
+        }
+        let max = max(row);
+        row.iter_mut().for_each(|x| *x = exp(*x - max));
+        let inv = 1.0 / sum(row);
+        row.iter_mut().for_each(|x| *x *= inv);
+    }
+}
+
+with_wide_simd!(softmax_rows => softmax_rows_kernel(p: &mut [f32], bias: &[f32], scale: f32));
 
 /// One sequence's tensors, `[seq, hidden]` each.
 struct Sequence<'a> {
@@ -73,20 +91,7 @@ impl AttentionOp {
         let k = View::new(&s.k[at..], d.keys, d.head_dim, d.hidden, 1);
         matmul_into(p, d.keys, q, k.t(), false, 1);
         let bias = &self.bias[s.index * d.keys..][..d.keys];
-        for row in p.chunks_exact_mut(d.keys) {
-            let mut max = f32::NEG_INFINITY;
-            for (x, b) in row.iter_mut().zip(bias) {
-                *x = *x * self.scale + b;
-                max = max.max(*x);
-            }
-            let mut sum = 0f32;
-            for x in row.iter_mut() {
-                *x = (*x - max).exp();
-                sum += *x;
-            }
-            let inv = 1.0 / sum;
-            row.iter_mut().for_each(|x| *x *= inv);
-        }
+        softmax_rows(p, bias, self.scale);
     }
 
     /// What dropout multiplies head `h`'s probabilities by, `[queries, keys]`.
@@ -143,7 +148,7 @@ impl AttentionOp {
                 dp.iter_mut().zip(kept).for_each(|(x, k)| *x *= k);
             }
             for (dp_row, p_row) in dp.chunks_exact_mut(d.keys).zip(p.chunks_exact(d.keys)) {
-                let dot: f32 = dp_row.iter().zip(p_row).map(|(a, b)| a * b).sum();
+                let dot = dot(dp_row, p_row);
                 for (x, y) in dp_row.iter_mut().zip(p_row) {
                     *x = self.scale * y * (*x - dot);
                 }
