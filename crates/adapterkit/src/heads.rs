@@ -7,7 +7,7 @@
 
 use std::collections::BTreeMap;
 
-use candle_core::{DType, Device, Module, Result as CandleResult, Tensor, D};
+use candle_core::{DType, Device, Result as CandleResult, Tensor, D};
 use candle_nn::Linear;
 use serde::{Deserialize, Serialize};
 
@@ -197,7 +197,7 @@ impl Head {
         let mut x = last_hidden_state.narrow(1, 0, 1)?.squeeze(1)?;
         let last = self.linears.len() - 1;
         for (i, linear) in self.linears.iter().enumerate() {
-            x = linear.forward(&mode.dropout(&x, self.dropout)?)?;
+            x = crate::model::ops::linear(linear, &mode.dropout(&x, self.dropout)?)?;
             if i < last {
                 x = self.config.activation_function.forward(&x)?;
             }

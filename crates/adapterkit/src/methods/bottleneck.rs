@@ -11,6 +11,7 @@ use crate::error::{Error, Result};
 use crate::methods::bottleneck_config::{BnConfig, InitWeights, ResidualBeforeLn};
 use crate::model::hooks::{LayerHooks, Position};
 use crate::model::layer_norm::LayerNorm;
+use crate::model::ops;
 use crate::model::{BertConfig, Mode};
 use crate::params::{frozen_linear, init, new_linear, Params};
 use crate::rng::SeededRng;
@@ -198,8 +199,8 @@ impl BottleneckAdapter {
             Some(norm) => norm.forward(x)?,
             None => x.clone(),
         };
-        let down = c.non_linearity.forward(&self.down.forward(&x)?)?;
-        let up = (self.up.forward(&down)? * c.scaling)?;
+        let down = c.non_linearity.forward(&ops::linear(&self.down, &x)?)?;
+        let up = (ops::linear(&self.up, &down)? * c.scaling)?;
         let mut out = mode.dropout(&up, c.dropout)?;
         let skip = !c.is_parallel;
         if skip && c.adapter_residual_before_ln {

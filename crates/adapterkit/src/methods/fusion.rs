@@ -174,16 +174,16 @@ impl FusionLayer {
             value = value.broadcast_add(&residual.unsqueeze(2)?)?;
         }
         let q = match &self.query {
-            Some(l) => l.forward(query)?,
+            Some(l) => ops::linear(l, query)?,
             None => query.clone(),
         };
         // AdapterHub adds the residual in place to the one tensor it passes as keys and values.
         let k = match &self.key {
-            Some(l) => l.forward(&value)?,
+            Some(l) => ops::linear(l, &value)?,
             None => value.clone(),
         };
         if let (Some(l), true) = (&self.value, c.value_before_softmax) {
-            value = l.forward(&value)?;
+            value = ops::linear(l, &value)?;
         }
         // [b, s, 1, h] x [b, s, h, n] -> [b, s, n]
         let scores = q
@@ -201,7 +201,7 @@ impl FusionLayer {
             .matmul(&value.contiguous()?)?
             .squeeze(2)?;
         if let (Some(l), false) = (&self.value, c.value_before_softmax) {
-            context = l.forward(&context)?;
+            context = ops::linear(l, &context)?;
         }
         if !c.residual_before {
             context = (context + residual)?;

@@ -224,8 +224,22 @@ impl<'a> View<'a> {
     }
 }
 
+impl<'a> View<'a> {
+    /// Rows `first..first + count`.
+    fn row_block(self, first: usize, count: usize) -> Self {
+        let data = if count == 0 {
+            &self.data[..0]
+        } else {
+            &self.data[first * self.row_stride..]
+        };
+        Self::new(data, count, self.cols, self.row_stride, self.col_stride)
+    }
+}
+
 /// `dst = lhs rhs`, or `dst += lhs rhs` when `accumulate`; `dst` is `lhs.rows x rhs.cols`
-/// with row stride `dst_row_stride`. One `gemm` call (the crate candle uses), on `threads`.
+/// with row stride `dst_row_stride`. `gemm` (the crate candle uses) on blocks of rows, one per
+/// thread: `gemm`'s own threading left a thread idle on narrow products (an adapter's 24-column
+/// down-projection), and was no faster on wide ones (`docs/BENCHMARKS.md`).
 pub(crate) fn matmul_into(
     dst: &mut [f32],
     dst_row_stride: usize,
@@ -234,6 +248,30 @@ pub(crate) fn matmul_into(
     accumulate: bool,
     threads: usize,
 ) {
+    let m = lhs.rows;
+    let threads = threads.clamp(1, m.div_ceil(16).max(1));
+    if threads == 1 {
+        return matmul_block(dst, dst_row_stride, lhs, rhs, accumulate);
+    }
+    let per_thread = m.div_ceil(threads);
+    std::thread::scope(|scope| {
+        let mut rest = dst;
+        for first in (0..m).step_by(per_thread) {
+            let count = per_thread.min(m - first);
+            let take = if first + count < m {
+                count * dst_row_stride
+            } else {
+                rest.len()
+            };
+            let (block, tail) = std::mem::take(&mut rest).split_at_mut(take);
+            rest = tail;
+            let lhs = lhs.row_block(first, count);
+            scope.spawn(move || matmul_block(block, dst_row_stride, lhs, rhs, accumulate));
+        }
+    });
+}
+
+fn matmul_block(dst: &mut [f32], dst_row_stride: usize, lhs: View, rhs: View, accumulate: bool) {
     let (m, n, k) = (lhs.rows, rhs.cols, lhs.cols);
     assert_eq!(k, rhs.rows, "matmul_into: inner dimensions differ");
     if m == 0 || n == 0 {
@@ -243,11 +281,6 @@ pub(crate) fn matmul_into(
         (m - 1) * dst_row_stride + n <= dst.len(),
         "matmul_into: dst too small"
     );
-    let parallelism = if threads > 1 {
-        gemm::Parallelism::Rayon(threads)
-    } else {
-        gemm::Parallelism::None
-    };
     // SAFETY: the three views were checked to lie within their slices (`View::new` and the
     // assert above), `dst` is borrowed mutably so it aliases neither input.
     unsafe {
@@ -270,71 +303,104 @@ pub(crate) fn matmul_into(
             false,
             false,
             false,
-            parallelism,
+            gemm::Parallelism::None,
         )
     }
 }
 
-/// `x W^T + b` for a frozen `W` `[n, k]` and `b` `[n]` over the last dimension of `x`: one
-/// matrix product written onto the broadcast bias, and a backward pass that returns only
-/// `dL/dx` (candle's matmul backward also computes the frozen weight's gradient, a third of
-/// the backward work for nothing).
-pub struct FrozenLinearOp {
-    pub weight: Tensor,
-    pub bias: Option<Tensor>,
-}
+/// A Linear, `x W^T + b` over the last dimension of `x`, `W` `[n, k]`, `b` `[n]`; arguments
+/// `x`, `W`, `b`. One matrix product written onto the broadcast bias (candle's Linear is four
+/// graph nodes), and a backward pass that computes the gradient of only those arguments that
+/// take one: for a frozen Linear, `dL/dx` alone (candle's matmul backward also computes the
+/// weight's gradient, a third of the backward work for nothing).
+pub struct LinearOp;
 
-impl CustomOp1 for FrozenLinearOp {
+impl CustomOp3 for LinearOp {
     fn name(&self) -> &'static str {
-        "frozen-linear"
+        "linear"
     }
 
-    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
-        let x = contiguous(storage, layout)?;
-        let (n, k) = self.weight.dims2()?;
-        let rows = x.len() / k.max(1);
-        let out = with_values(&self.weight, |w| {
-            let (mut out, accumulate) = match &self.bias {
-                Some(bias) => (with_values(bias, |b| Ok(b.repeat(rows)))?, true),
-                None => (vec![0f32; rows * n], false),
-            };
-            let threads = candle_core::utils::get_num_threads();
-            matmul_into(
-                &mut out,
-                n,
-                View::rows(x, rows, k),
-                View::rows(w, n, k).t(),
-                accumulate,
-                threads,
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (x, w, b) = (
+            contiguous(s1, l1)?,
+            contiguous(s2, l2)?,
+            contiguous(s3, l3)?,
+        );
+        let (n, k) = l2.shape().dims2()?;
+        if b.len() != n || l1.shape().dims().last() != Some(&k) {
+            candle_core::bail!(
+                "linear: input {:?}, weight {:?}, bias {:?}",
+                l1.shape(),
+                l2.shape(),
+                l3.shape()
             );
-            Ok(out)
-        })?;
-        let mut dims = layout.shape().dims().to_vec();
-        *dims
-            .last_mut()
-            .expect("a linear's input has a feature dimension") = n;
+        }
+        let rows = x.len() / k.max(1);
+        let mut out = b.repeat(rows);
+        let threads = candle_core::utils::get_num_threads();
+        matmul_into(
+            &mut out,
+            n,
+            View::rows(x, rows, k),
+            View::rows(w, n, k).t(),
+            true,
+            threads,
+        );
+        let mut dims = l1.shape().dims().to_vec();
+        *dims.last_mut().expect("checked above") = n;
         Ok((CpuStorage::F32(out), Shape::from(dims)))
     }
 
-    fn bwd(&self, x: &Tensor, _y: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
-        let (n, k) = self.weight.dims2()?;
+    /// `dx = g W`, `dW = g^T x`, `db` = the column sums of `g`.
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        b: &Tensor,
+        _y: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (n, k) = w.dims2()?;
         let rows = x.elem_count() / k.max(1);
-        let dx = with_values(grad, |g| {
-            with_values(&self.weight, |w| {
-                let mut dx = vec![0f32; rows * k];
-                let threads = candle_core::utils::get_num_threads();
-                matmul_into(
-                    &mut dx,
-                    k,
-                    View::rows(g, rows, n),
-                    View::rows(w, n, k),
-                    false,
-                    threads,
-                );
-                Ok(dx)
-            })
-        })?;
-        Ok(Some(Tensor::from_vec(dx, x.shape(), x.device())?))
+        let threads = candle_core::utils::get_num_threads();
+        let dev = x.device();
+        with_values(grad, |g| {
+            let g = View::rows(g, rows, n);
+            let dx = if x.track_op() {
+                let dx = with_values(w, |w| {
+                    let mut dx = vec![0f32; rows * k];
+                    matmul_into(&mut dx, k, g, View::rows(w, n, k), false, threads);
+                    Ok(dx)
+                })?;
+                Some(Tensor::from_vec(dx, x.shape(), dev)?)
+            } else {
+                None
+            };
+            let dw = if w.track_op() {
+                let dw = with_values(x, |x| {
+                    let mut dw = vec![0f32; n * k];
+                    matmul_into(&mut dw, k, g.t(), View::rows(x, rows, k), false, threads);
+                    Ok(dw)
+                })?;
+                Some(Tensor::from_vec(dw, w.shape(), dev)?)
+            } else {
+                None
+            };
+            let db = if b.track_op() {
+                Some((grad.flatten_to(candle_core::D::Minus2)?.sum(0))?)
+            } else {
+                None
+            };
+            Ok((dx, dw, db))
+        })
     }
 }
 

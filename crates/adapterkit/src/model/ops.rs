@@ -146,20 +146,18 @@ pub fn attention_bias(mask: &Tensor) -> Result<Tensor> {
     bias.reshape((batch, 1, 1, seq))
 }
 
-/// `x W^T + b`. A frozen `W` (a plain tensor, not a `Var`) takes no gradient, and on CPU in f32
-/// such a Linear is one op (`model::fused::FrozenLinearOp`) whose backward pass computes only
-/// `dL/dx`; a trained one is candle's.
+/// `x W^T + b` over the last dimension of `x`: on CPU in f32 one op (`model::fused::LinearOp`)
+/// whose backward pass computes only the gradients that are needed (for a frozen Linear, only
+/// `dL/dx`); elsewhere, and without a bias, candle's.
 pub fn linear(linear: &candle_nn::Linear, x: &Tensor) -> Result<Tensor> {
     use candle_core::Module;
-    let trained = linear.weight().is_variable() || linear.bias().is_some_and(|b| b.is_variable());
-    if trained || !fused_applies(x) {
-        return linear.forward(x);
+    match linear.bias() {
+        Some(bias) if fused_applies(x) => {
+            x.contiguous()?
+                .apply_op3(linear.weight(), bias, crate::model::fused::LinearOp)
+        }
+        _ => linear.forward(x),
     }
-    x.contiguous()?
-        .apply_op1(crate::model::fused::FrozenLinearOp {
-            weight: linear.weight().clone(),
-            bias: linear.bias().cloned(),
-        })
 }
 
 #[cfg(test)]
@@ -270,34 +268,52 @@ mod tests {
         Ok(())
     }
 
+    /// The fused Linear against candle's: outputs, and the gradients of exactly the arguments
+    /// that take one (input only for a frozen Linear; input, weight and bias for a trained one).
     #[test]
-    fn frozen_linear_matches_linear_and_gives_only_the_input_gradient() -> Result<()> {
+    fn fused_linear_matches_candle_and_computes_only_the_gradients_needed() -> Result<()> {
+        use candle_core::Module;
         let mut rng = crate::rng::SeededRng::new(3);
         let dev = Device::Cpu;
-        let weight = rng.normal_tensor((5, 7), 0.0, 1.0, &dev)?;
-        let bias = rng.normal_tensor(5, 0.0, 1.0, &dev)?;
-        let linear = candle_nn::Linear::new(weight, Some(bias));
         let x = Var::from_tensor(&rng.normal_tensor((2, 3, 7), 0.0, 1.0, &dev)?)?;
         let probe = rng.normal_tensor((2, 3, 5), 0.0, 1.0, &dev)?;
+        let max_diff = |a: &Tensor, b: &Tensor| -> Result<f32> {
+            (a - b)?.abs()?.max_all()?.to_scalar::<f32>()
+        };
+        for trained in [false, true] {
+            let weight = rng.normal_tensor((5, 7), 0.0, 1.0, &dev)?;
+            let bias = rng.normal_tensor(5, 0.0, 1.0, &dev)?;
+            let (weight, bias) = if trained {
+                let as_var = |t: &Tensor| Var::from_tensor(t).map(|v| v.as_tensor().clone());
+                (as_var(&weight)?, as_var(&bias)?)
+            } else {
+                (weight, bias)
+            };
+            let linear = candle_nn::Linear::new(weight.clone(), Some(bias.clone()));
+            let candle = linear.forward(x.as_tensor())?;
+            let fused = super::linear(&linear, x.as_tensor())?;
+            assert!(
+                max_diff(&candle, &fused)? < 1e-5,
+                "forward, trained {trained}"
+            );
 
-        use candle_core::Module;
-        let plain = linear.forward(x.as_tensor())?;
-        let frozen = super::linear(&linear, x.as_tensor())?;
-        let diff = (&plain - &frozen)?.abs()?.max_all()?.to_scalar::<f32>()?;
-        assert!(diff < 1e-5, "forward differs by {diff}");
-
-        let g_plain = (plain * &probe)?.sum_all()?.backward()?;
-        let g_frozen = (frozen * &probe)?.sum_all()?.backward()?;
-        let (a, b) = (
-            g_plain.get(x.as_tensor()).unwrap(),
-            g_frozen.get(x.as_tensor()).unwrap(),
-        );
-        let diff = (a - b)?.abs()?.max_all()?.to_scalar::<f32>()?;
-        assert!(diff < 1e-5, "input gradient differs by {diff}");
-        assert!(
-            g_frozen.get(linear.weight()).is_none(),
-            "no gradient for the frozen weight"
-        );
+            let g_candle = (candle * &probe)?.sum_all()?.backward()?;
+            let g_fused = (fused * &probe)?.sum_all()?.backward()?;
+            for (name, t) in [("x", x.as_tensor()), ("weight", &weight), ("bias", &bias)] {
+                match (g_candle.get(t), g_fused.get(t)) {
+                    (Some(a), Some(b)) => {
+                        let diff = max_diff(a, b)?;
+                        assert!(diff < 1e-5, "d{name}, trained {trained}: {diff}");
+                    }
+                    (None, None) => assert!(!trained && name != "x", "d{name} missing"),
+                    (a, b) => panic!(
+                        "d{name}, trained {trained}: candle {}, fused {}",
+                        a.is_some(),
+                        b.is_some()
+                    ),
+                }
+            }
+        }
         Ok(())
     }
 }
