@@ -72,8 +72,9 @@ pub(crate) use with_wide_simd;
 
 /// `e^x` without a library call or a float-to-int conversion, so that loops over it
 /// vectorise: `x = k ln 2 + r` with `|r| <= ln 2 / 2`, `e^r` by its degree-6 Taylor polynomial
-/// (relative error below 3e-7), `2^k` built in the exponent bits. Inputs below -87 give `e^-87`
-/// (~1.6e-38) instead of smaller values, which no softmax or GELU here can tell from 0.
+/// (relative error below 3e-7), `2^k` built in the exponent bits. Below -80 it is 0: the masked
+/// keys of a softmax must get exactly 0, not ~1e-38, which divided by the row's sum becomes a
+/// denormal number and slows every later product with it (e^-80 / 512 keys is still normal).
 #[inline(always)]
 #[allow(clippy::manual_clamp)] // `clamp`'s NaN handling would stop the loop vectorising
 pub(crate) fn exp(x: f32) -> f32 {
@@ -81,22 +82,27 @@ pub(crate) fn exp(x: f32) -> f32 {
     const LN2_LO: f32 = 1.428_606_8e-6;
     // Adding 1.5 * 2^23 rounds to an integer k held in the low mantissa bits.
     const ROUND: f32 = 12_582_912.0;
-    let x = if x < -87.0 {
-        -87.0
+    let clamped = if x < -80.0 {
+        -80.0
     } else if x > 88.0 {
         88.0
     } else {
         x
     };
-    let t = x * std::f32::consts::LOG2_E + ROUND;
+    let t = clamped * std::f32::consts::LOG2_E + ROUND;
     let k = t - ROUND;
-    let r = x - k * LN2_HI - k * LN2_LO;
+    let r = clamped - k * LN2_HI - k * LN2_LO;
     let p = 1.0
         + r * (1.0
             + r * (1.0 / 2.0
                 + r * (1.0 / 6.0 + r * (1.0 / 24.0 + r * (1.0 / 120.0 + r * (1.0 / 720.0))))));
     let k_bits = t.to_bits().wrapping_sub(ROUND.to_bits());
-    p * f32::from_bits(k_bits.wrapping_add(127) << 23)
+    let e = p * f32::from_bits(k_bits.wrapping_add(127) << 23);
+    if x < -80.0 {
+        0.0
+    } else {
+        e
+    }
 }
 
 /// Sum, maximum and dot product over eight running lanes: a single running sum is a chain of
@@ -646,7 +652,7 @@ mod tests {
     #[test]
     fn exp_and_erf_match_the_library() {
         for i in 0..=20_000 {
-            let x = -87.0 + 175.0 * i as f32 / 20_000.0;
+            let x = -80.0 + 168.0 * i as f32 / 20_000.0;
             let (ours, libm) = (exp(x), x.exp());
             assert!(
                 (ours - libm).abs() <= 3e-7 * libm,
@@ -656,7 +662,8 @@ mod tests {
             let (ours, libm) = (erf(x), candle_core::cpu::erf::erf_f32(x));
             assert!((ours - libm).abs() < 3e-7, "erf({x}): {ours} vs {libm}");
         }
-        assert_eq!(exp(-1e30), exp(-87.0));
-        assert_eq!(exp(f32::MIN), exp(-87.0));
+        for x in [-80.001, -100.0, -1e30, f32::MIN] {
+            assert_eq!(exp(x), 0.0, "exp({x})");
+        }
     }
 }
