@@ -10,9 +10,9 @@
 
 use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
 
-use crate::model::fused::{
-    contiguous, dot, exp, matmul_into, max, sum, with_values, with_wide_simd, View,
-};
+use crate::model::fused::{contiguous, with_values};
+use crate::model::matmul::{matmul_into, View};
+use crate::model::simd::{dot, softmax_in_place, with_wide_simd};
 
 /// `dropout(softmax(q k^T * scale + bias)) v` per head; arguments `q` `[batch, queries,
 /// hidden]`, `k` and `v` `[batch, keys, hidden]`, output `[batch, queries, hidden]`.
@@ -44,10 +44,7 @@ fn softmax_rows_kernel(p: &mut [f32], bias: &[f32], scale: f32) {
         for (x, b) in row.iter_mut().zip(bias) {
             *x = *x * scale + b;
         }
-        let max = max(row);
-        row.iter_mut().for_each(|x| *x = exp(*x - max));
-        let inv = 1.0 / sum(row);
-        row.iter_mut().for_each(|x| *x *= inv);
+        softmax_in_place(row);
     }
 }
 
@@ -59,6 +56,19 @@ struct Sequence<'a> {
     q: &'a [f32],
     k: &'a [f32],
     v: &'a [f32],
+}
+
+impl<'a> Sequence<'a> {
+    /// Sequence `index` of the whole batch's `q`, `k` and `v`.
+    fn of(index: usize, d: Dims, q: &'a [f32], k: &'a [f32], v: &'a [f32]) -> Self {
+        let (q_len, kv_len) = (d.queries * d.hidden, d.keys * d.hidden);
+        Self {
+            index,
+            q: &q[index * q_len..][..q_len],
+            k: &k[index * kv_len..][..kv_len],
+            v: &v[index * kv_len..][..kv_len],
+        }
+    }
 }
 
 impl AttentionOp {
@@ -115,6 +125,44 @@ impl AttentionOp {
             let probs = View::rows(p, d.queries, d.keys);
             matmul_into(&mut out[at..], d.hidden, probs, v, false, 1);
         }
+    }
+
+    /// `dq`, `dk` and `dv` of the whole batch from its `q`, `k`, `v` and output gradient `g`.
+    fn backward(
+        &self,
+        batch: usize,
+        d: Dims,
+        q: &[f32],
+        k: &[f32],
+        v: &[f32],
+        g: &[f32],
+    ) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+        let (q_len, kv_len) = (d.queries * d.hidden, d.keys * d.hidden);
+        let (mut dq, mut dk, mut dv) = (
+            vec![0f32; batch * q_len],
+            vec![0f32; batch * kv_len],
+            vec![0f32; batch * kv_len],
+        );
+        let outputs = [
+            (&mut dq[..], q_len),
+            (&mut dk[..], kv_len),
+            (&mut dv[..], kv_len),
+        ];
+        par_sequences(batch, outputs, |first, [dq, dk, dv]| {
+            let n = d.queries * d.keys;
+            let (mut p, mut dropped, mut dp) = (vec![0f32; n], vec![0f32; n], vec![0f32; n]);
+            let sequences = dq
+                .chunks_exact_mut(q_len)
+                .zip(dk.chunks_exact_mut(kv_len))
+                .zip(dv.chunks_exact_mut(kv_len));
+            for (i, ((dq, dk), dv)) in sequences.enumerate() {
+                let s = Sequence::of(first + i, d, q, k, v);
+                let g = &g[s.index * q_len..][..q_len];
+                let grads = (dq, dk, dv);
+                self.backward_sequence(&s, g, d, grads, &mut p, &mut dropped, &mut dp);
+            }
+        });
+        (dq, dk, dv)
     }
 
     /// With `P` the probabilities, `P'` after dropout and `g` the output gradient:
@@ -207,18 +255,12 @@ impl CustomOp3 for AttentionOp {
             contiguous(s2, l2)?,
             contiguous(s3, l3)?,
         );
-        let (q_len, kv_len) = (d.queries * d.hidden, d.keys * d.hidden);
+        let q_len = d.queries * d.hidden;
         let mut out = vec![0f32; batch * q_len];
         par_sequences(batch, [(&mut out, q_len)], |first, [out]| {
             let mut p = vec![0f32; d.queries * d.keys];
             for (i, out) in out.chunks_exact_mut(q_len).enumerate() {
-                let b = first + i;
-                let s = Sequence {
-                    index: b,
-                    q: &q[b * q_len..][..q_len],
-                    k: &k[b * kv_len..][..kv_len],
-                    v: &v[b * kv_len..][..kv_len],
-                };
+                let s = Sequence::of(first + i, d, q, k, v);
                 self.forward_sequence(&s, d, out, &mut p);
             }
         });
@@ -234,51 +276,10 @@ impl CustomOp3 for AttentionOp {
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let (batch, d) = self.dims(q.layout(), k.layout())?;
-        let (q_len, kv_len) = (d.queries * d.hidden, d.keys * d.hidden);
-        let (mut dq, mut dk, mut dv) = (
-            vec![0f32; batch * q_len],
-            vec![0f32; batch * kv_len],
-            vec![0f32; batch * kv_len],
-        );
-        with_values(q, |qs| {
+        let (dq, dk, dv) = with_values(q, |qs| {
             with_values(k, |ks| {
                 with_values(v, |vs| {
-                    with_values(grad, |gs| {
-                        let outputs = [
-                            (&mut dq[..], q_len),
-                            (&mut dk[..], kv_len),
-                            (&mut dv[..], kv_len),
-                        ];
-                        par_sequences(batch, outputs, |first, [dq, dk, dv]| {
-                            let n = d.queries * d.keys;
-                            let (mut p, mut dropped, mut dp) =
-                                (vec![0f32; n], vec![0f32; n], vec![0f32; n]);
-                            let sequences = dq
-                                .chunks_exact_mut(q_len)
-                                .zip(dk.chunks_exact_mut(kv_len))
-                                .zip(dv.chunks_exact_mut(kv_len));
-                            for (i, ((dq, dk), dv)) in sequences.enumerate() {
-                                let b = first + i;
-                                let s = Sequence {
-                                    index: b,
-                                    q: &qs[b * q_len..][..q_len],
-                                    k: &ks[b * kv_len..][..kv_len],
-                                    v: &vs[b * kv_len..][..kv_len],
-                                };
-                                let g = &gs[b * q_len..][..q_len];
-                                self.backward_sequence(
-                                    &s,
-                                    g,
-                                    d,
-                                    (dq, dk, dv),
-                                    &mut p,
-                                    &mut dropped,
-                                    &mut dp,
-                                );
-                            }
-                        });
-                        Ok(())
-                    })
+                    with_values(grad, |gs| Ok(self.backward(batch, d, qs, ks, vs, gs)))
                 })
             })
         })?;

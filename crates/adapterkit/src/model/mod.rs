@@ -12,8 +12,10 @@ pub mod hooks;
 pub mod layer;
 pub mod layer_norm;
 pub mod load;
+mod matmul;
 pub mod ops;
 pub mod random;
+mod simd;
 
 pub use bert::BertModel;
 pub use config::BertConfig;

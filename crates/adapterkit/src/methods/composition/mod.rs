@@ -169,21 +169,8 @@ impl Composition {
         })
     }
 
-    /// A child of a block: an adapter runs as it is, a block through `compose`.
-    fn child(
-        &self,
-        child: &Setup,
-        state: State,
-        at: (usize, Position),
-        layer_norm: &LayerNorm,
-        mode: &mut Mode,
-    ) -> CandleResult<State> {
-        match child {
-            Setup::Adapter(name) => self.single(name, state, at, mode),
-            block => self.compose(block, state, at, layer_norm, mode),
-        }
-    }
-
+    /// Runs `setup` (a whole setup or one child of a block): an adapter as it is, a block by
+    /// its rule.
     fn compose(
         &self,
         setup: &Setup,
@@ -200,7 +187,7 @@ impl Composition {
                     if let Setup::Adapter(_) = child {
                         state = self.pre_block(child, state, at, layer_norm)?;
                     }
-                    state = self.child(child, state, at, layer_norm, mode)?;
+                    state = self.compose(child, state, at, layer_norm, mode)?;
                 }
                 Ok(state)
             }
@@ -218,7 +205,9 @@ impl Composition {
                 let states = children
                     .iter()
                     .enumerate()
-                    .map(|(i, c)| self.child(c, state.slice(i * rows, rows)?, at, layer_norm, mode))
+                    .map(|(i, c)| {
+                        self.compose(c, state.slice(i * rows, rows)?, at, layer_norm, mode)
+                    })
                     .collect::<CandleResult<Vec<_>>>()?;
                 State::join(state, states)
             }
@@ -236,7 +225,7 @@ impl Composition {
                 let mut start = 0;
                 let mut states = Vec::new();
                 for (child, &rows) in children.iter().zip(batch_sizes) {
-                    states.push(self.child(
+                    states.push(self.compose(
                         child,
                         state.slice(start, rows)?,
                         at,
@@ -251,7 +240,7 @@ impl Composition {
                 let state = self.pre_block(setup, state, at, layer_norm)?;
                 let states = children
                     .iter()
-                    .map(|c| self.child(c, state.clone(), at, layer_norm, mode))
+                    .map(|c| self.compose(c, state.clone(), at, layer_norm, mode))
                     .collect::<CandleResult<Vec<_>>>()?;
                 // AdapterHub 1.3 takes `mean(stack(w_i * h_i))`: the normalised weights are
                 // divided by the number of children once more. Matched for interoperability.
@@ -300,7 +289,7 @@ impl Composition {
         };
         let mut ups = Vec::new();
         for child in children {
-            if let Some(up) = self.child(child, state.clone(), at, layer_norm, mode)?.up {
+            if let Some(up) = self.compose(child, state.clone(), at, layer_norm, mode)?.up {
                 ups.push(up);
             }
         }

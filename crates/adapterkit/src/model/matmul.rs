@@ -1,0 +1,134 @@
+//! Matrix products on slices, for the fused ops: strided views (a head of attention, a
+//! transposed weight) read in place by the `gemm` crate, the one candle uses.
+
+/// A matrix inside a slice: element `(r, c)` at `data[r * row_stride + c * col_stride]`.
+#[derive(Clone, Copy)]
+pub(crate) struct View<'a> {
+    data: &'a [f32],
+    rows: usize,
+    cols: usize,
+    row_stride: usize,
+    col_stride: usize,
+}
+
+impl<'a> View<'a> {
+    /// Panics if the matrix reaches past the end of `data` (the bound that makes `matmul_into`
+    /// sound).
+    pub fn new(
+        data: &'a [f32],
+        rows: usize,
+        cols: usize,
+        row_stride: usize,
+        col_stride: usize,
+    ) -> Self {
+        let last = (rows.max(1) - 1) * row_stride + (cols.max(1) - 1) * col_stride;
+        assert!(
+            rows == 0 || cols == 0 || last < data.len(),
+            "matrix view out of bounds"
+        );
+        Self {
+            data,
+            rows,
+            cols,
+            row_stride,
+            col_stride,
+        }
+    }
+
+    /// A dense row-major matrix.
+    pub fn rows(data: &'a [f32], rows: usize, cols: usize) -> Self {
+        Self::new(data, rows, cols, cols, 1)
+    }
+
+    pub fn t(self) -> Self {
+        Self {
+            rows: self.cols,
+            cols: self.rows,
+            row_stride: self.col_stride,
+            col_stride: self.row_stride,
+            ..self
+        }
+    }
+
+    /// Rows `first..first + count`.
+    fn row_block(self, first: usize, count: usize) -> Self {
+        let data = if count == 0 {
+            &self.data[..0]
+        } else {
+            &self.data[first * self.row_stride..]
+        };
+        Self::new(data, count, self.cols, self.row_stride, self.col_stride)
+    }
+}
+
+/// `dst = lhs rhs`, or `dst += lhs rhs` when `accumulate`; `dst` is `lhs.rows x rhs.cols`
+/// with row stride `dst_row_stride`. `gemm` (the crate candle uses) on blocks of rows, one per
+/// thread: `gemm`'s own threading left a thread idle on narrow products (an adapter's 24-column
+/// down-projection), and was no faster on wide ones (`docs/BENCHMARKS.md`).
+pub(crate) fn matmul_into(
+    dst: &mut [f32],
+    dst_row_stride: usize,
+    lhs: View,
+    rhs: View,
+    accumulate: bool,
+    threads: usize,
+) {
+    let m = lhs.rows;
+    let threads = threads.clamp(1, m.div_ceil(16).max(1));
+    if threads == 1 {
+        return matmul_block(dst, dst_row_stride, lhs, rhs, accumulate);
+    }
+    let per_thread = m.div_ceil(threads);
+    std::thread::scope(|scope| {
+        let mut rest = dst;
+        for first in (0..m).step_by(per_thread) {
+            let count = per_thread.min(m - first);
+            let take = if first + count < m {
+                count * dst_row_stride
+            } else {
+                rest.len()
+            };
+            let (block, tail) = std::mem::take(&mut rest).split_at_mut(take);
+            rest = tail;
+            let lhs = lhs.row_block(first, count);
+            scope.spawn(move || matmul_block(block, dst_row_stride, lhs, rhs, accumulate));
+        }
+    });
+}
+
+fn matmul_block(dst: &mut [f32], dst_row_stride: usize, lhs: View, rhs: View, accumulate: bool) {
+    let (m, n, k) = (lhs.rows, rhs.cols, lhs.cols);
+    assert_eq!(k, rhs.rows, "matmul_into: inner dimensions differ");
+    if m == 0 || n == 0 {
+        return;
+    }
+    assert!(
+        (m - 1) * dst_row_stride + n <= dst.len(),
+        "matmul_into: dst too small"
+    );
+    // SAFETY: the three views were checked to lie within their slices (`View::new` and the
+    // assert above), `dst` is borrowed mutably so it aliases neither input.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst.as_mut_ptr(),
+            1,
+            dst_row_stride as isize,
+            accumulate,
+            lhs.data.as_ptr(),
+            lhs.col_stride as isize,
+            lhs.row_stride as isize,
+            rhs.data.as_ptr(),
+            rhs.col_stride as isize,
+            rhs.row_stride as isize,
+            1.0,
+            1.0,
+            false,
+            false,
+            false,
+            gemm::Parallelism::None,
+        )
+    }
+}
