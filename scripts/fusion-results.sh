@@ -4,7 +4,8 @@
 # base model). Knowledge composition: dynamic fusion over them on tweets_sentiment with 500
 # training examples, against a single Pfeiffer adapter trained on those 500 alone; and "ST-A +
 # fusion" (the paper's setting): fusion over the sources and that seed's single target adapter.
-# Seeds 1-5 (SEEDS="1 2 3" to run fewer). Runs go to runs/fusion/{sources,tweets}/; skips runs
+# Seeds 1-5 (SEEDS="1 2 3" to run fewer; VARIANTS=fusion skips ST-A + fusion); TRAIN_EXAMPLES=100 trains the target on fewer examples
+# (runs then go to runs/fusion/tweets-100/). Runs go to runs/fusion/{sources,tweets}/; skips runs
 # that are already finished.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -15,7 +16,10 @@ bin=${ADAPTERKIT_BIN:-target/release/adapterkit}  # set it to run a fixed build
 model=assets/all-MiniLM-L6-v2
 root=runs/fusion
 sources=(movie_sentiment trec6 sms_spam)
-target=(--data tweets_sentiment --max-train-examples 500 --epochs 10 --quiet)
+examples=${TRAIN_EXAMPLES:-500}
+tweets=$root/tweets
+[ "$examples" = 500 ] || tweets=$root/tweets-$examples
+target=(--data tweets_sentiment --max-train-examples "$examples" --epochs 10 --quiet)
 
 for source in "${sources[@]}"; do
   out="$root/sources/$source"
@@ -24,17 +28,17 @@ for source in "${sources[@]}"; do
     --name "$source" --epochs 3 --seed 1 --out "$out" --quiet
 done
 for seed in ${SEEDS:-1 2 3 4 5}; do
-  single="$root/tweets/single-seed$seed"
+  single="$tweets/single-seed$seed"
   [ -f "$single/results.json" ] || "$bin" train --model "$model" "${target[@]}" --method pfeiffer \
     --freeze-layer-norms --name tweets_sentiment --seed "$seed" --out "$single"
-  for variant in fusion fusion_st; do
+  for variant in ${VARIANTS:-fusion fusion_st}; do
     adapters=("${sources[@]/#/$root/sources/}")
     [ "$variant" = fusion_st ] && adapters+=("$single")
-    out="$root/tweets/$variant-seed$seed"
+    out="$tweets/$variant-seed$seed"
     [ -f "$out/results.json" ] || "$bin" fuse --model "$model" "${target[@]}" --seed "$seed" \
       --adapters "${adapters[@]}" --out "$out"
     [ -f "$out/weights.json" ] || "$bin" fusion-weights --model "$model" --adapter "$out" \
       --data tweets_sentiment --split test --out "$out/weights"
   done
 done
-python3 scripts/summarize_results.py "$root/tweets"
+python3 scripts/summarize_results.py "$tweets"

@@ -6,6 +6,8 @@ use candle_nn::{Linear, VarBuilder};
 
 use crate::model::config::BertConfig;
 use crate::model::dropout::Mode;
+use crate::model::fused::FrozenLinear;
+use crate::model::fused_attention::{AttentionBlockOp, AttentionOp};
 use crate::model::hooks::{KeyValue, LayerHooks, LinearSite, Position};
 use crate::model::layer_norm::LayerNorm;
 use crate::model::ops;
@@ -77,11 +79,11 @@ impl BertSelfOutput {
         })
     }
 
-    pub fn forward(
+    /// The projection and its dropout; the residual + LayerNorm is the hooks' `sub_layer_output`.
+    pub fn project(
         &self,
         layer: usize,
         attended: &Tensor,
-        residual: &Tensor,
         hooks: &dyn LayerHooks,
         mode: &mut Mode,
     ) -> Result<Tensor> {
@@ -92,15 +94,7 @@ impl BertSelfOutput {
             attended,
             mode,
         )?;
-        let hidden = mode.dropout(&hidden, self.dropout)?;
-        hooks.sub_layer_output(
-            layer,
-            Position::Attention,
-            &hidden,
-            residual,
-            &self.layer_norm,
-            mode,
-        )
+        mode.dropout(&hidden, self.dropout)
     }
 }
 
@@ -127,9 +121,53 @@ impl BertAttention {
         hooks: &dyn LayerHooks,
         mode: &mut Mode,
     ) -> Result<Tensor> {
-        let attended = self
-            .self_attention
-            .forward(layer, hidden, bias, hooks, mode)?;
-        self.output.forward(layer, &attended, hidden, hooks, mode)
+        let projected = match self.frozen_block(layer, hidden, bias, hooks, mode)? {
+            Some(projected) => projected,
+            None => {
+                let attended = self
+                    .self_attention
+                    .forward(layer, hidden, bias, hooks, mode)?;
+                self.output.project(layer, &attended, hooks, mode)?
+            }
+        };
+        hooks.sub_layer_output(
+            layer,
+            Position::Attention,
+            &projected,
+            hidden,
+            &self.output.layer_norm,
+            mode,
+        )
+    }
+
+    /// Self-attention and the output projection with its dropout as one op
+    /// (`fused_attention::AttentionBlockOp`) when all four Linears are frozen, the hooks
+    /// leave them alone and `hidden` is f32 on CPU; `None` otherwise. Same values, same
+    /// dropout draws.
+    fn frozen_block(
+        &self,
+        layer: usize,
+        hidden: &Tensor,
+        bias: &Tensor,
+        hooks: &dyn LayerHooks,
+        mode: &mut Mode,
+    ) -> Result<Option<Tensor>> {
+        let s = &self.self_attention;
+        let linears = [&s.query, &s.key, &s.value, &self.output.dense].map(FrozenLinear::of);
+        let [Some(q), Some(k), Some(v), Some(o)] = linears else {
+            return Ok(None);
+        };
+        let (batch, seq, hidden_size) = hidden.dims3()?;
+        if !ops::fused_applies(hidden)
+            || !hooks.plain_projections(layer)
+            || bias.dims() != [batch, 1, 1, seq]
+            || bias.track_op()
+        {
+            return Ok(None);
+        }
+        let attention = AttentionOp::new(s.num_heads, hidden_size, seq, bias, s.dropout, mode)?;
+        let dropout = mode.dropout_mask(hidden.elem_count(), self.output.dropout);
+        let op = AttentionBlockOp::new([q, k, v, o], attention, dropout, hidden.track_op());
+        hidden.contiguous()?.apply_op1(op).map(Some)
     }
 }

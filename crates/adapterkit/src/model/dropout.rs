@@ -35,12 +35,41 @@ impl Mode {
 
     /// Which of `n` elements inverted dropout keeps (1) or drops (0), drawn in order from the
     /// generator; `None` in evaluation or when `p` is 0.
-    pub fn keep_mask(&mut self, n: usize, p: f32) -> Option<Vec<u8>> {
+    fn keep_mask(&mut self, n: usize, p: f32) -> Option<Vec<u8>> {
         match self {
             Mode::Train(rng) if p > 0.0 => {
                 Some((0..n).map(|_| (rng.uniform_f32() >= p) as u8).collect())
             }
             _ => None,
+        }
+    }
+
+    /// [`keep_mask`](Self::keep_mask) with its scale, for the fused ops that apply dropout
+    /// themselves.
+    pub fn dropout_mask(&mut self, n: usize, p: f32) -> Option<DropoutMask> {
+        let keep = self.keep_mask(n, p)?;
+        Some(DropoutMask {
+            keep,
+            scale: 1.0 / (1.0 - p),
+        })
+    }
+}
+
+/// A drawn dropout mask as bytes (a quarter of a float mask's memory): 1 keeps an element,
+/// which is then scaled by `scale`, `1 / (1 - p)`; 0 drops it.
+#[derive(Debug, Clone)]
+pub struct DropoutMask {
+    pub keep: Vec<u8>,
+    pub scale: f32,
+}
+
+impl DropoutMask {
+    /// Multiplies `values` (the mask's elements from `first` on) by what the mask keeps: the
+    /// forward pass and, for the output gradient, the backward pass.
+    pub fn apply(&self, first: usize, values: &mut [f32]) {
+        let keep = &self.keep[first..][..values.len()];
+        for (v, k) in values.iter_mut().zip(keep) {
+            *v *= *k as f32 * self.scale;
         }
     }
 }

@@ -4,6 +4,7 @@
 //! `ops` picks these on CPU for f32 and keeps the composed ones elsewhere. `docs/BENCHMARKS.md`
 //! has the comparison.
 
+use candle_core::utils::get_num_threads;
 use candle_core::{CpuStorage, CustomOp1, CustomOp3, Layout, Result, Shape, Tensor};
 
 use crate::model::matmul::{matmul_into, View};
@@ -11,7 +12,7 @@ use crate::model::simd::{dot, erf, exp, lanes, softmax_in_place, sum, with_wide_
 
 /// Runs `f(first_row, rows_of_out)` on consecutive blocks of whole rows of `out` (rows of
 /// `row_len`), one block per thread (candle's thread count), and returns each block's result.
-fn par_rows<R: Send>(
+pub(crate) fn par_rows<R: Send>(
     out: &mut [f32],
     row_len: usize,
     f: impl Fn(usize, &mut [f32]) -> R + Sync,
@@ -19,7 +20,7 @@ fn par_rows<R: Send>(
     // A last partial row (GELU's element blocks) counts as a row.
     let rows = out.len().div_ceil(row_len.max(1));
     // Below ~64k elements a thread costs more than it saves.
-    let threads = candle_core::utils::get_num_threads()
+    let threads = get_num_threads()
         .min(out.len() / 65536)
         .clamp(1, rows.max(1));
     if threads == 1 {
@@ -94,7 +95,7 @@ impl CustomOp3 for LinearOp {
         }
         let rows = x.len() / k.max(1);
         let mut out = b.repeat(rows);
-        let threads = candle_core::utils::get_num_threads();
+        let threads = get_num_threads();
         matmul_into(
             &mut out,
             n,
@@ -119,7 +120,7 @@ impl CustomOp3 for LinearOp {
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let (n, k) = w.dims2()?;
         let rows = x.elem_count() / k.max(1);
-        let threads = candle_core::utils::get_num_threads();
+        let threads = get_num_threads();
         let dev = x.device();
         with_values(grad, |g| {
             let g = View::rows(g, rows, n);
@@ -149,6 +150,94 @@ impl CustomOp3 for LinearOp {
                 None
             };
             Ok((dx, dw, db))
+        })
+    }
+}
+
+/// What a fused op's forward pass keeps for its backward pass, which takes it (once).
+pub(crate) struct Kept<T>(std::sync::Mutex<Option<T>>);
+
+impl<T> Kept<T> {
+    pub fn new() -> Self {
+        Self(std::sync::Mutex::new(None))
+    }
+
+    fn slot(&self) -> std::sync::MutexGuard<'_, Option<T>> {
+        // A panic elsewhere cannot leave the value half-written: take the lock anyway.
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub fn put(&self, value: T) {
+        *self.slot() = Some(value);
+    }
+
+    pub fn take(&self, op: &str) -> Result<T> {
+        self.slot().take().ok_or_else(|| {
+            candle_core::Error::Msg(format!(
+                "{op}: backward without a kept forward pass, or twice"
+            ))
+        })
+    }
+}
+
+/// A Linear that takes no gradient, held by the fused ops of frozen blocks (whose weights are
+/// fields of the op, not graph inputs).
+#[derive(Debug, Clone)]
+pub struct FrozenLinear {
+    /// `[out, in]`
+    pub weight: Tensor,
+    /// `[out]`
+    pub bias: Tensor,
+}
+
+impl FrozenLinear {
+    /// `linear` when it has a bias and neither its weight nor its bias takes a gradient.
+    pub fn of(linear: &candle_nn::Linear) -> Option<Self> {
+        let bias = linear.bias()?;
+        let weight = linear.weight();
+        (!weight.track_op() && !bias.track_op()).then(|| Self {
+            weight: weight.clone(),
+            bias: bias.clone(),
+        })
+    }
+
+    /// `(out, in)`, checked against the bias.
+    pub fn dims(&self) -> Result<(usize, usize)> {
+        let (n, k) = self.weight.dims2()?;
+        if self.bias.dims() != [n] {
+            candle_core::bail!(
+                "linear: weight {:?}, bias {:?}",
+                self.weight.shape(),
+                self.bias.shape()
+            );
+        }
+        Ok((n, k))
+    }
+
+    /// `x W^T + b` for the `rows` rows of `x`.
+    pub fn forward(&self, x: &[f32], rows: usize) -> Result<Vec<f32>> {
+        let (n, k) = self.dims()?;
+        let mut out = with_values(&self.bias, |b| Ok(b.repeat(rows)))?;
+        with_values(&self.weight, |w| {
+            let (x, w) = (View::rows(x, rows, k), View::rows(w, n, k));
+            matmul_into(&mut out, n, x, w.t(), true, get_num_threads());
+            Ok(out)
+        })
+    }
+
+    /// `dx = g W`, or `dx += g W` when `accumulate`: the input's gradient from the output's.
+    pub fn backward_into(
+        &self,
+        g: &[f32],
+        rows: usize,
+        dx: &mut [f32],
+        accumulate: bool,
+    ) -> Result<()> {
+        let (n, k) = self.dims()?;
+        with_values(&self.weight, |w| {
+            let (g, w) = (View::rows(g, rows, n), View::rows(w, n, k));
+            matmul_into(dx, k, g, w, accumulate, get_num_threads());
+            Ok(())
         })
     }
 }
@@ -322,7 +411,8 @@ impl CustomOp1 for SoftmaxOp {
 /// Exact GELU, `x * Phi(x) = 0.5 x (1 + erf(x / sqrt 2))`.
 pub struct GeluOp;
 
-const ROW: usize = 4096; // element blocks for `par_rows`; GELU has no rows of its own
+/// Element blocks for `par_rows` over element-wise work, which has no rows of its own.
+pub(crate) const ROW: usize = 4096;
 
 #[inline(always)]
 fn gelu(x: f32) -> f32 {
@@ -345,15 +435,16 @@ fn gelu_forward_kernel(x: &[f32], out: &mut [f32]) {
     }
 }
 
+/// `grad *= gelu'(x)`.
 #[inline(always)]
-fn gelu_backward_kernel(x: &[f32], grad: &[f32], out: &mut [f32]) {
-    for ((d, v), g) in out.iter_mut().zip(x).zip(grad) {
-        *d = g * gelu_grad(*v);
+fn gelu_backward_kernel(x: &[f32], grad: &mut [f32]) {
+    for (g, v) in grad.iter_mut().zip(x) {
+        *g *= gelu_grad(*v);
     }
 }
 
 with_wide_simd!(gelu_forward => gelu_forward_kernel(x: &[f32], out: &mut [f32]));
-with_wide_simd!(gelu_backward => gelu_backward_kernel(x: &[f32], grad: &[f32], out: &mut [f32]));
+with_wide_simd!(gelu_backward => gelu_backward_kernel(x: &[f32], grad: &mut [f32]));
 
 impl CustomOp1 for GeluOp {
     fn name(&self) -> &'static str {
@@ -372,13 +463,62 @@ impl CustomOp1 for GeluOp {
     fn bwd(&self, x: &Tensor, _y: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
         let dx = with_values(x, |xs| {
             with_values(grad, |gs| {
-                let mut dx = vec![0f32; xs.len()];
+                let mut dx = gs.to_vec();
                 par_rows(&mut dx, ROW, |first, block| {
-                    gelu_backward(&xs[first * ROW..], &gs[first * ROW..], block)
+                    gelu_backward(&xs[first * ROW..], block)
                 });
                 Ok(dx)
             })
         })?;
         Ok(Some(Tensor::from_vec(dx, x.shape(), x.device())?))
+    }
+}
+
+/// Helpers for the fused ops' tests.
+#[cfg(test)]
+pub(crate) mod testing {
+    use super::*;
+    use crate::rng::SeededRng;
+    use candle_core::{Device, Var};
+
+    /// Uniform in [-1, 1).
+    pub fn random(rng: &mut SeededRng, shape: &[usize]) -> Result<Tensor> {
+        let n = shape.iter().product();
+        let values: Vec<f32> = (0..n).map(|_| rng.uniform_f32() * 2.0 - 1.0).collect();
+        Tensor::from_vec(values, shape, &Device::Cpu)
+    }
+
+    pub fn frozen(weight: &Tensor, bias: &Tensor) -> FrozenLinear {
+        let (weight, bias) = (weight.clone(), bias.clone());
+        FrozenLinear { weight, bias }
+    }
+
+    /// Asserts that `fused` and `nodes` (the same function of `x`) agree within 1e-5, and so
+    /// do their gradients of `x` under the loss `sum(out * r)` (relative to the largest).
+    pub fn assert_same_output_and_dx(
+        nodes: &Tensor,
+        fused: &Tensor,
+        x: &Var,
+        r: &Tensor,
+        what: &str,
+    ) -> Result<()> {
+        let max = |t: &Tensor| t.abs()?.max_all()?.to_scalar::<f32>();
+        let diff = max(&(nodes - fused)?)?;
+        assert!(diff < 1e-5, "{what}: output differs by {diff}");
+        let grad = |out: &Tensor| -> Result<Tensor> {
+            let grads = (out * r)?.sum_all()?.backward()?;
+            Ok(grads
+                .get(x.as_tensor())
+                .expect("x takes a gradient")
+                .clone())
+        };
+        let (dx_nodes, dx_fused) = (grad(nodes)?, grad(fused)?);
+        let diff = max(&(&dx_nodes - &dx_fused)?)?;
+        let scale = max(&dx_nodes)?.max(1.0);
+        assert!(
+            diff < 1e-5 * scale,
+            "{what}: dx differs by {diff} (largest {scale})"
+        );
+        Ok(())
     }
 }

@@ -8,9 +8,10 @@
 //! they and a byte mask of the dropout are kept for the backward pass, which recomputes the
 //! attention probabilities (one extra `queries x keys` product per head, ~3% of a layer's work).
 
-use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp1, CustomOp3, Layout, Result, Shape, Tensor};
 
-use crate::model::fused::{contiguous, with_values};
+use crate::model::dropout::{DropoutMask, Mode};
+use crate::model::fused::{contiguous, with_values, FrozenLinear, Kept};
 use crate::model::matmul::{matmul_into, View};
 use crate::model::simd::{dot, softmax_in_place, with_wide_simd};
 
@@ -21,11 +22,8 @@ pub struct AttentionOp {
     pub scale: f32,
     /// `[batch, keys]`: the additive mask of each sequence's keys.
     pub bias: Vec<f32>,
-    /// `[batch, heads, queries, keys]`, 1 keeps an attention probability, 0 drops it; `None`
-    /// without dropout.
-    pub keep: Option<Vec<u8>>,
-    /// `1 / (1 - p)`, what kept probabilities are scaled by.
-    pub keep_scale: f32,
+    /// Dropout of the probabilities, `[batch, heads, queries, keys]`; `None` without dropout.
+    pub dropout: Option<DropoutMask>,
 }
 
 /// The sizes of one call.
@@ -72,6 +70,25 @@ impl<'a> Sequence<'a> {
 }
 
 impl AttentionOp {
+    /// The op for `heads` heads over `hidden` and `queries` queries, with the padding mask
+    /// `bias` `[batch, 1, 1, keys]` and dropout `p` drawn from `mode`.
+    pub fn new(
+        heads: usize,
+        hidden: usize,
+        queries: usize,
+        bias: &Tensor,
+        p: f32,
+        mode: &mut Mode,
+    ) -> Result<Self> {
+        let (batch, _, _, keys) = bias.dims4()?;
+        Ok(Self {
+            heads,
+            scale: (1.0 / ((hidden / heads.max(1)) as f64).sqrt()) as f32,
+            bias: bias.flatten_all()?.to_vec1()?,
+            dropout: mode.dropout_mask(batch * heads * queries * keys, p),
+        })
+    }
+
     fn dims(&self, q: &Layout, k: &Layout) -> Result<(usize, Dims)> {
         let (batch, queries, hidden) = q.shape().dims3()?;
         let keys = k.shape().dims3()?.1;
@@ -104,22 +121,31 @@ impl AttentionOp {
         softmax_rows(p, bias, self.scale);
     }
 
-    /// What dropout multiplies head `h`'s probabilities by, `[queries, keys]`.
-    fn kept(&self, s: &Sequence, h: usize, d: Dims) -> Option<impl Iterator<Item = f32> + '_> {
-        let n = d.queries * d.keys;
-        let at = (s.index * self.heads + h) * n;
-        let scale = self.keep_scale;
-        self.keep
-            .as_ref()
-            .map(move |keep| keep[at..at + n].iter().map(move |k| *k as f32 * scale))
+    /// Applies dropout to head `h`'s probabilities (or their gradient) `p`, `[queries, keys]`.
+    fn drop(&self, s: &Sequence, h: usize, p: &mut [f32]) {
+        if let Some(mask) = &self.dropout {
+            mask.apply((s.index * self.heads + h) * p.len(), p);
+        }
+    }
+
+    /// The whole batch's output from its `q`, `k` and `v`.
+    fn forward(&self, batch: usize, d: Dims, q: &[f32], k: &[f32], v: &[f32]) -> Vec<f32> {
+        let q_len = d.queries * d.hidden;
+        let mut out = vec![0f32; batch * q_len];
+        par_sequences(batch, [(&mut out, q_len)], |first, [out]| {
+            let mut p = vec![0f32; d.queries * d.keys];
+            for (i, out) in out.chunks_exact_mut(q_len).enumerate() {
+                let s = Sequence::of(first + i, d, q, k, v);
+                self.forward_sequence(&s, d, out, &mut p);
+            }
+        });
+        out
     }
 
     fn forward_sequence(&self, s: &Sequence, d: Dims, out: &mut [f32], p: &mut [f32]) {
         for h in 0..self.heads {
             self.probs(s, h, d, p);
-            if let Some(kept) = self.kept(s, h, d) {
-                p.iter_mut().zip(kept).for_each(|(x, k)| *x *= k);
-            }
+            self.drop(s, h, p);
             let at = h * d.head_dim;
             let v = View::new(&s.v[at..], d.keys, d.head_dim, d.hidden, 1);
             let probs = View::rows(p, d.queries, d.keys);
@@ -184,17 +210,13 @@ impl AttentionOp {
             let g_h = View::new(&g[at..], d.queries, d.head_dim, d.hidden, 1);
             self.probs(s, h, d, p);
             dropped.copy_from_slice(p);
-            if let Some(kept) = self.kept(s, h, d) {
-                dropped.iter_mut().zip(kept).for_each(|(x, k)| *x *= k);
-            }
+            self.drop(s, h, dropped);
             let dropped = View::rows(dropped, d.queries, d.keys);
             matmul_into(&mut dv[at..], d.hidden, dropped.t(), g_h, false, 1);
 
             let v = View::new(&s.v[at..], d.keys, d.head_dim, d.hidden, 1);
             matmul_into(dp, d.keys, g_h, v.t(), false, 1);
-            if let Some(kept) = self.kept(s, h, d) {
-                dp.iter_mut().zip(kept).for_each(|(x, k)| *x *= k);
-            }
+            self.drop(s, h, dp);
             for (dp_row, p_row) in dp.chunks_exact_mut(d.keys).zip(p.chunks_exact(d.keys)) {
                 let dot = dot(dp_row, p_row);
                 for (x, y) in dp_row.iter_mut().zip(p_row) {
@@ -255,15 +277,7 @@ impl CustomOp3 for AttentionOp {
             contiguous(s2, l2)?,
             contiguous(s3, l3)?,
         );
-        let q_len = d.queries * d.hidden;
-        let mut out = vec![0f32; batch * q_len];
-        par_sequences(batch, [(&mut out, q_len)], |first, [out]| {
-            let mut p = vec![0f32; d.queries * d.keys];
-            for (i, out) in out.chunks_exact_mut(q_len).enumerate() {
-                let s = Sequence::of(first + i, d, q, k, v);
-                self.forward_sequence(&s, d, out, &mut p);
-            }
-        });
+        let out = self.forward(batch, d, q, k, v);
         Ok((CpuStorage::F32(out), l1.shape().clone()))
     }
 
@@ -289,5 +303,139 @@ impl CustomOp3 for AttentionOp {
             Some(Tensor::from_vec(dk, k.shape(), dev)?),
             Some(Tensor::from_vec(dv, v.shape(), dev)?),
         ))
+    }
+}
+
+/// A frozen layer's self-attention and output projection, `dropout(attention(x Wq^T + bq,
+/// x Wk^T + bk, x Wv^T + bv) Wo^T + bo)`, as one op on `x` `[batch, seq, hidden]` whose
+/// backward pass returns `dL/dx` alone. Node by node, candle would keep the attention's
+/// output, the projection and a float dropout mask, and zero-fill and add a gradient for
+/// each of eight edges; this op keeps q, k, v and byte masks, and sums `dx` in place.
+pub struct AttentionBlockOp {
+    pub query: FrozenLinear,
+    pub key: FrozenLinear,
+    pub value: FrozenLinear,
+    /// `attention.output.dense`
+    pub output: FrozenLinear,
+    pub attention: AttentionOp,
+    /// Dropout of the output projection.
+    pub dropout: Option<DropoutMask>,
+    /// Whether to keep q, k and v for a backward pass (`x` takes a gradient).
+    pub keep_for_backward: bool,
+    kept: Kept<[Vec<f32>; 3]>,
+}
+
+impl AttentionBlockOp {
+    pub fn new(
+        [query, key, value, output]: [FrozenLinear; 4],
+        attention: AttentionOp,
+        dropout: Option<DropoutMask>,
+        keep_for_backward: bool,
+    ) -> Self {
+        Self {
+            query,
+            key,
+            value,
+            output,
+            attention,
+            dropout,
+            keep_for_backward,
+            kept: Kept::new(),
+        }
+    }
+}
+
+impl CustomOp1 for AttentionBlockOp {
+    fn name(&self) -> &'static str {
+        "fused-attention-block"
+    }
+
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
+        let x = contiguous(storage, layout)?;
+        let (batch, d) = self.attention.dims(layout, layout)?;
+        let rows = batch * d.queries;
+        let [q, k, v] = [&self.query, &self.key, &self.value].map(|l| l.forward(x, rows));
+        let (q, k, v) = (q?, k?, v?);
+        let context = self.attention.forward(batch, d, &q, &k, &v);
+        let mut out = self.output.forward(&context, rows)?;
+        if let Some(mask) = &self.dropout {
+            mask.apply(0, &mut out);
+        }
+        if self.keep_for_backward {
+            self.kept.put([q, k, v]);
+        }
+        Ok((CpuStorage::F32(out), layout.shape().clone()))
+    }
+
+    /// `dcontext = (g * mask) Wo`, then the attention's `dq`, `dk`, `dv`, then
+    /// `dx = dq Wq + dk Wk + dv Wv`.
+    fn bwd(&self, x: &Tensor, _out: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        let [q, k, v] = self.kept.take("attention block")?;
+        let (batch, d) = self.attention.dims(x.layout(), x.layout())?;
+        let rows = batch * d.queries;
+        let mut g = grad.flatten_all()?.to_vec1::<f32>()?;
+        if let Some(mask) = &self.dropout {
+            mask.apply(0, &mut g);
+        }
+        let mut context = vec![0f32; g.len()];
+        self.output.backward_into(&g, rows, &mut context, false)?;
+        let (dq, dk, dv) = self.attention.backward(batch, d, &q, &k, &v, &context);
+        drop((q, k, v, context));
+        let mut dx = g; // rows x hidden, overwritten
+        self.query.backward_into(&dq, rows, &mut dx, false)?;
+        self.key.backward_into(&dk, rows, &mut dx, true)?;
+        self.value.backward_into(&dv, rows, &mut dx, true)?;
+        Ok(Some(Tensor::from_vec(dx, x.shape(), x.device())?))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::fused::testing::{assert_same_output_and_dx, frozen, random};
+    use crate::model::ops::{attention, attention_bias, linear};
+    use crate::rng::SeededRng;
+    use candle_core::{Device, Var};
+    use candle_nn::Linear;
+
+    /// Output and `dL/dx` of the block op against its Linears and the attention op node by
+    /// node, with and without dropout, with a padded sequence, small and split over threads.
+    #[test]
+    fn block_matches_its_ops_node_by_node() -> Result<()> {
+        let mut rng = SeededRng::new(5);
+        for (batch, seq, hidden, heads) in [(2, 3, 8, 2), (4, 40, 64, 4)] {
+            let weights: Vec<(Tensor, Tensor)> = (0..4)
+                .map(|_| {
+                    Ok((
+                        random(&mut rng, &[hidden, hidden])?,
+                        random(&mut rng, &[hidden])?,
+                    ))
+                })
+                .collect::<Result<_>>()?;
+            let x = Var::from_tensor(&random(&mut rng, &[batch, seq, hidden])?)?;
+            let r = random(&mut rng, &[batch, seq, hidden])?;
+            // The last sequence has one padded position.
+            let mut mask = vec![1u32; batch * seq];
+            mask[batch * seq - 1] = 0;
+            let bias = attention_bias(&Tensor::from_vec(mask, (batch, seq), &Device::Cpu)?)?;
+            for p in [0.0, 0.2] {
+                let (mut node_mode, mut fused_mode) = (Mode::train(9), Mode::train(9));
+                let linears: Vec<Linear> = weights
+                    .iter()
+                    .map(|(w, b)| Linear::new(w.clone(), Some(b.clone())))
+                    .collect();
+                let [q, k, v] = [0, 1, 2].map(|i| linear(&linears[i], x.as_tensor()));
+                let context = attention(&q?, &k?, &v?, &bias, heads, p, &mut node_mode)?;
+                let nodes = node_mode.dropout(&linear(&linears[3], &context)?, p)?;
+
+                let attention = AttentionOp::new(heads, hidden, seq, &bias, p, &mut fused_mode)?;
+                let mask = fused_mode.dropout_mask(batch * seq * hidden, p);
+                let frozen = [0, 1, 2, 3].map(|i| frozen(&weights[i].0, &weights[i].1));
+                let op = AttentionBlockOp::new(frozen, attention, mask, true);
+                let fused = x.as_tensor().apply_op1(op)?;
+                assert_same_output_and_dx(&nodes, &fused, &x, &r, &format!("p = {p}"))?;
+            }
+        }
+        Ok(())
     }
 }

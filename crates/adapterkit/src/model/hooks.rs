@@ -72,6 +72,14 @@ pub trait LayerHooks {
         crate::model::ops::linear(linear, x)
     }
 
+    /// Whether `linear` and `attention_key_value` are the defaults for `layer`, so that the
+    /// encoder may run a frozen block of its projections (attention, the feed-forward block)
+    /// as one fused op that calls neither. An implementation that overrides either must
+    /// return false for the layers it changes.
+    fn plain_projections(&self, _layer: usize) -> bool {
+        true
+    }
+
     /// Keys and values before attention scores are taken (prefix tuning prepends its own).
     fn attention_key_value(&self, _layer: usize, kv: KeyValue) -> Result<KeyValue> {
         Ok(kv)

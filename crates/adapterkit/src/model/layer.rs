@@ -6,9 +6,11 @@ use candle_nn::{Linear, VarBuilder};
 use crate::model::attention::BertAttention;
 use crate::model::config::BertConfig;
 use crate::model::dropout::Mode;
+use crate::model::fused::FrozenLinear;
+use crate::model::fused_feed_forward::FeedForwardOp;
 use crate::model::hooks::{LayerHooks, LinearSite, Position};
 use crate::model::layer_norm::LayerNorm;
-use crate::model::ops::Activation;
+use crate::model::ops::{self, Activation};
 
 /// `intermediate`: the feed-forward block's expansion and non-linearity.
 #[derive(Debug, Clone)]
@@ -65,12 +67,29 @@ impl BertLayer {
     ) -> Result<Tensor> {
         let layer = self.index;
         let attended = self.attention.forward(layer, hidden, bias, hooks, mode)?;
+        let projected = match self.frozen_feed_forward(&attended, hooks, mode)? {
+            Some(projected) => projected,
+            None => self.feed_forward(&attended, hooks, mode)?,
+        };
+        let out = hooks.sub_layer_output(
+            layer,
+            Position::Output,
+            &projected,
+            &attended,
+            &self.output.layer_norm,
+            mode,
+        )?;
+        hooks.layer_output(layer, out, mode)
+    }
 
+    /// `dropout(output(activation(intermediate(x))))`, node by node.
+    fn feed_forward(&self, x: &Tensor, hooks: &dyn LayerHooks, mode: &mut Mode) -> Result<Tensor> {
+        let layer = self.index;
         let expanded = hooks.linear(
             layer,
             LinearSite::Intermediate,
             &self.intermediate.dense,
-            &attended,
+            x,
             mode,
         )?;
         let expanded = self.intermediate.activation.forward(&expanded)?;
@@ -81,15 +100,31 @@ impl BertLayer {
             &expanded,
             mode,
         )?;
-        let projected = mode.dropout(&projected, self.output.dropout)?;
-        let out = hooks.sub_layer_output(
-            layer,
-            Position::Output,
-            &projected,
-            &attended,
-            &self.output.layer_norm,
-            mode,
-        )?;
-        hooks.layer_output(layer, out, mode)
+        mode.dropout(&projected, self.output.dropout)
+    }
+
+    /// [`feed_forward`](Self::feed_forward) as one op (`model::fused_feed_forward`) when its
+    /// weights are frozen, its activation is GELU, the hooks leave its Linears alone and `x`
+    /// is f32 on CPU; `None` otherwise. Same values, same dropout draws.
+    fn frozen_feed_forward(
+        &self,
+        x: &Tensor,
+        hooks: &dyn LayerHooks,
+        mode: &mut Mode,
+    ) -> Result<Option<Tensor>> {
+        let expand = FrozenLinear::of(&self.intermediate.dense);
+        let project = FrozenLinear::of(&self.output.dense);
+        let (Some(expand), Some(project)) = (expand, project) else {
+            return Ok(None);
+        };
+        if self.intermediate.activation != Activation::Gelu
+            || !ops::fused_applies(x)
+            || !hooks.plain_projections(self.index)
+        {
+            return Ok(None);
+        }
+        let dropout = mode.dropout_mask(x.elem_count(), self.output.dropout);
+        let op = FeedForwardOp::new(expand, project, dropout, x.track_op());
+        x.contiguous()?.apply_op1(op).map(Some)
     }
 }

@@ -8,6 +8,7 @@ pub mod dropout;
 pub mod embeddings;
 pub mod fused;
 pub mod fused_attention;
+pub mod fused_feed_forward;
 pub mod hooks;
 pub mod layer;
 pub mod layer_norm;

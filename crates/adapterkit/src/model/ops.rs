@@ -4,6 +4,8 @@
 use candle_core::{DType, Result, Tensor, D};
 use serde::{Deserialize, Serialize};
 
+use crate::model::fused_attention::AttentionOp;
+
 /// A non-linearity, by the names `transformers` (`hidden_act`) and AdapterHub (`non_linearity`) use.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -37,7 +39,7 @@ impl Activation {
 }
 
 /// Whether the fused CPU kernels (`model::fused`) apply.
-fn fused_applies(x: &Tensor) -> bool {
+pub(crate) fn fused_applies(x: &Tensor) -> bool {
     x.device().is_cpu() && x.dtype() == DType::F32
 }
 
@@ -83,15 +85,8 @@ pub fn attention(
 ) -> Result<Tensor> {
     let (batch, queries, hidden) = query.dims3()?;
     let keys = key.dim(1)?;
-    let scale = 1.0 / ((hidden / heads) as f64).sqrt();
     if fused_applies(query) && bias.dims() == [batch, 1, 1, keys] && !bias.track_op() {
-        let op = crate::model::fused_attention::AttentionOp {
-            heads,
-            scale: scale as f32,
-            bias: bias.flatten_all()?.to_vec1()?,
-            keep: mode.keep_mask(batch * heads * queries * keys, dropout),
-            keep_scale: 1.0 / (1.0 - dropout),
-        };
+        let op = AttentionOp::new(heads, hidden, queries, bias, dropout, mode)?;
         return query
             .contiguous()?
             .apply_op3(&key.contiguous()?, &value.contiguous()?, op);
