@@ -4,9 +4,10 @@
 # base model). Knowledge composition: dynamic fusion over them on tweets_sentiment with 500
 # training examples, against a single Pfeiffer adapter trained on those 500 alone; and "ST-A +
 # fusion" (the paper's setting): fusion over the sources and that seed's single target adapter.
-# Seeds 1-5 (SEEDS="1 2 3" to run fewer; VARIANTS=fusion skips ST-A + fusion); TRAIN_EXAMPLES=100 trains the target on fewer examples
-# (runs then go to runs/fusion/tweets-100/). Runs go to runs/fusion/{sources,tweets}/; skips runs
-# that are already finished.
+# Seeds 1-5 (SEEDS="1 2 3" to run fewer; VARIANTS=fusion skips ST-A + fusion). TRAIN_EXAMPLES=100
+# trains the target on fewer examples and EPOCHS=30 for longer (runs then go to
+# runs/fusion/tweets-100-e30/). Runs go to runs/fusion/{sources,tweets}/; skips runs that are
+# already finished.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -17,9 +18,11 @@ model=assets/all-MiniLM-L6-v2
 root=runs/fusion
 sources=(movie_sentiment trec6 sms_spam)
 examples=${TRAIN_EXAMPLES:-500}
+epochs=${EPOCHS:-10}
 tweets=$root/tweets
-[ "$examples" = 500 ] || tweets=$root/tweets-$examples
-target=(--data tweets_sentiment --max-train-examples "$examples" --epochs 10 --quiet)
+[ "$examples" = 500 ] || tweets=$tweets-$examples
+[ "$epochs" = 10 ] || tweets=$tweets-e$epochs
+target=(--data tweets_sentiment --max-train-examples "$examples" --epochs "$epochs" --quiet)
 
 for source in "${sources[@]}"; do
   out="$root/sources/$source"

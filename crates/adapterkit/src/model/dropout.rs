@@ -33,12 +33,13 @@ impl Mode {
         x * mask
     }
 
-    /// Which of `n` elements inverted dropout keeps (1) or drops (0), drawn in order from the
-    /// generator; `None` in evaluation or when `p` is 0.
+    /// Which of `n` elements inverted dropout keeps (1) or drops (0), keyed by one draw
+    /// from the generator (see [`keep_mask`]); `None` in evaluation or when `p` is 0.
     fn keep_mask(&mut self, n: usize, p: f32) -> Option<Vec<u8>> {
         match self {
             Mode::Train(rng) if p > 0.0 => {
-                Some((0..n).map(|_| (rng.uniform_f32() >= p) as u8).collect())
+                let threads = candle_core::utils::get_num_threads();
+                Some(keep_mask(rng.next_u64(), n, p, threads))
             }
             _ => None,
         }
@@ -53,6 +54,42 @@ impl Mode {
             scale: 1.0 / (1.0 - p),
         })
     }
+}
+
+/// Which of `n` elements dropout with probability `p` keeps (1) or drops (0). Blocks of the
+/// mask are drawn in parallel, each from its own generator seeded by `key` and the block's
+/// index, so the mask depends on `key` alone, not on `threads`. An element is dropped when a
+/// 32-bit draw falls below `p * 2^32` (two draws per 64-bit number).
+fn keep_mask(key: u64, n: usize, p: f32, threads: usize) -> Vec<u8> {
+    const BLOCK: usize = 1 << 16;
+    let threshold = (p as f64 * (1u64 << 32) as f64) as u64;
+    let fill = |index: usize, block: &mut [u8]| {
+        let mut rng = SeededRng::new(key ^ (index as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15));
+        for pair in block.chunks_mut(2) {
+            let bits = rng.next_u64();
+            for (k, draw) in pair.iter_mut().zip([bits & 0xffff_ffff, bits >> 32]) {
+                *k = (draw >= threshold) as u8;
+            }
+        }
+    };
+    let mut keep = vec![0u8; n];
+    let blocks = n.div_ceil(BLOCK);
+    let per_thread = blocks.div_ceil(threads.clamp(1, blocks.max(1))).max(1);
+    let fill_blocks = |first: usize, range: &mut [u8]| {
+        for (i, block) in range.chunks_mut(BLOCK).enumerate() {
+            fill(first + i, block);
+        }
+    };
+    if blocks <= per_thread {
+        fill_blocks(0, &mut keep);
+        return keep;
+    }
+    std::thread::scope(|scope| {
+        for (t, range) in keep.chunks_mut(per_thread * BLOCK).enumerate() {
+            scope.spawn(move || fill_blocks(t * per_thread, range));
+        }
+    });
+    keep
 }
 
 /// A drawn dropout mask as bytes (a quarter of a float mask's memory): 1 keeps an element,
@@ -100,5 +137,15 @@ mod tests {
             .to_vec1::<f32>()?;
         assert_eq!(dropped, again, "same seed, same mask");
         Ok(())
+    }
+
+    #[test]
+    fn the_mask_does_not_depend_on_the_thread_count() {
+        let n = 5 * (1 << 16) + 7; // blocks split unevenly, a last partial block
+        let one = keep_mask(11, n, 0.1, 1);
+        assert_eq!(one, keep_mask(11, n, 0.1, 3));
+        assert_ne!(one, keep_mask(12, n, 0.1, 1), "another key, another mask");
+        let dropped = one.iter().filter(|k| **k == 0).count() as f64 / n as f64;
+        assert!((dropped - 0.1).abs() < 0.005, "dropped {dropped}");
     }
 }
