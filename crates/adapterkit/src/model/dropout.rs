@@ -2,6 +2,7 @@
 
 use candle_core::{Result, Tensor};
 
+use crate::model::parallel::map_parallel;
 use crate::rng::SeededRng;
 
 /// How a forward pass runs: `Eval` is deterministic; `Train` applies dropout with masks drawn
@@ -80,15 +81,8 @@ fn keep_mask(key: u64, n: usize, p: f32, threads: usize) -> Vec<u8> {
             fill(first + i, block);
         }
     };
-    if blocks <= per_thread {
-        fill_blocks(0, &mut keep);
-        return keep;
-    }
-    std::thread::scope(|scope| {
-        for (t, range) in keep.chunks_mut(per_thread * BLOCK).enumerate() {
-            scope.spawn(move || fill_blocks(t * per_thread, range));
-        }
-    });
+    let ranges: Vec<&mut [u8]> = keep.chunks_mut(per_thread * BLOCK).collect();
+    map_parallel(ranges, |t, range| fill_blocks(t * per_thread, range));
     keep
 }
 

@@ -8,6 +8,7 @@ use candle_core::utils::get_num_threads;
 use candle_core::{CpuStorage, CustomOp1, CustomOp3, Layout, Result, Shape, Tensor};
 
 use crate::model::matmul::{matmul_into, View};
+use crate::model::parallel::map_parallel;
 use crate::model::simd::{dot, erf, exp, lanes, softmax_in_place, sum, with_wide_simd};
 
 /// Runs `f(first_row, rows_of_out)` on consecutive blocks of whole rows of `out` (rows of
@@ -27,18 +28,8 @@ pub(crate) fn par_rows<R: Send>(
         return vec![f(0, out)];
     }
     let per_thread = rows.div_ceil(threads);
-    std::thread::scope(|scope| {
-        let f = &f;
-        let handles: Vec<_> = out
-            .chunks_mut((per_thread * row_len).max(1))
-            .enumerate()
-            .map(|(i, block)| scope.spawn(move || f(i * per_thread, block)))
-            .collect();
-        handles
-            .into_iter()
-            .map(|h| h.join().expect("a fused-op worker panicked"))
-            .collect()
-    })
+    let blocks: Vec<&mut [f32]> = out.chunks_mut((per_thread * row_len).max(1)).collect();
+    map_parallel(blocks, |i, block| f(i * per_thread, block))
 }
 
 pub(crate) fn contiguous<'a>(storage: &'a CpuStorage, layout: &Layout) -> Result<&'a [f32]> {

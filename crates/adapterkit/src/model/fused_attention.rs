@@ -13,6 +13,7 @@ use candle_core::{CpuStorage, CustomOp1, CustomOp3, Layout, Result, Shape, Tenso
 use crate::model::dropout::{DropoutMask, Mode};
 use crate::model::fused::{contiguous, with_values, FrozenLinear, Kept};
 use crate::model::matmul::{matmul_into, View};
+use crate::model::parallel::map_parallel;
 use crate::model::simd::{dot, softmax_in_place, with_wide_simd};
 
 /// `dropout(softmax(q k^T * scale + bias)) v` per head; arguments `q` `[batch, queries,
@@ -247,14 +248,11 @@ fn par_sequences<const N: usize>(
             blocks[i].push(block);
         }
     }
-    let f = &f;
-    std::thread::scope(|scope| {
-        for (i, block) in blocks.into_iter().enumerate() {
-            if let Ok(block) = <[&mut [f32]; N]>::try_from(block) {
-                scope.spawn(move || f(i * per_thread, block));
-            }
-        }
-    });
+    let blocks: Vec<[&mut [f32]; N]> = blocks
+        .into_iter()
+        .filter_map(|block| block.try_into().ok())
+        .collect();
+    map_parallel(blocks, |i, block| f(i * per_thread, block));
 }
 
 impl CustomOp3 for AttentionOp {

@@ -1,6 +1,8 @@
 //! Matrix products on slices, for the fused ops: strided views (a head of attention, a
 //! transposed weight) read in place by the `gemm` crate, the one candle uses.
 
+use crate::model::parallel::map_parallel;
+
 /// A matrix inside a slice: element `(r, c)` at `data[r * row_stride + c * col_stride]`.
 #[derive(Clone, Copy)]
 pub(crate) struct View<'a> {
@@ -63,7 +65,7 @@ impl<'a> View<'a> {
 
 /// `dst = lhs rhs`, or `dst += lhs rhs` when `accumulate`; `dst` is `lhs.rows x rhs.cols`
 /// with row stride `dst_row_stride`. `gemm` (the crate candle uses) on blocks of rows, one per
-/// thread: `gemm`'s own threading left a thread idle on narrow products (an adapter's 24-column
+/// thread of candle's pool: `gemm`'s own threading left a thread idle on narrow products (an adapter's 24-column
 /// down-projection), and was no faster on wide ones (`docs/BENCHMARKS.md`).
 pub(crate) fn matmul_into(
     dst: &mut [f32],
@@ -79,20 +81,21 @@ pub(crate) fn matmul_into(
         return matmul_block(dst, dst_row_stride, lhs, rhs, accumulate);
     }
     let per_thread = m.div_ceil(threads);
-    std::thread::scope(|scope| {
-        let mut rest = dst;
-        for first in (0..m).step_by(per_thread) {
-            let count = per_thread.min(m - first);
-            let take = if first + count < m {
-                count * dst_row_stride
-            } else {
-                rest.len()
-            };
-            let (block, tail) = std::mem::take(&mut rest).split_at_mut(take);
-            rest = tail;
-            let lhs = lhs.row_block(first, count);
-            scope.spawn(move || matmul_block(block, dst_row_stride, lhs, rhs, accumulate));
-        }
+    let mut blocks = Vec::with_capacity(threads);
+    let mut rest = dst;
+    for first in (0..m).step_by(per_thread) {
+        let count = per_thread.min(m - first);
+        let take = if first + count < m {
+            count * dst_row_stride
+        } else {
+            rest.len()
+        };
+        let (block, tail) = std::mem::take(&mut rest).split_at_mut(take);
+        rest = tail;
+        blocks.push((block, lhs.row_block(first, count)));
+    }
+    map_parallel(blocks, |_, (block, lhs)| {
+        matmul_block(block, dst_row_stride, lhs, rhs, accumulate)
     });
 }
 

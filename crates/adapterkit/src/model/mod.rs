@@ -15,6 +15,7 @@ pub mod layer_norm;
 pub mod load;
 mod matmul;
 pub mod ops;
+mod parallel;
 pub mod random;
 mod simd;
 
