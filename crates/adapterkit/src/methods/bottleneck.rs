@@ -200,7 +200,13 @@ impl BottleneckAdapter {
             None => x.clone(),
         };
         let down = c.non_linearity.forward(&ops::linear(&self.down, &x)?)?;
-        let up = (ops::linear(&self.up, &down)? * c.scaling)?;
+        let up = ops::linear(&self.up, &down)?;
+        // A scaling of 1 (Houlsby's, Pfeiffer's) would still be a graph node and a pass.
+        let up = if c.scaling == 1.0 {
+            up
+        } else {
+            (up * c.scaling)?
+        };
         let mut out = mode.dropout(&up, c.dropout)?;
         let skip = !c.is_parallel;
         if skip && c.adapter_residual_before_ln {

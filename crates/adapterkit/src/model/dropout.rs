@@ -2,7 +2,7 @@
 
 use candle_core::{Result, Tensor};
 
-use crate::model::parallel::map_parallel;
+use crate::model::parallel::{map_parallel, threads};
 use crate::rng::SeededRng;
 
 /// How a forward pass runs: `Eval` is deterministic; `Train` applies dropout with masks drawn
@@ -39,7 +39,7 @@ impl Mode {
     fn keep_mask(&mut self, n: usize, p: f32) -> Option<Vec<u8>> {
         match self {
             Mode::Train(rng) if p > 0.0 => {
-                let threads = candle_core::utils::get_num_threads();
+                let threads = threads();
                 Some(keep_mask(rng.next_u64(), n, p, threads))
             }
             _ => None,

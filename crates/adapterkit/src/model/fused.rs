@@ -4,11 +4,10 @@
 //! `ops` picks these on CPU for f32 and keeps the composed ones elsewhere. `docs/BENCHMARKS.md`
 //! has the comparison.
 
-use candle_core::utils::get_num_threads;
 use candle_core::{CpuStorage, CustomOp1, CustomOp3, Layout, Result, Shape, Tensor};
 
 use crate::model::matmul::{matmul_into, View};
-use crate::model::parallel::map_parallel;
+use crate::model::parallel::{map_parallel, threads};
 use crate::model::simd::{dot, erf, exp, lanes, softmax_in_place, sum, with_wide_simd};
 
 /// Runs `f(first_row, rows_of_out)` on consecutive blocks of whole rows of `out` (rows of
@@ -21,9 +20,7 @@ pub(crate) fn par_rows<R: Send>(
     // A last partial row (GELU's element blocks) counts as a row.
     let rows = out.len().div_ceil(row_len.max(1));
     // Below ~64k elements a thread costs more than it saves.
-    let threads = get_num_threads()
-        .min(out.len() / 65536)
-        .clamp(1, rows.max(1));
+    let threads = threads().min(out.len() / 65536).clamp(1, rows.max(1));
     if threads == 1 {
         return vec![f(0, out)];
     }
@@ -86,7 +83,7 @@ impl CustomOp3 for LinearOp {
         }
         let rows = x.len() / k.max(1);
         let mut out = b.repeat(rows);
-        let threads = get_num_threads();
+        let threads = threads();
         matmul_into(
             &mut out,
             n,
@@ -111,10 +108,10 @@ impl CustomOp3 for LinearOp {
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let (n, k) = w.dims2()?;
         let rows = x.elem_count() / k.max(1);
-        let threads = get_num_threads();
+        let threads = threads();
         let dev = x.device();
-        with_values(grad, |g| {
-            let g = View::rows(g, rows, n);
+        with_values(grad, |values| {
+            let g = View::rows(values, rows, n);
             let dx = if x.track_op() {
                 let dx = with_values(w, |w| {
                     let mut dx = vec![0f32; rows * k];
@@ -135,8 +132,13 @@ impl CustomOp3 for LinearOp {
             } else {
                 None
             };
+            // candle's `sum(0)` reduces along a strided dimension, ~3% of a TREC-6 step.
             let db = if b.track_op() {
-                Some((grad.flatten_to(candle_core::D::Minus2)?.sum(0))?)
+                let mut db = vec![0f32; n];
+                for row in values.chunks_exact(n) {
+                    db.iter_mut().zip(row).for_each(|(d, v)| *d += v);
+                }
+                Some(Tensor::from_vec(db, b.shape(), dev)?)
             } else {
                 None
             };
@@ -211,7 +213,7 @@ impl FrozenLinear {
         let mut out = with_values(&self.bias, |b| Ok(b.repeat(rows)))?;
         with_values(&self.weight, |w| {
             let (x, w) = (View::rows(x, rows, k), View::rows(w, n, k));
-            matmul_into(&mut out, n, x, w.t(), true, get_num_threads());
+            matmul_into(&mut out, n, x, w.t(), true, threads());
             Ok(out)
         })
     }
@@ -227,7 +229,7 @@ impl FrozenLinear {
         let (n, k) = self.dims()?;
         with_values(&self.weight, |w| {
             let (g, w) = (View::rows(g, rows, n), View::rows(w, n, k));
-            matmul_into(dx, k, g, w, accumulate, get_num_threads());
+            matmul_into(dx, k, g, w, accumulate, threads());
             Ok(())
         })
     }

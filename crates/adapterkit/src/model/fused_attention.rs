@@ -13,7 +13,7 @@ use candle_core::{CpuStorage, CustomOp1, CustomOp3, Layout, Result, Shape, Tenso
 use crate::model::dropout::{DropoutMask, Mode};
 use crate::model::fused::{contiguous, with_values, FrozenLinear, Kept};
 use crate::model::matmul::{matmul_into, View};
-use crate::model::parallel::map_parallel;
+use crate::model::parallel::{map_parallel, threads};
 use crate::model::simd::{dot, softmax_in_place, with_wide_simd};
 
 /// `dropout(softmax(q k^T * scale + bias)) v` per head; arguments `q` `[batch, queries,
@@ -240,7 +240,7 @@ fn par_sequences<const N: usize>(
     outputs: [(&mut [f32], usize); N],
     f: impl Fn(usize, [&mut [f32]; N]) + Sync,
 ) {
-    let threads = candle_core::utils::get_num_threads().clamp(1, batch.max(1));
+    let threads = threads().clamp(1, batch.max(1));
     let per_thread = batch.div_ceil(threads).max(1);
     let mut blocks: Vec<Vec<&mut [f32]>> = (0..threads).map(|_| Vec::new()).collect();
     for (out, per_sequence) in outputs {

@@ -6,13 +6,20 @@
 
 use std::sync::Mutex;
 
+/// How many threads work on an op: candle's count (`RAYON_NUM_THREADS`, else the physical
+/// cores), read once. candle reads it anew on every call, at a cost that showed in profiles.
+pub(crate) fn threads() -> usize {
+    static THREADS: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *THREADS.get_or_init(candle_core::utils::get_num_threads)
+}
+
 /// `f(i, item)` for every item, in parallel over candle's worker pool (the calling thread
 /// takes part); inline for a single item or a single thread. The results come back in order.
 pub(crate) fn map_parallel<T: Send, R: Send>(
     items: Vec<T>,
     f: impl Fn(usize, T) -> R + Sync,
 ) -> Vec<R> {
-    if items.len() <= 1 || candle_core::utils::get_num_threads() <= 1 {
+    if items.len() <= 1 || threads() <= 1 {
         return items
             .into_iter()
             .enumerate()
