@@ -4,10 +4,11 @@
 # base model). Knowledge composition: dynamic fusion over them on tweets_sentiment with 500
 # training examples, against a single Pfeiffer adapter trained on those 500 alone; and "ST-A +
 # fusion" (the paper's setting): fusion over the sources and that seed's single target adapter.
-# Seeds 1-5 (SEEDS="1 2 3" to run fewer; VARIANTS=fusion skips ST-A + fusion). TRAIN_EXAMPLES=100
-# trains the target on fewer examples and EPOCHS=30 for longer (runs then go to
-# runs/fusion/tweets-100-e30/). Runs go to runs/fusion/{sources,tweets}/; skips runs that are
-# already finished.
+# Seeds 1-5 (SEEDS="1 2 3" runs fewer). VARIANTS picks the fusion variants: fusion, fusion_st
+# and fusion_static (`--fusion static` over the sources); the default is "fusion fusion_st".
+# TRAIN_EXAMPLES=100 trains the target on fewer examples and EPOCHS=30 for longer (the runs then
+# go to runs/fusion/tweets-100-e30/ rather than runs/fusion/tweets/). Source adapters go to
+# runs/fusion/sources/. Runs already finished are skipped.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -37,9 +38,11 @@ for seed in ${SEEDS:-1 2 3 4 5}; do
   for variant in ${VARIANTS:-fusion fusion_st}; do
     adapters=("${sources[@]/#/$root/sources/}")
     [ "$variant" = fusion_st ] && adapters+=("$single")
+    kind=dynamic
+    [ "$variant" = fusion_static ] && kind=static
     out="$tweets/$variant-seed$seed"
     [ -f "$out/results.json" ] || "$bin" fuse --model "$model" "${target[@]}" --seed "$seed" \
-      --adapters "${adapters[@]}" --out "$out"
+      --fusion "$kind" --adapters "${adapters[@]}" --out "$out"
     [ -f "$out/weights.json" ] || "$bin" fusion-weights --model "$model" --adapter "$out" \
       --data tweets_sentiment --split test --out "$out/weights"
   done

@@ -195,18 +195,7 @@ impl BottleneckAdapter {
         mode: &mut Mode,
     ) -> CandleResult<(Tensor, Tensor)> {
         let c = &self.config;
-        let x = match &self.norm_before {
-            Some(norm) => norm.forward(x)?,
-            None => x.clone(),
-        };
-        let down = c.non_linearity.forward(&ops::linear(&self.down, &x)?)?;
-        let up = ops::linear(&self.up, &down)?;
-        // A scaling of 1 (Houlsby's, Pfeiffer's) would still be a graph node and a pass.
-        let up = if c.scaling == 1.0 {
-            up
-        } else {
-            (up * c.scaling)?
-        };
+        let up = self.project(x)?;
         let mut out = mode.dropout(&up, c.dropout)?;
         let skip = !c.is_parallel;
         if skip && c.adapter_residual_before_ln {
@@ -219,6 +208,23 @@ impl BottleneckAdapter {
             out = (out + residual)?;
         }
         Ok((out, up))
+    }
+
+    /// `up(act(down(norm_before(x)))) * scaling`.
+    fn project(&self, x: &Tensor) -> CandleResult<Tensor> {
+        let c = &self.config;
+        let x = match &self.norm_before {
+            Some(norm) => norm.forward(x)?,
+            None => x.clone(),
+        };
+        let down = c.non_linearity.forward(&ops::linear(&self.down, &x)?)?;
+        let up = ops::linear(&self.up, &down)?;
+        // A scaling of 1 (Houlsby's, Pfeiffer's) would still be a graph node and a pass.
+        if c.scaling == 1.0 {
+            Ok(up)
+        } else {
+            up * c.scaling
+        }
     }
 
     /// AdapterHub's `post_forward`: a parallel adapter's output joins the sub-layer's
@@ -236,7 +242,7 @@ impl BottleneckAdapter {
             out
         };
         if self.config.original_ln_after {
-            layer_norm.forward(&(out + input)?)
+            layer_norm.of_sum(&[&out, input])
         } else {
             Ok(out)
         }
@@ -252,6 +258,13 @@ impl BottleneckAdapter {
         mode: &mut Mode,
     ) -> CandleResult<Tensor> {
         let pre = self.pre_forward(hidden, input, layer_norm, false)?;
+        let c = &self.config;
+        if !c.is_parallel && self.norm_after.is_none() && c.original_ln_after {
+            // Houlsby's and Pfeiffer's case: `LayerNorm(dropout(up) + residual + input)`,
+            // one op when the LayerNorm is frozen.
+            let up = mode.dropout(&self.project(&pre.x)?, c.dropout)?;
+            return layer_norm.of_sum(&[&up, &pre.residual, input]);
+        }
         let (out, _) = self.bottleneck(&pre.x, &pre.residual, mode)?;
         self.post_forward(out, hidden, input, layer_norm)
     }
@@ -403,7 +416,7 @@ impl LayerHooks for BottleneckAdapters {
             Some(adapter) if !self.skip_layers.contains(&layer) => {
                 adapter.forward(hidden, input, layer_norm, mode)
             }
-            _ => layer_norm.forward(&(hidden + input)?),
+            _ => layer_norm.of_sum(&[hidden, input]),
         }
     }
 }

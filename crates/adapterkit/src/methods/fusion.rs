@@ -4,7 +4,7 @@
 
 use std::cell::Cell;
 
-use candle_core::{Device, Module, Result as CandleResult, Tensor, D};
+use candle_core::{Device, Result as CandleResult, Tensor, D};
 use candle_nn::Linear;
 use serde::{Deserialize, Serialize};
 
@@ -376,7 +376,7 @@ impl Fusion {
             .filter_map(|a| a.get(layer, position))
             .collect();
         let (Some(fusion), Some(last)) = (self.layer(layer, position), present.last()) else {
-            return layer_norm.forward(&(hidden + input)?);
+            return layer_norm.of_sum(&[hidden, input]);
         };
         // As AdapterHub: the last adapter prepares the input, every adapter runs on it, the
         // fusion layer weighs their `up` outputs, the last adapter finishes the sub-layer.

@@ -4,7 +4,7 @@
 //! `ops` picks these on CPU for f32 and keeps the composed ones elsewhere. `docs/BENCHMARKS.md`
 //! has the comparison.
 
-use candle_core::{CpuStorage, CustomOp1, CustomOp3, Layout, Result, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
 
 use crate::model::matmul::{matmul_into, View};
 use crate::model::parallel::{map_parallel, threads};
@@ -252,6 +252,22 @@ impl LayerNormOp {
         (mean, 1.0 / (var + eps as f32).sqrt())
     }
 
+    /// `(x - mean) / std * w + b` per row.
+    fn normalize(&self, x: &[f32], w: &[f32], b: &[f32]) -> Vec<f32> {
+        let h = w.len();
+        let mut out = vec![0f32; x.len()];
+        par_rows(&mut out, h, |first, block| {
+            let rows = x[first * h..].chunks_exact(h);
+            for (row, dst) in rows.zip(block.chunks_exact_mut(h)) {
+                let (mean, rstd) = Self::stats(row, self.eps);
+                for i in 0..h {
+                    dst[i] = (row[i] - mean) * rstd * w[i] + b[i];
+                }
+            }
+        });
+        out
+    }
+
     fn backward(
         &self,
         xs: &[f32],
@@ -321,18 +337,7 @@ impl CustomOp3 for LayerNormOp {
             contiguous(s2, l2)?,
             contiguous(s3, l3)?,
         );
-        let h = w.len();
-        let mut out = vec![0f32; x.len()];
-        par_rows(&mut out, h, |first, block| {
-            let rows = x[first * h..].chunks_exact(h);
-            for (row, dst) in rows.zip(block.chunks_exact_mut(h)) {
-                let (mean, rstd) = Self::stats(row, self.eps);
-                for i in 0..h {
-                    dst[i] = (row[i] - mean) * rstd * w[i] + b[i];
-                }
-            }
-        });
-        Ok((CpuStorage::F32(out), l1.shape().clone()))
+        Ok((CpuStorage::F32(self.normalize(x, w, b)), l1.shape().clone()))
     }
 
     fn bwd(
@@ -348,6 +353,139 @@ impl CustomOp3 for LayerNormOp {
                 with_values(grad, |gs| self.backward(xs, ws, gs, x, w))
             })
         })
+    }
+}
+
+/// A frozen LayerNorm of the sum of two or three tensors (a residual connection, an adapter's
+/// too): arguments the parts, the LayerNorm's weights fields of the op. No tensor for the sum
+/// is kept (the backward pass adds the parts again), and every part gets the same gradient.
+pub struct SumLayerNormOp {
+    pub norm: LayerNormOp,
+    pub weight: Tensor,
+    pub bias: Tensor,
+}
+
+impl SumLayerNormOp {
+    fn sum(parts: &[&[f32]]) -> Vec<f32> {
+        let mut sum = parts[0].to_vec();
+        par_rows(&mut sum, ROW, |first, block| {
+            for part in &parts[1..] {
+                let part = &part[first * ROW..][..block.len()];
+                block.iter_mut().zip(part).for_each(|(s, p)| *s += p);
+            }
+        });
+        sum
+    }
+
+    fn forward(&self, parts: &[&[f32]], shape: &Shape) -> Result<(CpuStorage, Shape)> {
+        let sum = Self::sum(parts);
+        let out = with_values(&self.weight, |w| {
+            with_values(&self.bias, |b| Ok(self.norm.normalize(&sum, w, b)))
+        })?;
+        Ok((CpuStorage::F32(out), shape.clone()))
+    }
+
+    /// The gradient every part gets, or `None` when no part takes one.
+    fn backward(&self, parts: &[&Tensor], grad: &Tensor) -> Result<Option<Tensor>> {
+        if !parts.iter().any(|p| p.track_op()) {
+            return Ok(None);
+        }
+        // The parts' values in place (read guards on their storage), not copies.
+        let parts = parts
+            .iter()
+            .map(|p| p.contiguous())
+            .collect::<Result<Vec<_>>>()?;
+        let guards: Vec<_> = parts.iter().map(|p| p.storage_and_layout()).collect();
+        let values = guards
+            .iter()
+            .map(|(storage, layout)| match &**storage {
+                candle_core::Storage::Cpu(cpu) => contiguous(cpu, layout),
+                _ => candle_core::bail!("fused op: a CPU tensor was expected"),
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let sum = Self::sum(&values);
+        drop(guards);
+        let (dx, _, _) = with_values(&self.weight, |ws| {
+            with_values(grad, |gs| {
+                self.norm.backward(&sum, ws, gs, &parts[0], &self.weight)
+            })
+        })?;
+        Ok(dx)
+    }
+
+    fn check(&self, layouts: &[&Layout]) -> Result<()> {
+        let shape = layouts[0].shape();
+        let h = self.weight.elem_count();
+        if layouts.iter().any(|l| l.shape() != shape) || shape.dims().last() != Some(&h) {
+            candle_core::bail!("layer norm of a sum: parts {layouts:?}, {h} features");
+        }
+        Ok(())
+    }
+}
+
+impl CustomOp2 for SumLayerNormOp {
+    fn name(&self) -> &'static str {
+        "fused-sum-layer-norm"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        self.check(&[l1, l2])?;
+        self.forward(&[contiguous(s1, l1)?, contiguous(s2, l2)?], l1.shape())
+    }
+
+    fn bwd(
+        &self,
+        a: &Tensor,
+        b: &Tensor,
+        _out: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let dx = self.backward(&[a, b], grad)?;
+        let take = |t: &Tensor| dx.clone().filter(|_| t.track_op());
+        Ok((take(a), take(b)))
+    }
+}
+
+impl CustomOp3 for SumLayerNormOp {
+    fn name(&self) -> &'static str {
+        "fused-sum-layer-norm"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        self.check(&[l1, l2, l3])?;
+        let parts = [
+            contiguous(s1, l1)?,
+            contiguous(s2, l2)?,
+            contiguous(s3, l3)?,
+        ];
+        self.forward(&parts, l1.shape())
+    }
+
+    fn bwd(
+        &self,
+        a: &Tensor,
+        b: &Tensor,
+        c: &Tensor,
+        _out: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let dx = self.backward(&[a, b, c], grad)?;
+        let take = |t: &Tensor| dx.clone().filter(|_| t.track_op());
+        Ok((take(a), take(b), take(c)))
     }
 }
 

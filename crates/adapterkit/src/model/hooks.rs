@@ -5,7 +5,7 @@
 //! plain pre-trained model does there. No global state, no patched classes: a forward pass
 //! is `model.forward(&batch, &hooks, &mut mode)`.
 
-use candle_core::{Module, Result, Tensor};
+use candle_core::{Result, Tensor};
 use candle_nn::Linear;
 
 use crate::model::dropout::Mode;
@@ -98,7 +98,7 @@ pub trait LayerHooks {
         layer_norm: &LayerNorm,
         _mode: &mut Mode,
     ) -> Result<Tensor> {
-        layer_norm.forward(&(hidden + residual)?)
+        layer_norm.of_sum(&[hidden, residual])
     }
 
     /// The finished output of a layer, before the next layer reads it.

@@ -3,6 +3,7 @@
 use candle_core::{Module, Result, Tensor};
 use candle_nn::VarBuilder;
 
+use crate::model::fused::{LayerNormOp, SumLayerNormOp};
 use crate::model::ops;
 
 #[derive(Debug, Clone)]
@@ -21,6 +22,36 @@ impl LayerNorm {
         })
     }
 
+    /// `LayerNorm(sum of parts)`, two or three parts of one shape: a residual connection
+    /// (and an adapter's output) and the norm. With the LayerNorm frozen, on CPU in f32, one
+    /// op (`fused::SumLayerNormOp`): no tensor is kept for the sum, and the parts share one
+    /// gradient; otherwise the sum, then the LayerNorm.
+    pub fn of_sum(&self, parts: &[&Tensor]) -> Result<Tensor> {
+        let frozen = !self.weight.track_op() && !self.bias.track_op();
+        let same = parts.iter().all(|p| p.shape() == parts[0].shape());
+        if frozen && same && ops::fused_applies(parts[0]) {
+            let op = SumLayerNormOp {
+                norm: LayerNormOp { eps: self.eps },
+                weight: self.weight.clone(),
+                bias: self.bias.clone(),
+            };
+            match parts {
+                [a, b] => return a.contiguous()?.apply_op2(&b.contiguous()?, op),
+                [a, b, c] => {
+                    return a
+                        .contiguous()?
+                        .apply_op3(&b.contiguous()?, &c.contiguous()?, op)
+                }
+                _ => {}
+            }
+        }
+        let (first, rest) = parts
+            .split_first()
+            .ok_or_else(|| candle_core::Error::Msg("layer norm of an empty sum".into()))?;
+        let sum = rest.iter().try_fold((*first).clone(), |sum, p| sum + *p)?;
+        self.forward(&sum)
+    }
+
     /// The same LayerNorm with plain tensors (no gradient, no graph).
     pub fn frozen(&self) -> Self {
         Self {
@@ -34,5 +65,56 @@ impl LayerNorm {
 impl Module for LayerNorm {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         ops::layer_norm(x, &self.weight, &self.bias, self.eps)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::fused::testing::random;
+    use crate::rng::SeededRng;
+    use candle_core::Var;
+
+    /// The fused LayerNorm of a sum against the sum and the composed LayerNorm: output and
+    /// each part's gradient, for two and three parts, one of them taking no gradient.
+    #[test]
+    fn of_sum_matches_sum_then_layer_norm() -> Result<()> {
+        let mut rng = SeededRng::new(6);
+        let norm = LayerNorm {
+            weight: (random(&mut rng, &[48])? + 1.0)?,
+            bias: random(&mut rng, &[48])?,
+            eps: 1e-12,
+        };
+        let r = random(&mut rng, &[3, 70, 48])?;
+        let max = |t: &Tensor| t.abs()?.max_all()?.to_scalar::<f32>();
+        for count in [2, 3] {
+            let vars = (0..count)
+                .map(|_| Var::from_tensor(&random(&mut rng, &[3, 70, 48])?))
+                .collect::<Result<Vec<_>>>()?;
+            let constant = random(&mut rng, &[3, 70, 48])?;
+            let mut parts: Vec<&Tensor> = vars.iter().map(|v| v.as_tensor()).collect();
+            parts[count - 1] = &constant;
+            let fused = norm.of_sum(&parts)?;
+            let sum = parts[1..]
+                .iter()
+                .try_fold(parts[0].clone(), |s, p| s + *p)?;
+            let composed = ops::layer_norm_composed(&sum, &norm.weight, &norm.bias, norm.eps)?;
+            assert!(
+                max(&(&fused - &composed)?)? < 1e-5,
+                "{count} parts: outputs differ"
+            );
+            let fused_grads = (&fused * &r)?.sum_all()?.backward()?;
+            let composed_grads = (&composed * &r)?.sum_all()?.backward()?;
+            for var in &vars[..count - 1] {
+                let a = fused_grads.get(var.as_tensor()).expect("a gradient");
+                let b = composed_grads.get(var.as_tensor()).expect("a gradient");
+                assert!(
+                    max(&(a - b)?)? < 1e-4 * max(b)?.max(1.0),
+                    "{count} parts: dx differs"
+                );
+            }
+            assert!(fused_grads.get(&constant).is_none());
+        }
+        Ok(())
     }
 }

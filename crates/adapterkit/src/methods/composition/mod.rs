@@ -7,7 +7,7 @@ pub use setup::Setup;
 
 use std::collections::BTreeMap;
 
-use candle_core::{Module, Result as CandleResult, Tensor};
+use candle_core::{Result as CandleResult, Tensor};
 
 use crate::error::{Error, Result};
 use crate::methods::bottleneck::{BottleneckAdapter, BottleneckAdapters};
@@ -328,7 +328,7 @@ impl LayerHooks for Composition {
         {
             // AdapterHub finishes with the last adapter's `post_forward`, for every channel.
             Some(last) => last.post_forward(state.hidden, hidden, &state.input, layer_norm),
-            None => layer_norm.forward(&(hidden + input)?),
+            None => layer_norm.of_sum(&[hidden, input]),
         }
     }
 }
