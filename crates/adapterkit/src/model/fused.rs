@@ -12,10 +12,10 @@ use crate::model::simd::{dot, erf, exp, lanes, softmax_in_place, sum, with_wide_
 
 /// Runs `f(first_row, rows_of_out)` on consecutive blocks of whole rows of `out` (rows of
 /// `row_len`), one block per thread (candle's thread count), and returns each block's result.
-pub(crate) fn par_rows<R: Send>(
-    out: &mut [f32],
+pub(crate) fn par_rows<T: Send, R: Send>(
+    out: &mut [T],
     row_len: usize,
-    f: impl Fn(usize, &mut [f32]) -> R + Sync,
+    f: impl Fn(usize, &mut [T]) -> R + Sync,
 ) -> Vec<R> {
     // A last partial row (GELU's element blocks) counts as a row.
     let rows = out.len().div_ceil(row_len.max(1));
@@ -25,8 +25,49 @@ pub(crate) fn par_rows<R: Send>(
         return vec![f(0, out)];
     }
     let per_thread = rows.div_ceil(threads);
-    let blocks: Vec<&mut [f32]> = out.chunks_mut((per_thread * row_len).max(1)).collect();
+    let blocks: Vec<&mut [T]> = out.chunks_mut((per_thread * row_len).max(1)).collect();
     map_parallel(blocks, |i, block| f(i * per_thread, block))
+}
+
+/// A new vector of `len` values written by `fill(first_row, block)` on blocks of whole rows,
+/// as [`par_rows`]. Each thread zeroes its own block just before filling it, so no serial
+/// pass over the new memory (a zero-fill or a copy on the calling thread) comes first.
+pub(crate) fn par_vec(
+    len: usize,
+    row_len: usize,
+    fill: impl Fn(usize, &mut [f32]) + Sync,
+) -> Vec<f32> {
+    let mut out: Vec<f32> = Vec::with_capacity(len);
+    par_rows(
+        &mut out.spare_capacity_mut()[..len],
+        row_len,
+        |first, block: &mut [std::mem::MaybeUninit<f32>]| {
+            block.iter_mut().for_each(|v| {
+                v.write(0.0);
+            });
+            // SAFETY: every element of `block` was initialised just above, and
+            // `MaybeUninit<f32>` has the layout of `f32`.
+            let block = unsafe { &mut *(block as *mut [std::mem::MaybeUninit<f32>] as *mut [f32]) };
+            fill(first, block);
+        },
+    );
+    // SAFETY: the blocks cover the first `len` elements, and each was initialised above.
+    unsafe { out.set_len(len) };
+    out
+}
+
+/// `len` zeros, zeroed in parallel (see [`par_vec`]).
+pub(crate) fn par_zeros(len: usize) -> Vec<f32> {
+    par_vec(len, ROW, |_, _| {})
+}
+
+/// `rows` copies of `row` one after another (a bias for a product to be added onto).
+fn repeat_rows(row: &[f32], rows: usize) -> Vec<f32> {
+    par_vec(row.len() * rows, row.len(), |_, block| {
+        block
+            .chunks_exact_mut(row.len())
+            .for_each(|r| r.copy_from_slice(row))
+    })
 }
 
 pub(crate) fn contiguous<'a>(storage: &'a CpuStorage, layout: &Layout) -> Result<&'a [f32]> {
@@ -82,7 +123,7 @@ impl CustomOp3 for LinearOp {
             );
         }
         let rows = x.len() / k.max(1);
-        let mut out = b.repeat(rows);
+        let mut out = repeat_rows(b, rows);
         let threads = threads();
         matmul_into(
             &mut out,
@@ -114,7 +155,7 @@ impl CustomOp3 for LinearOp {
             let g = View::rows(values, rows, n);
             let dx = if x.track_op() {
                 let dx = with_values(w, |w| {
-                    let mut dx = vec![0f32; rows * k];
+                    let mut dx = par_zeros(rows * k);
                     matmul_into(&mut dx, k, g, View::rows(w, n, k), false, threads);
                     Ok(dx)
                 })?;
@@ -210,7 +251,7 @@ impl FrozenLinear {
     /// `x W^T + b` for the `rows` rows of `x`.
     pub fn forward(&self, x: &[f32], rows: usize) -> Result<Vec<f32>> {
         let (n, k) = self.dims()?;
-        let mut out = with_values(&self.bias, |b| Ok(b.repeat(rows)))?;
+        let mut out = with_values(&self.bias, |b| Ok(repeat_rows(b, rows)))?;
         with_values(&self.weight, |w| {
             let (x, w) = (View::rows(x, rows, k), View::rows(w, n, k));
             matmul_into(&mut out, n, x, w.t(), true, threads());
@@ -255,8 +296,7 @@ impl LayerNormOp {
     /// `(x - mean) / std * w + b` per row.
     fn normalize(&self, x: &[f32], w: &[f32], b: &[f32]) -> Vec<f32> {
         let h = w.len();
-        let mut out = vec![0f32; x.len()];
-        par_rows(&mut out, h, |first, block| {
+        par_vec(x.len(), h, |first, block| {
             let rows = x[first * h..].chunks_exact(h);
             for (row, dst) in rows.zip(block.chunks_exact_mut(h)) {
                 let (mean, rstd) = Self::stats(row, self.eps);
@@ -264,8 +304,7 @@ impl LayerNormOp {
                     dst[i] = (row[i] - mean) * rstd * w[i] + b[i];
                 }
             }
-        });
-        out
+        })
     }
 
     fn backward(
@@ -367,14 +406,13 @@ pub struct SumLayerNormOp {
 
 impl SumLayerNormOp {
     fn sum(parts: &[&[f32]]) -> Vec<f32> {
-        let mut sum = parts[0].to_vec();
-        par_rows(&mut sum, ROW, |first, block| {
+        par_vec(parts[0].len(), ROW, |first, block| {
+            block.copy_from_slice(&parts[0][first * ROW..][..block.len()]);
             for part in &parts[1..] {
                 let part = &part[first * ROW..][..block.len()];
                 block.iter_mut().zip(part).for_each(|(s, p)| *s += p);
             }
-        });
-        sum
+        })
     }
 
     fn forward(&self, parts: &[&[f32]], shape: &Shape) -> Result<(CpuStorage, Shape)> {
@@ -507,8 +545,7 @@ impl CustomOp1 for SoftmaxOp {
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
         let x = contiguous(storage, layout)?;
         let n = layout.shape().dims().last().copied().unwrap_or(1).max(1);
-        let mut out = vec![0f32; x.len()];
-        par_rows(&mut out, n, |first, block| {
+        let out = par_vec(x.len(), n, |first, block| {
             block.copy_from_slice(&x[first * n..][..block.len()]);
             softmax_rows(block, n);
         });
@@ -584,8 +621,7 @@ impl CustomOp1 for GeluOp {
 
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
         let x = contiguous(storage, layout)?;
-        let mut out = vec![0f32; x.len()];
-        par_rows(&mut out, ROW, |first, block| {
+        let out = par_vec(x.len(), ROW, |first, block| {
             gelu_forward(&x[first * ROW..], block)
         });
         Ok((CpuStorage::F32(out), layout.shape().clone()))

@@ -11,7 +11,7 @@
 use candle_core::{CpuStorage, CustomOp1, CustomOp3, Layout, Result, Shape, Tensor};
 
 use crate::model::dropout::{DropoutMask, Mode};
-use crate::model::fused::{contiguous, with_values, FrozenLinear, Kept};
+use crate::model::fused::{contiguous, par_zeros, with_values, FrozenLinear, Kept};
 use crate::model::matmul::{matmul_into, View};
 use crate::model::parallel::{map_parallel, threads};
 use crate::model::simd::{dot, softmax_in_place, with_wide_simd};
@@ -132,7 +132,7 @@ impl AttentionOp {
     /// The whole batch's output from its `q`, `k` and `v`.
     fn forward(&self, batch: usize, d: Dims, q: &[f32], k: &[f32], v: &[f32]) -> Vec<f32> {
         let q_len = d.queries * d.hidden;
-        let mut out = vec![0f32; batch * q_len];
+        let mut out = par_zeros(batch * q_len);
         par_sequences(batch, [(&mut out, q_len)], |first, [out]| {
             let mut p = vec![0f32; d.queries * d.keys];
             for (i, out) in out.chunks_exact_mut(q_len).enumerate() {
@@ -166,9 +166,9 @@ impl AttentionOp {
     ) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
         let (q_len, kv_len) = (d.queries * d.hidden, d.keys * d.hidden);
         let (mut dq, mut dk, mut dv) = (
-            vec![0f32; batch * q_len],
-            vec![0f32; batch * kv_len],
-            vec![0f32; batch * kv_len],
+            par_zeros(batch * q_len),
+            par_zeros(batch * kv_len),
+            par_zeros(batch * kv_len),
         );
         let outputs = [
             (&mut dq[..], q_len),
@@ -375,7 +375,7 @@ impl CustomOp1 for AttentionBlockOp {
         if let Some(mask) = &self.dropout {
             mask.apply(0, &mut g);
         }
-        let mut context = vec![0f32; g.len()];
+        let mut context = par_zeros(g.len());
         self.output.backward_into(&g, rows, &mut context, false)?;
         let (dq, dk, dv) = self.attention.backward(batch, d, &q, &k, &v, &context);
         drop((q, k, v, context));

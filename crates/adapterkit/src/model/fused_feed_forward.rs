@@ -11,7 +11,7 @@ use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Tensor};
 
 use crate::model::dropout::DropoutMask;
 use crate::model::fused::{
-    contiguous, gelu_backward, gelu_forward, par_rows, FrozenLinear, Kept, ROW,
+    contiguous, gelu_backward, gelu_forward, par_rows, par_vec, par_zeros, FrozenLinear, Kept, ROW,
 };
 
 pub struct FeedForwardOp {
@@ -69,8 +69,7 @@ impl CustomOp1 for FeedForwardOp {
         }
         let rows = x.len() / h;
         let expansion = self.expand.forward(x, rows)?;
-        let mut activation = vec![0f32; expansion.len()];
-        par_rows(&mut activation, ROW, |first, block| {
+        let activation = par_vec(expansion.len(), ROW, |first, block| {
             gelu_forward(&expansion[first * ROW..], block)
         });
         let mut out = self.project.forward(&activation, rows)?;
@@ -92,7 +91,7 @@ impl CustomOp1 for FeedForwardOp {
         if let Some(mask) = &self.dropout {
             mask.apply(0, &mut g);
         }
-        let mut d_expansion = vec![0f32; rows * i];
+        let mut d_expansion = par_zeros(rows * i);
         self.project
             .backward_into(&g, rows, &mut d_expansion, false)?;
         par_rows(&mut d_expansion, ROW, |first, block| {
