@@ -603,6 +603,13 @@ fn gelu_forward_kernel(x: &[f32], out: &mut [f32]) {
     }
 }
 
+#[inline(always)]
+fn gelu_in_place_kernel(x: &mut [f32]) {
+    for v in x.iter_mut() {
+        *v = gelu(*v);
+    }
+}
+
 /// `grad *= gelu'(x)`.
 #[inline(always)]
 fn gelu_backward_kernel(x: &[f32], grad: &mut [f32]) {
@@ -612,6 +619,7 @@ fn gelu_backward_kernel(x: &[f32], grad: &mut [f32]) {
 }
 
 with_wide_simd!(gelu_forward => gelu_forward_kernel(x: &[f32], out: &mut [f32]));
+with_wide_simd!(gelu_in_place => gelu_in_place_kernel(x: &mut [f32]));
 with_wide_simd!(gelu_backward => gelu_backward_kernel(x: &[f32], grad: &mut [f32]));
 
 impl CustomOp1 for GeluOp {

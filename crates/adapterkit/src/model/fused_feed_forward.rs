@@ -11,7 +11,8 @@ use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Tensor};
 
 use crate::model::dropout::DropoutMask;
 use crate::model::fused::{
-    contiguous, gelu_backward, gelu_forward, par_rows, par_vec, par_zeros, FrozenLinear, Kept, ROW,
+    contiguous, gelu_backward, gelu_forward, gelu_in_place, par_rows, par_vec, par_zeros,
+    FrozenLinear, Kept, ROW,
 };
 
 pub struct FeedForwardOp {
@@ -68,11 +69,17 @@ impl CustomOp1 for FeedForwardOp {
             candle_core::bail!("feed-forward: input {:?}, hidden {h}", layout.shape());
         }
         let rows = x.len() / h;
-        let expansion = self.expand.forward(x, rows)?;
-        let activation = par_vec(expansion.len(), ROW, |first, block| {
-            gelu_forward(&expansion[first * ROW..], block)
-        });
-        let mut out = self.project.forward(&activation, rows)?;
+        let mut expansion = self.expand.forward(x, rows)?;
+        let mut out = if self.keep_for_backward {
+            let activation = par_vec(expansion.len(), ROW, |first, block| {
+                gelu_forward(&expansion[first * ROW..], block)
+            });
+            self.project.forward(&activation, rows)?
+        } else {
+            // Without a backward pass the expansion is not needed after its GELU.
+            par_rows(&mut expansion, ROW, |_, block| gelu_in_place(block));
+            self.project.forward(&expansion, rows)?
+        };
         if let Some(mask) = &self.dropout {
             mask.apply(0, &mut out);
         }
@@ -141,6 +148,17 @@ mod tests {
                 let op = FeedForwardOp::new(expand, project, mask, true);
                 let fused = x.as_tensor().apply_op1(op)?;
                 assert_same_output_and_dx(&nodes, &fused, &x, &r, &format!("p = {p}"))?;
+
+                // Without a backward pass (GELU in place): the same output.
+                let mask = Mode::train(7).dropout_mask(tokens * hidden, p);
+                let (expand, project) = (frozen(&w1, &b1), frozen(&w2, &b2));
+                let op = FeedForwardOp::new(expand, project, mask, false);
+                let inference = x.as_tensor().detach().apply_op1(op)?;
+                let diff = (&fused - &inference)?
+                    .abs()?
+                    .max_all()?
+                    .to_scalar::<f32>()?;
+                assert_eq!(diff, 0.0, "p = {p}: inference output differs");
             }
         }
         Ok(())
