@@ -2,7 +2,7 @@
 
 use candle_core::{Result, Tensor};
 
-use crate::model::parallel::{map_parallel, threads};
+use crate::model::parallel::{par_rows_over, threads};
 use crate::rng::SeededRng;
 
 /// How a forward pass runs: `Eval` is deterministic; `Train` applies dropout with masks drawn
@@ -74,15 +74,12 @@ fn keep_mask(key: u64, n: usize, p: f32, threads: usize) -> Vec<u8> {
         }
     };
     let mut keep = vec![0u8; n];
-    let blocks = n.div_ceil(BLOCK);
-    let per_thread = blocks.div_ceil(threads.clamp(1, blocks.max(1))).max(1);
-    let fill_blocks = |first: usize, range: &mut [u8]| {
+    // Rows of `BLOCK` elements: a thread's range starts at block `first`.
+    par_rows_over(threads, &mut keep, BLOCK, |first, range| {
         for (i, block) in range.chunks_mut(BLOCK).enumerate() {
             fill(first + i, block);
         }
-    };
-    let ranges: Vec<&mut [u8]> = keep.chunks_mut(per_thread * BLOCK).collect();
-    map_parallel(ranges, |t, range| fill_blocks(t * per_thread, range));
+    });
     keep
 }
 
@@ -92,6 +89,14 @@ fn keep_mask(key: u64, n: usize, p: f32, threads: usize) -> Vec<u8> {
 pub struct DropoutMask {
     pub keep: Vec<u8>,
     pub scale: f32,
+}
+
+/// Applies `mask`, if there is one, to all of `values`: a fused op's output, or its output
+/// gradient in the backward pass.
+pub fn apply(mask: Option<&DropoutMask>, values: &mut [f32]) {
+    if let Some(mask) = mask {
+        mask.apply(0, values);
+    }
 }
 
 impl DropoutMask {

@@ -1,65 +1,15 @@
-//! Linear, LayerNorm, softmax and GELU as single CPU kernels with hand-written backward passes
-//! (candle's fused LayerNorm and softmax have no backward, and its GELU backward is a chain of
-//! element-wise tensors). Each is one pass over memory, split by rows over candle's threads;
-//! `ops` picks these on CPU for f32 and keeps the composed ones elsewhere. `docs/BENCHMARKS.md`
-//! has the comparison.
+//! Linear, softmax and GELU as single CPU kernels with hand-written backward passes (candle's
+//! fused softmax has no backward, and its GELU backward is a chain of element-wise tensors),
+//! and what the other fused ops share: reading tensors in place, a frozen Linear, state kept
+//! for the backward pass. Each kernel is one pass over memory, split by rows over candle's
+//! threads; `ops` picks these on CPU for f32 and keeps the composed ones elsewhere.
+//! `docs/BENCHMARKS.md` has the comparison. LayerNorm is in `fused_layer_norm`.
 
-use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp1, CustomOp3, Layout, Result, Shape, Tensor};
 
 use crate::model::matmul::{matmul_into, View};
-use crate::model::parallel::{map_parallel, threads};
-use crate::model::simd::{dot, erf, exp, lanes, softmax_in_place, sum, with_wide_simd};
-
-/// Runs `f(first_row, rows_of_out)` on consecutive blocks of whole rows of `out` (rows of
-/// `row_len`), one block per thread (candle's thread count), and returns each block's result.
-pub(crate) fn par_rows<T: Send, R: Send>(
-    out: &mut [T],
-    row_len: usize,
-    f: impl Fn(usize, &mut [T]) -> R + Sync,
-) -> Vec<R> {
-    // A last partial row (GELU's element blocks) counts as a row.
-    let rows = out.len().div_ceil(row_len.max(1));
-    // Below ~64k elements a thread costs more than it saves.
-    let threads = threads().min(out.len() / 65536).clamp(1, rows.max(1));
-    if threads == 1 {
-        return vec![f(0, out)];
-    }
-    let per_thread = rows.div_ceil(threads);
-    let blocks: Vec<&mut [T]> = out.chunks_mut((per_thread * row_len).max(1)).collect();
-    map_parallel(blocks, |i, block| f(i * per_thread, block))
-}
-
-/// A new vector of `len` values written by `fill(first_row, block)` on blocks of whole rows,
-/// as [`par_rows`]. Each thread zeroes its own block just before filling it, so no serial
-/// pass over the new memory (a zero-fill or a copy on the calling thread) comes first.
-pub(crate) fn par_vec(
-    len: usize,
-    row_len: usize,
-    fill: impl Fn(usize, &mut [f32]) + Sync,
-) -> Vec<f32> {
-    let mut out: Vec<f32> = Vec::with_capacity(len);
-    par_rows(
-        &mut out.spare_capacity_mut()[..len],
-        row_len,
-        |first, block: &mut [std::mem::MaybeUninit<f32>]| {
-            block.iter_mut().for_each(|v| {
-                v.write(0.0);
-            });
-            // SAFETY: every element of `block` was initialised just above, and
-            // `MaybeUninit<f32>` has the layout of `f32`.
-            let block = unsafe { &mut *(block as *mut [std::mem::MaybeUninit<f32>] as *mut [f32]) };
-            fill(first, block);
-        },
-    );
-    // SAFETY: the blocks cover the first `len` elements, and each was initialised above.
-    unsafe { out.set_len(len) };
-    out
-}
-
-/// `len` zeros, zeroed in parallel (see [`par_vec`]).
-pub(crate) fn par_zeros(len: usize) -> Vec<f32> {
-    par_vec(len, ROW, |_, _| {})
-}
+use crate::model::parallel::{par_rows, par_vec, par_zeros, threads, ROW};
+use crate::model::simd::{dot, erf, exp, softmax_in_place, with_wide_simd};
 
 /// `rows` copies of `row` one after another (a bias for a product to be added onto).
 fn repeat_rows(row: &[f32], rows: usize) -> Vec<f32> {
@@ -79,12 +29,55 @@ pub(crate) fn contiguous<'a>(storage: &'a CpuStorage, layout: &Layout) -> Result
 
 /// Runs `f` on the values of a contiguous f32 CPU tensor, borrowed, not copied.
 pub(crate) fn with_values<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> Result<R>) -> Result<R> {
-    let t = t.contiguous()?;
-    let (storage, layout) = t.storage_and_layout();
-    match &*storage {
-        candle_core::Storage::Cpu(cpu) => f(contiguous(cpu, layout)?),
-        _ => candle_core::bail!("fused op: a CPU tensor was expected"),
-    }
+    with_all_values(&[t], |values| f(values[0]))
+}
+
+/// [`with_values`] for several tensors at once.
+pub(crate) fn with_all_values<R>(
+    tensors: &[&Tensor],
+    f: impl FnOnce(&[&[f32]]) -> Result<R>,
+) -> Result<R> {
+    let tensors = tensors
+        .iter()
+        .map(|t| t.contiguous())
+        .collect::<Result<Vec<_>>>()?;
+    let guards: Vec<_> = tensors.iter().map(|t| t.storage_and_layout()).collect();
+    let values = guards
+        .iter()
+        .map(|(storage, layout)| match &**storage {
+            candle_core::Storage::Cpu(cpu) => contiguous(cpu, layout),
+            _ => candle_core::bail!("fused op: a CPU tensor was expected"),
+        })
+        .collect::<Result<Vec<_>>>()?;
+    f(&values)
+}
+
+/// `x W^T + b` for the `rows` rows of `x`, `W` `[n, k]`: one product written onto the
+/// repeated bias.
+fn linear_forward(
+    x: &[f32],
+    rows: usize,
+    w: &[f32],
+    b: &[f32],
+    (n, k): (usize, usize),
+) -> Vec<f32> {
+    let mut out = repeat_rows(b, rows);
+    let (x, w) = (View::rows(x, rows, k), View::rows(w, n, k));
+    matmul_into(&mut out, n, x, w.t(), true, threads());
+    out
+}
+
+/// `dx = g W`, or `dx += g W` when `accumulate`: a Linear's input gradient from its output's.
+fn linear_input_grad_into(
+    g: &[f32],
+    rows: usize,
+    w: &[f32],
+    (n, k): (usize, usize),
+    dx: &mut [f32],
+    accumulate: bool,
+) {
+    let (g, w) = (View::rows(g, rows, n), View::rows(w, n, k));
+    matmul_into(dx, k, g, w, accumulate, threads());
 }
 
 /// A Linear, `x W^T + b` over the last dimension of `x`, `W` `[n, k]`, `b` `[n]`; arguments
@@ -122,17 +115,7 @@ impl CustomOp3 for LinearOp {
                 l3.shape()
             );
         }
-        let rows = x.len() / k.max(1);
-        let mut out = repeat_rows(b, rows);
-        let threads = threads();
-        matmul_into(
-            &mut out,
-            n,
-            View::rows(x, rows, k),
-            View::rows(w, n, k).t(),
-            true,
-            threads,
-        );
+        let out = linear_forward(x, x.len() / k.max(1), w, b, (n, k));
         let mut dims = l1.shape().dims().to_vec();
         *dims.last_mut().expect("checked above") = n;
         Ok((CpuStorage::F32(out), Shape::from(dims)))
@@ -149,14 +132,12 @@ impl CustomOp3 for LinearOp {
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let (n, k) = w.dims2()?;
         let rows = x.elem_count() / k.max(1);
-        let threads = threads();
         let dev = x.device();
         with_values(grad, |values| {
-            let g = View::rows(values, rows, n);
             let dx = if x.track_op() {
                 let dx = with_values(w, |w| {
                     let mut dx = par_zeros(rows * k);
-                    matmul_into(&mut dx, k, g, View::rows(w, n, k), false, threads);
+                    linear_input_grad_into(values, rows, w, (n, k), &mut dx, false);
                     Ok(dx)
                 })?;
                 Some(Tensor::from_vec(dx, x.shape(), dev)?)
@@ -166,7 +147,8 @@ impl CustomOp3 for LinearOp {
             let dw = if w.track_op() {
                 let dw = with_values(x, |x| {
                     let mut dw = vec![0f32; n * k];
-                    matmul_into(&mut dw, k, g.t(), View::rows(x, rows, k), false, threads);
+                    let (g, x) = (View::rows(values, rows, n), View::rows(x, rows, k));
+                    matmul_into(&mut dw, k, g.t(), x, false, threads());
                     Ok(dw)
                 })?;
                 Some(Tensor::from_vec(dw, w.shape(), dev)?)
@@ -250,12 +232,9 @@ impl FrozenLinear {
 
     /// `x W^T + b` for the `rows` rows of `x`.
     pub fn forward(&self, x: &[f32], rows: usize) -> Result<Vec<f32>> {
-        let (n, k) = self.dims()?;
-        let mut out = with_values(&self.bias, |b| Ok(repeat_rows(b, rows)))?;
-        with_values(&self.weight, |w| {
-            let (x, w) = (View::rows(x, rows, k), View::rows(w, n, k));
-            matmul_into(&mut out, n, x, w.t(), true, threads());
-            Ok(out)
+        let dims = self.dims()?;
+        with_all_values(&[&self.weight, &self.bias], |v| {
+            Ok(linear_forward(x, rows, v[0], v[1], dims))
         })
     }
 
@@ -267,263 +246,11 @@ impl FrozenLinear {
         dx: &mut [f32],
         accumulate: bool,
     ) -> Result<()> {
-        let (n, k) = self.dims()?;
+        let dims = self.dims()?;
         with_values(&self.weight, |w| {
-            let (g, w) = (View::rows(g, rows, n), View::rows(w, n, k));
-            matmul_into(dx, k, g, w, accumulate, threads());
+            linear_input_grad_into(g, rows, w, dims, dx, accumulate);
             Ok(())
         })
-    }
-}
-
-/// LayerNorm over the last dimension; arguments `x`, `weight`, `bias`.
-pub struct LayerNormOp {
-    pub eps: f64,
-}
-
-impl LayerNormOp {
-    /// Per row: mean and 1/std.
-    fn stats(row: &[f32], eps: f64) -> (f32, f32) {
-        let n = row.len() as f32;
-        let mean = sum(row) / n;
-        let var = lanes(row, row, 0.0, |a, x, _| a + (x - mean) * (x - mean))
-            .iter()
-            .sum::<f32>()
-            / n;
-        (mean, 1.0 / (var + eps as f32).sqrt())
-    }
-
-    /// `(x - mean) / std * w + b` per row.
-    fn normalize(&self, x: &[f32], w: &[f32], b: &[f32]) -> Vec<f32> {
-        let h = w.len();
-        par_vec(x.len(), h, |first, block| {
-            let rows = x[first * h..].chunks_exact(h);
-            for (row, dst) in rows.zip(block.chunks_exact_mut(h)) {
-                let (mean, rstd) = Self::stats(row, self.eps);
-                for i in 0..h {
-                    dst[i] = (row[i] - mean) * rstd * w[i] + b[i];
-                }
-            }
-        })
-    }
-
-    fn backward(
-        &self,
-        xs: &[f32],
-        ws: &[f32],
-        gs: &[f32],
-        x: &Tensor,
-        w: &Tensor,
-    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let h = ws.len();
-        let mut dx = vec![0f32; xs.len()];
-        // Each thread sums dw and db over its rows; the partial sums are added after.
-        let partials = par_rows(&mut dx, h, |first, block| {
-            let (mut dw, mut db) = (vec![0f32; h], vec![0f32; h]);
-            let (mut xhat, mut gw) = (vec![0f32; h], vec![0f32; h]);
-            let rows = xs[first * h..]
-                .chunks_exact(h)
-                .zip(gs[first * h..].chunks_exact(h));
-            for ((row, g), dst) in rows.zip(block.chunks_exact_mut(h)) {
-                let (mean, rstd) = Self::stats(row, self.eps);
-                let (mut mean_gw, mut mean_gw_xhat) = (0f32, 0f32);
-                for i in 0..h {
-                    xhat[i] = (row[i] - mean) * rstd;
-                    gw[i] = g[i] * ws[i];
-                    mean_gw += gw[i];
-                    mean_gw_xhat += gw[i] * xhat[i];
-                    dw[i] += g[i] * xhat[i];
-                    db[i] += g[i];
-                }
-                mean_gw /= h as f32;
-                mean_gw_xhat /= h as f32;
-                for i in 0..h {
-                    dst[i] = rstd * (gw[i] - mean_gw - xhat[i] * mean_gw_xhat);
-                }
-            }
-            (dw, db)
-        });
-        let (mut dw, mut db) = (vec![0f32; h], vec![0f32; h]);
-        for (pw, pb) in partials {
-            dw.iter_mut().zip(pw).for_each(|(a, b)| *a += b);
-            db.iter_mut().zip(pb).for_each(|(a, b)| *a += b);
-        }
-        let dev = x.device();
-        Ok((
-            Some(Tensor::from_vec(dx, x.shape(), dev)?),
-            Some(Tensor::from_vec(dw, w.shape(), dev)?),
-            Some(Tensor::from_vec(db, w.shape(), dev)?),
-        ))
-    }
-}
-
-impl CustomOp3 for LayerNormOp {
-    fn name(&self) -> &'static str {
-        "fused-layer-norm"
-    }
-
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-        s3: &CpuStorage,
-        l3: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        let (x, w, b) = (
-            contiguous(s1, l1)?,
-            contiguous(s2, l2)?,
-            contiguous(s3, l3)?,
-        );
-        Ok((CpuStorage::F32(self.normalize(x, w, b)), l1.shape().clone()))
-    }
-
-    fn bwd(
-        &self,
-        x: &Tensor,
-        w: &Tensor,
-        _b: &Tensor,
-        _res: &Tensor,
-        grad: &Tensor,
-    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        with_values(x, |xs| {
-            with_values(w, |ws| {
-                with_values(grad, |gs| self.backward(xs, ws, gs, x, w))
-            })
-        })
-    }
-}
-
-/// A frozen LayerNorm of the sum of two or three tensors (a residual connection, an adapter's
-/// too): arguments the parts, the LayerNorm's weights fields of the op. No tensor for the sum
-/// is kept (the backward pass adds the parts again), and every part gets the same gradient.
-pub struct SumLayerNormOp {
-    pub norm: LayerNormOp,
-    pub weight: Tensor,
-    pub bias: Tensor,
-}
-
-impl SumLayerNormOp {
-    fn sum(parts: &[&[f32]]) -> Vec<f32> {
-        par_vec(parts[0].len(), ROW, |first, block| {
-            block.copy_from_slice(&parts[0][first * ROW..][..block.len()]);
-            for part in &parts[1..] {
-                let part = &part[first * ROW..][..block.len()];
-                block.iter_mut().zip(part).for_each(|(s, p)| *s += p);
-            }
-        })
-    }
-
-    fn forward(&self, parts: &[&[f32]], shape: &Shape) -> Result<(CpuStorage, Shape)> {
-        let sum = Self::sum(parts);
-        let out = with_values(&self.weight, |w| {
-            with_values(&self.bias, |b| Ok(self.norm.normalize(&sum, w, b)))
-        })?;
-        Ok((CpuStorage::F32(out), shape.clone()))
-    }
-
-    /// The gradient every part gets, or `None` when no part takes one.
-    fn backward(&self, parts: &[&Tensor], grad: &Tensor) -> Result<Option<Tensor>> {
-        if !parts.iter().any(|p| p.track_op()) {
-            return Ok(None);
-        }
-        // The parts' values in place (read guards on their storage), not copies.
-        let parts = parts
-            .iter()
-            .map(|p| p.contiguous())
-            .collect::<Result<Vec<_>>>()?;
-        let guards: Vec<_> = parts.iter().map(|p| p.storage_and_layout()).collect();
-        let values = guards
-            .iter()
-            .map(|(storage, layout)| match &**storage {
-                candle_core::Storage::Cpu(cpu) => contiguous(cpu, layout),
-                _ => candle_core::bail!("fused op: a CPU tensor was expected"),
-            })
-            .collect::<Result<Vec<_>>>()?;
-        let sum = Self::sum(&values);
-        drop(guards);
-        let (dx, _, _) = with_values(&self.weight, |ws| {
-            with_values(grad, |gs| {
-                self.norm.backward(&sum, ws, gs, &parts[0], &self.weight)
-            })
-        })?;
-        Ok(dx)
-    }
-
-    fn check(&self, layouts: &[&Layout]) -> Result<()> {
-        let shape = layouts[0].shape();
-        let h = self.weight.elem_count();
-        if layouts.iter().any(|l| l.shape() != shape) || shape.dims().last() != Some(&h) {
-            candle_core::bail!("layer norm of a sum: parts {layouts:?}, {h} features");
-        }
-        Ok(())
-    }
-}
-
-impl CustomOp2 for SumLayerNormOp {
-    fn name(&self) -> &'static str {
-        "fused-sum-layer-norm"
-    }
-
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        self.check(&[l1, l2])?;
-        self.forward(&[contiguous(s1, l1)?, contiguous(s2, l2)?], l1.shape())
-    }
-
-    fn bwd(
-        &self,
-        a: &Tensor,
-        b: &Tensor,
-        _out: &Tensor,
-        grad: &Tensor,
-    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let dx = self.backward(&[a, b], grad)?;
-        let take = |t: &Tensor| dx.clone().filter(|_| t.track_op());
-        Ok((take(a), take(b)))
-    }
-}
-
-impl CustomOp3 for SumLayerNormOp {
-    fn name(&self) -> &'static str {
-        "fused-sum-layer-norm"
-    }
-
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-        s3: &CpuStorage,
-        l3: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        self.check(&[l1, l2, l3])?;
-        let parts = [
-            contiguous(s1, l1)?,
-            contiguous(s2, l2)?,
-            contiguous(s3, l3)?,
-        ];
-        self.forward(&parts, l1.shape())
-    }
-
-    fn bwd(
-        &self,
-        a: &Tensor,
-        b: &Tensor,
-        c: &Tensor,
-        _out: &Tensor,
-        grad: &Tensor,
-    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let dx = self.backward(&[a, b, c], grad)?;
-        let take = |t: &Tensor| dx.clone().filter(|_| t.track_op());
-        Ok((take(a), take(b), take(c)))
     }
 }
 
@@ -555,22 +282,21 @@ impl CustomOp1 for SoftmaxOp {
     /// `dx = y * (g - sum(g * y))` per row.
     fn bwd(&self, _x: &Tensor, y: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
         let n = y.dims().last().copied().unwrap_or(1).max(1);
-        let dx = with_values(y, |ys| {
-            with_values(grad, |gs| {
-                let mut dx = vec![0f32; ys.len()];
-                par_rows(&mut dx, n, |first, block| {
-                    let rows = ys[first * n..]
-                        .chunks_exact(n)
-                        .zip(gs[first * n..].chunks_exact(n));
-                    for ((yr, gr), dst) in rows.zip(block.chunks_exact_mut(n)) {
-                        let dot = dot(yr, gr);
-                        for i in 0..n {
-                            dst[i] = yr[i] * (gr[i] - dot);
-                        }
+        let dx = with_all_values(&[y, grad], |v| {
+            let (ys, gs) = (v[0], v[1]);
+            let mut dx = vec![0f32; ys.len()];
+            par_rows(&mut dx, n, |first, block| {
+                let rows = ys[first * n..]
+                    .chunks_exact(n)
+                    .zip(gs[first * n..].chunks_exact(n));
+                for ((yr, gr), dst) in rows.zip(block.chunks_exact_mut(n)) {
+                    let dot = dot(yr, gr);
+                    for i in 0..n {
+                        dst[i] = yr[i] * (gr[i] - dot);
                     }
-                });
-                Ok(dx)
-            })
+                }
+            });
+            Ok(dx)
         })?;
         Ok(Some(Tensor::from_vec(dx, y.shape(), y.device())?))
     }
@@ -578,9 +304,6 @@ impl CustomOp1 for SoftmaxOp {
 
 /// Exact GELU, `x * Phi(x) = 0.5 x (1 + erf(x / sqrt 2))`.
 pub struct GeluOp;
-
-/// Element blocks for `par_rows` over element-wise work, which has no rows of its own.
-pub(crate) const ROW: usize = 4096;
 
 #[inline(always)]
 fn gelu(x: f32) -> f32 {
@@ -636,14 +359,12 @@ impl CustomOp1 for GeluOp {
     }
 
     fn bwd(&self, x: &Tensor, _y: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
-        let dx = with_values(x, |xs| {
-            with_values(grad, |gs| {
-                let mut dx = gs.to_vec();
-                par_rows(&mut dx, ROW, |first, block| {
-                    gelu_backward(&xs[first * ROW..], block)
-                });
-                Ok(dx)
-            })
+        let dx = with_all_values(&[x, grad], |v| {
+            let mut dx = v[1].to_vec();
+            par_rows(&mut dx, ROW, |first, block| {
+                gelu_backward(&v[0][first * ROW..], block)
+            });
+            Ok(dx)
         })?;
         Ok(Some(Tensor::from_vec(dx, x.shape(), x.device())?))
     }

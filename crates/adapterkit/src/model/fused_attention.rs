@@ -10,10 +10,10 @@
 
 use candle_core::{CpuStorage, CustomOp1, CustomOp3, Layout, Result, Shape, Tensor};
 
-use crate::model::dropout::{DropoutMask, Mode};
-use crate::model::fused::{contiguous, par_zeros, with_values, FrozenLinear, Kept};
+use crate::model::dropout::{self, DropoutMask, Mode};
+use crate::model::fused::{contiguous, with_all_values, with_values, FrozenLinear, Kept};
 use crate::model::matmul::{matmul_into, View};
-use crate::model::parallel::{map_parallel, threads};
+use crate::model::parallel::{map_parallel, par_zeros, threads};
 use crate::model::simd::{dot, softmax_in_place, with_wide_simd};
 
 /// `dropout(softmax(q k^T * scale + bias)) v` per head; arguments `q` `[batch, queries,
@@ -288,12 +288,8 @@ impl CustomOp3 for AttentionOp {
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let (batch, d) = self.dims(q.layout(), k.layout())?;
-        let (dq, dk, dv) = with_values(q, |qs| {
-            with_values(k, |ks| {
-                with_values(v, |vs| {
-                    with_values(grad, |gs| Ok(self.backward(batch, d, qs, ks, vs, gs)))
-                })
-            })
+        let (dq, dk, dv) = with_all_values(&[q, k, v, grad], |t| {
+            Ok(self.backward(batch, d, t[0], t[1], t[2], t[3]))
         })?;
         let dev = q.device();
         Ok((
@@ -356,9 +352,7 @@ impl CustomOp1 for AttentionBlockOp {
         let (q, k, v) = (q?, k?, v?);
         let context = self.attention.forward(batch, d, &q, &k, &v);
         let mut out = self.output.forward(&context, rows)?;
-        if let Some(mask) = &self.dropout {
-            mask.apply(0, &mut out);
-        }
+        dropout::apply(self.dropout.as_ref(), &mut out);
         if self.keep_for_backward {
             self.kept.put([q, k, v]);
         }
@@ -371,10 +365,8 @@ impl CustomOp1 for AttentionBlockOp {
         let [q, k, v] = self.kept.take("attention block")?;
         let (batch, d) = self.attention.dims(x.layout(), x.layout())?;
         let rows = batch * d.queries;
-        let mut g = grad.flatten_all()?.to_vec1::<f32>()?;
-        if let Some(mask) = &self.dropout {
-            mask.apply(0, &mut g);
-        }
+        let mut g = with_values(grad, |g| Ok(g.to_vec()))?;
+        dropout::apply(self.dropout.as_ref(), &mut g);
         let mut context = par_zeros(g.len());
         self.output.backward_into(&g, rows, &mut context, false)?;
         let (dq, dk, dv) = self.attention.backward(batch, d, &q, &k, &v, &context);

@@ -9,11 +9,11 @@
 
 use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Tensor};
 
-use crate::model::dropout::DropoutMask;
+use crate::model::dropout::{self, DropoutMask};
 use crate::model::fused::{
-    contiguous, gelu_backward, gelu_forward, gelu_in_place, par_rows, par_vec, par_zeros,
-    FrozenLinear, Kept, ROW,
+    contiguous, gelu_backward, gelu_forward, gelu_in_place, with_values, FrozenLinear, Kept,
 };
+use crate::model::parallel::{par_rows, par_vec, par_zeros, ROW};
 
 pub struct FeedForwardOp {
     /// `intermediate.dense`
@@ -80,9 +80,7 @@ impl CustomOp1 for FeedForwardOp {
             par_rows(&mut expansion, ROW, |_, block| gelu_in_place(block));
             self.project.forward(&expansion, rows)?
         };
-        if let Some(mask) = &self.dropout {
-            mask.apply(0, &mut out);
-        }
+        dropout::apply(self.dropout.as_ref(), &mut out);
         if self.keep_for_backward {
             self.expansion.put(expansion);
         }
@@ -94,10 +92,8 @@ impl CustomOp1 for FeedForwardOp {
         let expansion = self.expansion.take("feed-forward")?;
         let (i, h) = self.sizes()?;
         let rows = expansion.len() / i;
-        let mut g = grad.flatten_all()?.to_vec1::<f32>()?;
-        if let Some(mask) = &self.dropout {
-            mask.apply(0, &mut g);
-        }
+        let mut g = with_values(grad, |g| Ok(g.to_vec()))?;
+        dropout::apply(self.dropout.as_ref(), &mut g);
         let mut d_expansion = par_zeros(rows * i);
         self.project
             .backward_into(&g, rows, &mut d_expansion, false)?;

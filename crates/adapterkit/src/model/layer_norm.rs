@@ -3,7 +3,7 @@
 use candle_core::{Module, Result, Tensor};
 use candle_nn::VarBuilder;
 
-use crate::model::fused::{LayerNormOp, SumLayerNormOp};
+use crate::model::fused_layer_norm::{LayerNormOp, SumLayerNormOp};
 use crate::model::ops;
 
 #[derive(Debug, Clone)]
@@ -24,12 +24,15 @@ impl LayerNorm {
 
     /// `LayerNorm(sum of parts)`, two or three parts of one shape: a residual connection
     /// (and an adapter's output) and the norm. With the LayerNorm frozen, on CPU in f32, one
-    /// op (`fused::SumLayerNormOp`): no tensor is kept for the sum, and the parts share one
+    /// op (`fused_layer_norm::SumLayerNormOp`): no tensor is kept for the sum, and the parts share one
     /// gradient; otherwise the sum, then the LayerNorm.
     pub fn of_sum(&self, parts: &[&Tensor]) -> Result<Tensor> {
+        let (first, rest) = parts
+            .split_first()
+            .ok_or_else(|| candle_core::Error::Msg("layer norm of an empty sum".into()))?;
         let frozen = !self.weight.track_op() && !self.bias.track_op();
-        let same = parts.iter().all(|p| p.shape() == parts[0].shape());
-        if frozen && same && ops::fused_applies(parts[0]) {
+        let same = rest.iter().all(|p| p.shape() == first.shape());
+        if frozen && same && ops::fused_applies(first) {
             let op = SumLayerNormOp {
                 norm: LayerNormOp { eps: self.eps },
                 weight: self.weight.clone(),
@@ -45,9 +48,6 @@ impl LayerNorm {
                 _ => {}
             }
         }
-        let (first, rest) = parts
-            .split_first()
-            .ok_or_else(|| candle_core::Error::Msg("layer norm of an empty sum".into()))?;
         let sum = rest.iter().try_fold((*first).clone(), |sum, p| sum + *p)?;
         self.forward(&sum)
     }

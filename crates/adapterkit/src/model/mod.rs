@@ -9,6 +9,7 @@ pub mod embeddings;
 pub mod fused;
 pub mod fused_attention;
 pub mod fused_feed_forward;
+pub mod fused_layer_norm;
 pub mod hooks;
 pub mod layer;
 pub mod layer_norm;

@@ -46,9 +46,11 @@ pub(crate) fn fused_applies(x: &Tensor) -> bool {
 /// LayerNorm over the last dimension: `(x - mean) / sqrt(var + eps) * weight + bias`.
 pub fn layer_norm(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Result<Tensor> {
     if fused_applies(x) {
-        return x
-            .contiguous()?
-            .apply_op3(weight, bias, crate::model::fused::LayerNormOp { eps });
+        return x.contiguous()?.apply_op3(
+            weight,
+            bias,
+            crate::model::fused_layer_norm::LayerNormOp { eps },
+        );
     }
     layer_norm_composed(x, weight, bias, eps)
 }
