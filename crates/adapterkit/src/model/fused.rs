@@ -7,18 +7,9 @@
 
 use candle_core::{CpuStorage, CustomOp1, CustomOp3, Layout, Result, Shape, Tensor};
 
-use crate::model::matmul::{matmul_into, View};
+use crate::model::matmul::{matmul_into, matmul_onto_bias, View};
 use crate::model::parallel::{par_rows, par_vec, par_zeros, threads, ROW};
 use crate::model::simd::{dot, erf, exp, softmax_in_place, with_wide_simd};
-
-/// `rows` copies of `row` one after another (a bias for a product to be added onto).
-fn repeat_rows(row: &[f32], rows: usize) -> Vec<f32> {
-    par_vec(row.len() * rows, row.len(), |_, block| {
-        block
-            .chunks_exact_mut(row.len())
-            .for_each(|r| r.copy_from_slice(row))
-    })
-}
 
 pub(crate) fn contiguous<'a>(storage: &'a CpuStorage, layout: &Layout) -> Result<&'a [f32]> {
     let (start, end) = layout
@@ -52,8 +43,7 @@ pub(crate) fn with_all_values<R>(
     f(&values)
 }
 
-/// `x W^T + b` for the `rows` rows of `x`, `W` `[n, k]`: one product written onto the
-/// repeated bias.
+/// `x W^T + b` for the `rows` rows of `x`, `W` `[n, k]`.
 fn linear_forward(
     x: &[f32],
     rows: usize,
@@ -61,10 +51,8 @@ fn linear_forward(
     b: &[f32],
     (n, k): (usize, usize),
 ) -> Vec<f32> {
-    let mut out = repeat_rows(b, rows);
     let (x, w) = (View::rows(x, rows, k), View::rows(w, n, k));
-    matmul_into(&mut out, n, x, w.t(), true, threads());
-    out
+    matmul_onto_bias(x, w.t(), b, threads())
 }
 
 /// `dx = g W`, or `dx += g W` when `accumulate`: a Linear's input gradient from its output's.

@@ -1,6 +1,8 @@
 //! Matrix products on slices, for the fused ops: strided views (a head of attention, a
 //! transposed weight) read in place by the `gemm` crate, the one candle uses.
 
+use std::mem::MaybeUninit;
+
 use crate::model::parallel::map_parallel;
 
 /// A matrix inside a slice: element `(r, c)` at `data[r * row_stride + c * col_stride]`.
@@ -75,10 +77,65 @@ pub(crate) fn matmul_into(
     accumulate: bool,
     threads: usize,
 ) {
-    let m = lhs.rows;
+    for_row_blocks(
+        dst,
+        dst_row_stride,
+        lhs.rows,
+        threads,
+        |block, first, count| {
+            matmul_block(
+                block,
+                dst_row_stride,
+                lhs.row_block(first, count),
+                rhs,
+                accumulate,
+            )
+        },
+    );
+}
+
+/// `lhs rhs + bias`, the row `bias` added to every row, as a new dense matrix. Each thread
+/// writes the bias into its rows just before its product adds onto them: the new memory is
+/// written once, not zeroed, filled with the bias and multiplied onto in three passes.
+pub(crate) fn matmul_onto_bias(lhs: View, rhs: View, bias: &[f32], threads: usize) -> Vec<f32> {
+    let (m, n) = (lhs.rows, rhs.cols);
+    assert_eq!(bias.len(), n, "matmul_onto_bias: bias length");
+    let mut out: Vec<f32> = Vec::with_capacity(m * n);
+    for_row_blocks(
+        &mut out.spare_capacity_mut()[..m * n],
+        n,
+        m,
+        threads,
+        |block, first, count| {
+            for row in block.chunks_exact_mut(n.max(1)) {
+                for (d, b) in row.iter_mut().zip(bias) {
+                    d.write(*b);
+                }
+            }
+            // SAFETY: every element of `block` was written just above, and
+            // `MaybeUninit<f32>` has the layout of `f32`.
+            let block = unsafe { &mut *(block as *mut [MaybeUninit<f32>] as *mut [f32]) };
+            matmul_block(block, n, lhs.row_block(first, count), rhs, true)
+        },
+    );
+    // SAFETY: the row blocks cover all `m * n` elements, each written above.
+    unsafe { out.set_len(m * n) };
+    out
+}
+
+/// Runs `f(block, first_row, rows)` on consecutive blocks of the `m` rows of `dst` (row stride
+/// `row_stride`; the last block takes the rest of `dst`), one block per thread, at least 16
+/// rows each.
+fn for_row_blocks<T: Send>(
+    dst: &mut [T],
+    row_stride: usize,
+    m: usize,
+    threads: usize,
+    f: impl Fn(&mut [T], usize, usize) + Sync,
+) {
     let threads = threads.clamp(1, m.div_ceil(16).max(1));
     if threads == 1 {
-        return matmul_block(dst, dst_row_stride, lhs, rhs, accumulate);
+        return f(dst, 0, m);
     }
     let per_thread = m.div_ceil(threads);
     let mut blocks = Vec::with_capacity(threads);
@@ -86,17 +143,15 @@ pub(crate) fn matmul_into(
     for first in (0..m).step_by(per_thread) {
         let count = per_thread.min(m - first);
         let take = if first + count < m {
-            count * dst_row_stride
+            count * row_stride
         } else {
             rest.len()
         };
         let (block, tail) = std::mem::take(&mut rest).split_at_mut(take);
         rest = tail;
-        blocks.push((block, lhs.row_block(first, count)));
+        blocks.push((block, first, count));
     }
-    map_parallel(blocks, |_, (block, lhs)| {
-        matmul_block(block, dst_row_stride, lhs, rhs, accumulate)
-    });
+    map_parallel(blocks, |_, (block, first, count)| f(block, first, count));
 }
 
 fn matmul_block(dst: &mut [f32], dst_row_stride: usize, lhs: View, rhs: View, accumulate: bool) {
