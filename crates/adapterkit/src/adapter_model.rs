@@ -171,7 +171,10 @@ impl AdapterModel {
 
     /// Logits `[batch, num_labels]`.
     pub fn logits(&self, batch: &Batch, mode: &mut Mode) -> Result<Tensor> {
-        let hidden = self.encoder.forward(batch, self.hooks(), mode)?;
+        // The head reads the first token alone, so the last layer computes nothing else.
+        let hidden = self
+            .encoder
+            .forward_first_token(batch, self.hooks(), mode)?;
         Ok(self.head.forward(&hidden, mode)?)
     }
 

@@ -9,6 +9,7 @@ use crate::adapter_model::AdapterModel;
 use crate::batch::Batch;
 use crate::composed_model::ComposedModel;
 use crate::error::Result;
+use crate::model::layer::Positions;
 use crate::model::{BertConfig, Mode};
 use crate::rng::SeededRng;
 use crate::train::optim::{AdamW, AdamWConfig};
@@ -38,18 +39,25 @@ pub fn random_batch(
     ))
 }
 
-/// Multiply-adds x 2 of one forward pass over `batch` sequences of `seq` tokens (the matmuls;
-/// element-wise work is small beside them).
-pub fn forward_flops(config: &BertConfig, batch: usize, seq: usize) -> f64 {
+/// Multiply-adds x 2 of one forward pass over `batch` sequences of `seq` tokens whose last
+/// layer computes its output at `last` (the matmuls; element-wise work is small beside them).
+pub fn forward_flops(config: &BertConfig, batch: usize, seq: usize, last: Positions) -> f64 {
     let (h, i, l) = (
         config.hidden_size as f64,
         config.intermediate_size as f64,
         config.num_hidden_layers as f64,
     );
-    let tokens = (batch * seq) as f64;
-    let projections = 4.0 * h * h + 2.0 * h * i;
-    let attention = 2.0 * seq as f64 * h;
-    2.0 * tokens * l * (projections + attention)
+    let (tokens, sequences) = ((batch * seq) as f64, batch as f64);
+    // Keys and values are projected at every token; the query and output projections, the
+    // feed-forward block and the attention itself at every position that is computed.
+    let key_value = 2.0 * h * h;
+    let per_position = 2.0 * h * h + 2.0 * h * i + 2.0 * seq as f64 * h;
+    let layer = tokens * (key_value + per_position);
+    let last_layer = match last {
+        Positions::All => layer,
+        Positions::First => tokens * key_value + sequences * per_position,
+    };
+    2.0 * ((l - 1.0) * layer + last_layer)
 }
 
 /// Seconds per call of `step`, after `warmup` untimed calls: the median of `runs`.
@@ -71,9 +79,18 @@ pub fn time_per_step(
     Ok(times[times.len() / 2])
 }
 
-/// One evaluation forward pass with the model's hooks.
-pub fn inference_step(model: &AdapterModel, batch: &Batch) -> Result<()> {
-    let logits = model.logits(batch, &mut Mode::Eval)?;
+/// One evaluation forward pass with the model's hooks, its last layer computed at `last`:
+/// what `logits` does (the first position), or every position as `transformers` does.
+pub fn inference_step(model: &AdapterModel, batch: &Batch, last: Positions) -> Result<()> {
+    let logits = match last {
+        Positions::First => model.logits(batch, &mut Mode::Eval)?,
+        Positions::All => {
+            let hidden = model
+                .encoder
+                .forward(batch, model.hooks(), &mut Mode::Eval)?;
+            model.head.forward(&hidden, &mut Mode::Eval)?
+        }
+    };
     logits.to_dtype(DType::F32)?.sum_all()?.to_scalar::<f32>()?;
     Ok(())
 }

@@ -11,6 +11,7 @@ use crate::error::{Error, Result};
 use crate::heads::Head;
 use crate::methods::composition::{Composition, Setup};
 use crate::model::hooks::NoHooks;
+use crate::model::layer::Positions;
 use crate::model::{BertModel, Mode};
 
 #[derive(Debug, Clone)]
@@ -72,37 +73,45 @@ impl ComposedModel {
         })
     }
 
-    /// The encoder's output, `[channels * batch, seq, hidden]`, channel by channel. With
-    /// parallel channels, the layers below the lowest active adapter run once on the batch;
-    /// from there the batch is replicated per channel.
-    pub fn hidden(&self, batch: &Batch, mode: &mut Mode) -> Result<Tensor> {
+    /// The encoder's output at `positions` (all: `[channels * batch, seq, hidden]`; the first:
+    /// `[channels * batch, 1, hidden]`), channel by channel. With parallel channels, the layers
+    /// below the lowest active adapter run once on the batch; from there the batch is
+    /// replicated per channel.
+    pub fn hidden(&self, batch: &Batch, positions: Positions, mode: &mut Mode) -> Result<Tensor> {
         let channels = self.composition.setup.parallel_channels();
-        if channels == 1 {
-            return Ok(self.encoder.forward(batch, &self.composition, mode)?);
-        }
+        let hidden = self.encoder.embed(batch, mode)?;
+        let mask = &batch.attention_mask;
         let layers = self.encoder.layers.len();
+        let hooks = &self.composition;
+        let encoder = &self.encoder;
+        if channels == 1 {
+            return Ok(encoder.run_layers(hidden, mask, 0..layers, positions, hooks, mode)?);
+        }
         let shared = self
             .composition
             .lowest_active_layer(layers)
             .unwrap_or(layers);
-        let hidden = self.encoder.embed(batch, mode)?;
-        let mask = &batch.attention_mask;
-        let hidden = self
-            .encoder
-            .run_layers(hidden, mask, 0..shared, &NoHooks, mode)?;
+        let encoder = &self.encoder;
+        if shared == layers {
+            // No layer has an active adapter: every channel is the plain encoder's output.
+            let all = encoder.run_layers(hidden, mask, 0..layers, positions, &NoHooks, mode)?;
+            return Ok(Tensor::cat(&vec![all; channels], 0)?);
+        }
+        let hidden = encoder.run_layers(hidden, mask, 0..shared, Positions::All, &NoHooks, mode)?;
         let replicate = |t: &Tensor| Tensor::cat(&vec![t.clone(); channels], 0);
-        Ok(self.encoder.run_layers(
+        Ok(encoder.run_layers(
             replicate(&hidden)?,
             &replicate(mask)?,
             shared..layers,
-            &self.composition,
+            positions,
+            hooks,
             mode,
         )?)
     }
 
     /// Logits `[batch, num_labels]` of each head, in the order of [`heads`](Self::heads).
     pub fn logits(&self, batch: &Batch, mode: &mut Mode) -> Result<Vec<Tensor>> {
-        let hidden = self.hidden(batch, mode)?;
+        let hidden = self.hidden(batch, Positions::First, mode)?;
         let rows = batch.input_ids.dim(0)?;
         self.heads
             .iter()

@@ -192,7 +192,8 @@ impl Head {
         all
     }
 
-    /// Logits `[batch, num_labels]` from the encoder's last hidden state `[batch, seq, hidden]`.
+    /// Logits `[batch, num_labels]` from the encoder's last hidden state `[batch, seq, hidden]`
+    /// (its first position; `[batch, 1, hidden]` is enough).
     pub fn forward(&self, last_hidden_state: &Tensor, mode: &mut Mode) -> CandleResult<Tensor> {
         let mut x = last_hidden_state.narrow(1, 0, 1)?.squeeze(1)?;
         let last = self.linears.len() - 1;

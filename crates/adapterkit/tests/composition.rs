@@ -13,6 +13,7 @@ use adapterkit::heads::HeadConfig;
 use adapterkit::io::adapter_dir;
 use adapterkit::methods::bottleneck_config::BnConfig;
 use adapterkit::methods::composition::{Composition, Setup};
+use adapterkit::model::layer::Positions;
 use adapterkit::model::Mode;
 use candle_core::Device;
 use common::*;
@@ -50,7 +51,9 @@ fn blocks_match_adapters_library() {
             composition: Composition::new(setup, adapters.clone(), fusions.clone()).unwrap(),
             heads: vec![],
         };
-        let hidden = model.hidden(&batch, &mut Mode::Eval).unwrap();
+        let hidden = model
+            .hidden(&batch, Positions::All, &mut Mode::Eval)
+            .unwrap();
         let diff = max_abs_diff(&hidden, &expected[&format!("{case}.last_hidden_state")]);
         eprintln!("{case} ({text}): max |diff| {diff:.2e}");
         assert!(diff < 1e-5, "{case}: {diff}");

@@ -11,6 +11,7 @@ use adapterkit::data::TaskKind;
 use adapterkit::heads::HeadConfig;
 use adapterkit::methods::bottleneck_config::BnConfig;
 use adapterkit::methods::composition::Setup;
+use adapterkit::model::layer::Positions;
 use adapterkit::model::{BertConfig, BertModel, Mode};
 
 #[derive(clap::Args)]
@@ -28,7 +29,9 @@ pub struct Args {
     /// Timed steps per measurement (the median is reported), after one untimed step.
     #[arg(long, default_value_t = 5)]
     steps: usize,
-    /// What to measure, in order: inference, adapter (Houlsby training), full (fine-tuning),
+    /// What to measure, in order: inference (the logits: the last layer computes the first
+    /// token alone), inference-all-positions (every position, as `transformers` computes it),
+    /// adapter (Houlsby training), full (fine-tuning),
     /// ops (fused against composed LayerNorm and softmax, forward + backward, at this shape),
     /// multitask (--tasks adapters one by one, then in one Parallel pass with the adapters of
     /// the lowest k layers dropped, for every k), adapter-drop (adapter training with no
@@ -71,7 +74,7 @@ pub fn run(args: Args) -> Result<()> {
     let (batch, targets) = random_batch(&config, args.batch_size, args.seq_len, 2, 1, &device)?;
     let head = HeadConfig::new(TaskKind::Classification, &["a".into(), "b".into()])?;
     let encoder = BertModel::random(&config, config_std(), 7, &device)?;
-    let flops = forward_flops(&config, args.batch_size, args.seq_len);
+    let flops = forward_flops(&config, args.batch_size, args.seq_len, Positions::First);
     let peak = matmul_peak(1024, &device)?;
 
     let row = |what: &str, seconds: f64, step_flops: f64| {
@@ -104,7 +107,7 @@ pub fn run(args: Args) -> Result<()> {
     let mut rows = Vec::new();
     for what in &args.what {
         let (seconds, step_flops) = match what.as_str() {
-            "inference" => {
+            "inference" | "inference-all-positions" => {
                 let model = AdapterModel::new(
                     encoder.clone(),
                     &Method::Head,
@@ -115,8 +118,14 @@ pub fn run(args: Args) -> Result<()> {
                     &device,
                 )?
                 .frozen();
+                let last = if what == "inference" {
+                    Positions::First
+                } else {
+                    Positions::All
+                };
+                let flops = forward_flops(&config, args.batch_size, args.seq_len, last);
                 (
-                    time_per_step(1, args.steps, || inference_step(&model, &batch))?,
+                    time_per_step(1, args.steps, || inference_step(&model, &batch, last))?,
                     flops,
                 )
             }
@@ -155,7 +164,7 @@ pub fn run(args: Args) -> Result<()> {
                 continue;
             }
             other => anyhow::bail!(
-                "unknown measurement '{other}' (inference, adapter, full, ops, multitask, adapter-drop)"
+                "unknown measurement '{other}' (inference, inference-all-positions, adapter, full, ops, multitask, adapter-drop)"
             ),
         };
         rows.push(row(what, seconds, step_flops));
@@ -273,11 +282,16 @@ fn multitask(
         })
         .collect::<adapterkit::Result<Vec<_>>>()?;
     let frozen: Vec<AdapterModel> = parts.iter().map(AdapterModel::frozen).collect();
-    let flops = forward_flops(&encoder.config, args.batch_size, args.seq_len);
+    let flops = forward_flops(
+        &encoder.config,
+        args.batch_size,
+        args.seq_len,
+        Positions::First,
+    );
     let mut out = Vec::new();
     let seconds = time_per_step(1, args.steps, || {
         for part in &frozen {
-            inference_step(part, batch)?;
+            inference_step(part, batch, Positions::First)?;
         }
         Ok(())
     })?;

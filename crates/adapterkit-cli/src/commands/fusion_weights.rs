@@ -42,7 +42,10 @@ pub fn run(args: Args) -> Result<()> {
     let mut sums: std::collections::BTreeMap<(usize, &str), (Vec<f64>, f64)> = Default::default();
     for indices in encoded.eval_batches(64) {
         let (batch, _) = encoded.batch(&indices, tokenizer.pad_id(), &device)?;
-        model.logits(&batch, &mut Mode::Eval)?;
+        // Every position's fusion attention: the whole last layer, not just what the head reads.
+        model
+            .encoder
+            .forward(&batch, model.hooks(), &mut Mode::Eval)?;
         let tokens = batch
             .attention_mask
             .to_dtype(candle_core::DType::F32)?

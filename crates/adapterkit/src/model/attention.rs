@@ -9,6 +9,7 @@ use crate::model::dropout::Mode;
 use crate::model::fused::FrozenLinear;
 use crate::model::fused_attention::{AttentionBlockOp, AttentionOp};
 use crate::model::hooks::{KeyValue, LayerHooks, LinearSite, Position};
+use crate::model::layer::Positions;
 use crate::model::layer_norm::LayerNorm;
 use crate::model::ops;
 
@@ -34,15 +35,18 @@ impl BertSelfAttention {
         })
     }
 
+    /// Attention of `queries` `[batch, q, hidden]` over the keys and values of `hidden`
+    /// `[batch, seq, hidden]` (the same tensor, or its first position).
     pub fn forward(
         &self,
         layer: usize,
+        queries: &Tensor,
         hidden: &Tensor,
         bias: &Tensor,
         hooks: &dyn LayerHooks,
         mode: &mut Mode,
     ) -> Result<Tensor> {
-        let query = hooks.linear(layer, LinearSite::Query, &self.query, hidden, mode)?;
+        let query = hooks.linear(layer, LinearSite::Query, &self.query, queries, mode)?;
         let kv = KeyValue {
             key: hooks.linear(layer, LinearSite::Key, &self.key, hidden, mode)?,
             value: hooks.linear(layer, LinearSite::Value, &self.value, hidden, mode)?,
@@ -113,20 +117,26 @@ impl BertAttention {
         })
     }
 
+    /// The sub-layer's output at `positions` of `hidden` `[batch, seq, hidden]`.
     pub fn forward(
         &self,
         layer: usize,
         hidden: &Tensor,
         bias: &Tensor,
+        positions: Positions,
         hooks: &dyn LayerHooks,
         mode: &mut Mode,
     ) -> Result<Tensor> {
-        let projected = match self.frozen_block(layer, hidden, bias, hooks, mode)? {
+        let queries = match positions {
+            Positions::All => hidden.clone(),
+            Positions::First => hidden.narrow(1, 0, 1)?.contiguous()?,
+        };
+        let projected = match self.frozen_block(layer, hidden, bias, positions, hooks, mode)? {
             Some(projected) => projected,
             None => {
                 let attended = self
                     .self_attention
-                    .forward(layer, hidden, bias, hooks, mode)?;
+                    .forward(layer, &queries, hidden, bias, hooks, mode)?;
                 self.output.project(layer, &attended, hooks, mode)?
             }
         };
@@ -134,7 +144,7 @@ impl BertAttention {
             layer,
             Position::Attention,
             &projected,
-            hidden,
+            &queries,
             &self.output.layer_norm,
             mode,
         )
@@ -149,6 +159,7 @@ impl BertAttention {
         layer: usize,
         hidden: &Tensor,
         bias: &Tensor,
+        positions: Positions,
         hooks: &dyn LayerHooks,
         mode: &mut Mode,
     ) -> Result<Option<Tensor>> {
@@ -165,9 +176,12 @@ impl BertAttention {
         {
             return Ok(None);
         }
-        let attention = AttentionOp::new(s.num_heads, hidden_size, seq, bias, s.dropout, mode)?;
-        let dropout = mode.dropout_mask(hidden.elem_count(), self.output.dropout);
-        let op = AttentionBlockOp::new([q, k, v, o], attention, dropout, hidden.track_op());
+        let first_only = positions == Positions::First;
+        let queries = if first_only { 1 } else { seq };
+        let attention = AttentionOp::new(s.num_heads, hidden_size, queries, bias, s.dropout, mode)?;
+        let dropout = mode.dropout_mask(batch * queries * hidden_size, self.output.dropout);
+        let op = AttentionBlockOp::new([q, k, v, o], attention, dropout, hidden.track_op())
+            .first_query_only(first_only);
         hidden.contiguous()?.apply_op1(op).map(Some)
     }
 }

@@ -10,7 +10,7 @@ use crate::model::config::BertConfig;
 use crate::model::dropout::Mode;
 use crate::model::embeddings::BertEmbeddings;
 use crate::model::hooks::LayerHooks;
-use crate::model::layer::BertLayer;
+use crate::model::layer::{BertLayer, Positions};
 use crate::model::layer_norm::LayerNorm;
 use crate::model::ops;
 
@@ -71,6 +71,21 @@ impl BertModel {
         self.forward_embeds(&embeds, batch, hooks, mode)
     }
 
+    /// The last hidden state of the first token (`[CLS]`) alone, `[batch, 1, hidden]`: what a
+    /// classification head reads, with the last layer run for that position only
+    /// ([`Positions::First`]).
+    pub fn forward_first_token(
+        &self,
+        batch: &Batch,
+        hooks: &dyn LayerHooks,
+        mode: &mut Mode,
+    ) -> Result<Tensor> {
+        let hidden = self.embed(batch, mode)?;
+        let layers = 0..self.layers.len();
+        let mask = &batch.attention_mask;
+        self.run_layers(hidden, mask, layers, Positions::First, hooks, mode)
+    }
+
     /// As [`forward`](Self::forward), from word embeddings `[batch, seq, hidden]` instead of ids
     /// (`transformers`' `inputs_embeds`); `batch` gives the token types and the padding mask.
     pub fn forward_embeds(
@@ -87,6 +102,7 @@ impl BertModel {
             hidden,
             &batch.attention_mask,
             0..self.layers.len(),
+            Positions::All,
             hooks,
             mode,
         )
@@ -100,18 +116,21 @@ impl BertModel {
     }
 
     /// Runs `layers` on `hidden` (what the first of them reads), `[batch, seq, hidden]`, with
-    /// the padding mask `[batch, seq]`.
+    /// the padding mask `[batch, seq]`; the last of them computes its output at `last`.
     pub fn run_layers(
         &self,
         mut hidden: Tensor,
         attention_mask: &Tensor,
         layers: std::ops::Range<usize>,
+        last: Positions,
         hooks: &dyn LayerHooks,
         mode: &mut Mode,
     ) -> Result<Tensor> {
         let bias = ops::attention_bias(attention_mask)?;
-        for layer in &self.layers[layers] {
-            hidden = layer.forward(&hidden, &bias, hooks, mode)?;
+        let count = layers.len();
+        for (i, layer) in self.layers[layers].iter().enumerate() {
+            let positions = if i + 1 == count { last } else { Positions::All };
+            hidden = layer.forward(&hidden, &bias, positions, hooks, mode)?;
         }
         Ok(hidden)
     }

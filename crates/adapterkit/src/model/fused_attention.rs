@@ -316,6 +316,9 @@ pub struct AttentionBlockOp {
     pub dropout: Option<DropoutMask>,
     /// Whether to keep q, k and v for a backward pass (`x` takes a gradient).
     pub keep_for_backward: bool,
+    /// Whether only each sequence's first position queries (`layer::Positions::First`): the
+    /// output is then `[batch, 1, hidden]`.
+    first_query_only: bool,
     kept: Kept<[Vec<f32>; 3]>,
 }
 
@@ -334,8 +337,27 @@ impl AttentionBlockOp {
             attention,
             dropout,
             keep_for_backward,
+            first_query_only: false,
             kept: Kept::new(),
         }
+    }
+
+    /// The op with only each sequence's first position querying (the attention op and the
+    /// dropout mask must be sized for one query per sequence).
+    pub fn first_query_only(self, first_query_only: bool) -> Self {
+        Self {
+            first_query_only,
+            ..self
+        }
+    }
+
+    /// The batch size and the attention's sizes for input `x`.
+    fn dims(&self, x: &Layout) -> Result<(usize, Dims)> {
+        let (batch, mut d) = self.attention.dims(x, x)?;
+        if self.first_query_only {
+            d.queries = 1;
+        }
+        Ok((batch, d))
     }
 }
 
@@ -346,35 +368,65 @@ impl CustomOp1 for AttentionBlockOp {
 
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
         let x = contiguous(storage, layout)?;
-        let (batch, d) = self.attention.dims(layout, layout)?;
-        let rows = batch * d.queries;
-        let [q, k, v] = [&self.query, &self.key, &self.value].map(|l| l.forward(x, rows));
-        let (q, k, v) = (q?, k?, v?);
+        let (batch, d) = self.dims(layout)?;
+        let (rows, kv_rows) = (batch * d.queries, batch * d.keys);
+        let q = if self.first_query_only {
+            let first: Vec<f32> = x
+                .chunks_exact(d.keys * d.hidden)
+                .flat_map(|sequence| &sequence[..d.hidden])
+                .copied()
+                .collect();
+            self.query.forward(&first, rows)?
+        } else {
+            self.query.forward(x, rows)?
+        };
+        let [k, v] = [&self.key, &self.value].map(|l| l.forward(x, kv_rows));
+        let (k, v) = (k?, v?);
         let context = self.attention.forward(batch, d, &q, &k, &v);
         let mut out = self.output.forward(&context, rows)?;
         dropout::apply(self.dropout.as_ref(), &mut out);
         if self.keep_for_backward {
             self.kept.put([q, k, v]);
         }
-        Ok((CpuStorage::F32(out), layout.shape().clone()))
+        Ok((
+            CpuStorage::F32(out),
+            Shape::from((batch, d.queries, d.hidden)),
+        ))
     }
 
     /// `dcontext = (g * mask) Wo`, then the attention's `dq`, `dk`, `dv`, then
-    /// `dx = dq Wq + dk Wk + dv Wv`.
+    /// `dx = dq Wq + dk Wk + dv Wv` (`dq Wq` on first positions alone when only they query).
     fn bwd(&self, x: &Tensor, _out: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
         let [q, k, v] = self.kept.take("attention block")?;
-        let (batch, d) = self.attention.dims(x.layout(), x.layout())?;
-        let rows = batch * d.queries;
+        let (batch, d) = self.dims(x.layout())?;
+        let (rows, kv_rows) = (batch * d.queries, batch * d.keys);
         let mut g = with_values(grad, |g| Ok(g.to_vec()))?;
         dropout::apply(self.dropout.as_ref(), &mut g);
         let mut context = par_zeros(g.len());
         self.output.backward_into(&g, rows, &mut context, false)?;
         let (dq, dk, dv) = self.attention.backward(batch, d, &q, &k, &v, &context);
         drop((q, k, v, context));
-        let mut dx = g; // rows x hidden, overwritten
-        self.query.backward_into(&dq, rows, &mut dx, false)?;
-        self.key.backward_into(&dk, rows, &mut dx, true)?;
-        self.value.backward_into(&dv, rows, &mut dx, true)?;
+        let dx = if self.first_query_only {
+            let mut dx = par_zeros(kv_rows * d.hidden);
+            self.key.backward_into(&dk, kv_rows, &mut dx, false)?;
+            self.value.backward_into(&dv, kv_rows, &mut dx, true)?;
+            let mut dx_first = g; // batch x hidden, overwritten
+            self.query.backward_into(&dq, rows, &mut dx_first, false)?;
+            let sequences = dx.chunks_exact_mut(d.keys * d.hidden);
+            for (sequence, first) in sequences.zip(dx_first.chunks_exact(d.hidden)) {
+                sequence[..d.hidden]
+                    .iter_mut()
+                    .zip(first)
+                    .for_each(|(a, b)| *a += b);
+            }
+            dx
+        } else {
+            let mut dx = g; // rows x hidden, overwritten
+            self.query.backward_into(&dq, rows, &mut dx, false)?;
+            self.key.backward_into(&dk, rows, &mut dx, true)?;
+            self.value.backward_into(&dv, rows, &mut dx, true)?;
+            dx
+        };
         Ok(Some(Tensor::from_vec(dx, x.shape(), x.device())?))
     }
 }
@@ -389,7 +441,8 @@ mod tests {
     use candle_nn::Linear;
 
     /// Output and `dL/dx` of the block op against its Linears and the attention op node by
-    /// node, with and without dropout, with a padded sequence, small and split over threads.
+    /// node, with and without dropout, with a padded sequence, small and split over threads,
+    /// every position querying and only the first.
     #[test]
     fn block_matches_its_ops_node_by_node() -> Result<()> {
         let mut rng = SeededRng::new(5);
@@ -403,27 +456,33 @@ mod tests {
                 })
                 .collect::<Result<_>>()?;
             let x = Var::from_tensor(&random(&mut rng, &[batch, seq, hidden])?)?;
-            let r = random(&mut rng, &[batch, seq, hidden])?;
             // The last sequence has one padded position.
             let mut mask = vec![1u32; batch * seq];
             mask[batch * seq - 1] = 0;
             let bias = attention_bias(&Tensor::from_vec(mask, (batch, seq), &Device::Cpu)?)?;
-            for p in [0.0, 0.2] {
+            for (p, first_only) in [(0.0, false), (0.2, false), (0.0, true), (0.2, true)] {
+                let queries = if first_only { 1 } else { seq };
+                let r = random(&mut rng, &[batch, queries, hidden])?;
                 let (mut node_mode, mut fused_mode) = (Mode::train(9), Mode::train(9));
                 let linears: Vec<Linear> = weights
                     .iter()
                     .map(|(w, b)| Linear::new(w.clone(), Some(b.clone())))
                     .collect();
-                let [q, k, v] = [0, 1, 2].map(|i| linear(&linears[i], x.as_tensor()));
-                let context = attention(&q?, &k?, &v?, &bias, heads, p, &mut node_mode)?;
+                let x_q = x.as_tensor().narrow(1, 0, queries)?;
+                let q = linear(&linears[0], &x_q)?;
+                let [k, v] = [1, 2].map(|i| linear(&linears[i], x.as_tensor()));
+                let context = attention(&q, &k?, &v?, &bias, heads, p, &mut node_mode)?;
                 let nodes = node_mode.dropout(&linear(&linears[3], &context)?, p)?;
 
-                let attention = AttentionOp::new(heads, hidden, seq, &bias, p, &mut fused_mode)?;
-                let mask = fused_mode.dropout_mask(batch * seq * hidden, p);
+                let attention =
+                    AttentionOp::new(heads, hidden, queries, &bias, p, &mut fused_mode)?;
+                let mask = fused_mode.dropout_mask(batch * queries * hidden, p);
                 let frozen = [0, 1, 2, 3].map(|i| frozen(&weights[i].0, &weights[i].1));
-                let op = AttentionBlockOp::new(frozen, attention, mask, true);
+                let op = AttentionBlockOp::new(frozen, attention, mask, true)
+                    .first_query_only(first_only);
                 let fused = x.as_tensor().apply_op1(op)?;
-                assert_same_output_and_dx(&nodes, &fused, &x, &r, &format!("p = {p}"))?;
+                let what = format!("p = {p}, first query only: {first_only}");
+                assert_same_output_and_dx(&nodes, &fused, &x, &r, &what)?;
             }
         }
         Ok(())

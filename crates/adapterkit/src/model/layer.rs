@@ -12,6 +12,17 @@ use crate::model::hooks::{LayerHooks, LinearSite, Position};
 use crate::model::layer_norm::LayerNorm;
 use crate::model::ops::{self, Activation};
 
+/// The positions a layer computes its output at. A classification head reads the first
+/// token's state alone (`[CLS]`), so the last layer need not compute the others: with `First`
+/// its queries, output projections, feed-forward block and adapters run on one row per
+/// sequence instead of `seq` (keys and values still cover every token), and its output is
+/// `[batch, 1, hidden]`, the first token's state as `All` would give it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Positions {
+    All,
+    First,
+}
+
 /// `intermediate`: the feed-forward block's expansion and non-linearity.
 #[derive(Debug, Clone)]
 pub struct BertIntermediate {
@@ -62,11 +73,14 @@ impl BertLayer {
         &self,
         hidden: &Tensor,
         bias: &Tensor,
+        positions: Positions,
         hooks: &dyn LayerHooks,
         mode: &mut Mode,
     ) -> Result<Tensor> {
         let layer = self.index;
-        let attended = self.attention.forward(layer, hidden, bias, hooks, mode)?;
+        let attended = self
+            .attention
+            .forward(layer, hidden, bias, positions, hooks, mode)?;
         let projected = match self.frozen_feed_forward(&attended, hooks, mode)? {
             Some(projected) => projected,
             None => self.feed_forward(&attended, hooks, mode)?,
