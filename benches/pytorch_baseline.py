@@ -5,7 +5,9 @@ AdapterHub's `adapters`, on the same random-weight shapes, printed as the same J
     V/bin/python benches/pytorch_baseline.py --shape minilm --seq-len 128 --batch-size 32 --threads 2 --what adapter
 
 Measurements (median seconds per step of --steps timed steps, after one untimed step):
-  inference  eval forward + classification head, under torch.inference_mode
+  inference  eval forward + classification head, under torch.inference_mode (the model
+             computes the last layer at every position, so this is also the measurement that
+             adapterkit's inference-all-positions matches; both names are accepted)
   adapter    a Houlsby (double_seq_bn) adapter training step: model.train_adapter (encoder and
              its LayerNorms frozen), forward with dropout, cross-entropy, backward, AdamW step
   full       full fine-tuning step: every weight trained, same loop
@@ -71,7 +73,7 @@ def main():
     for what in args.what.split(","):
         model = BertAdapterModel(config)
         model.add_classification_head("bench", num_labels=2)
-        if what == "inference":
+        if what in ("inference", "inference-all-positions"):
             model.eval()
 
             def step():
@@ -96,7 +98,8 @@ def main():
 
             step_flops = flops * (3.0 if what == "full" else 2.0)
         else:
-            raise SystemExit(f"unknown measurement {what!r} (inference, adapter, full)")
+            raise SystemExit(
+                f"unknown measurement {what!r} (inference, inference-all-positions, adapter, full)")
         seconds = time_per_step(args.steps, step)
         rows.append({
             "what": what,
