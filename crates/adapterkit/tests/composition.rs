@@ -122,23 +122,39 @@ fn parallel_gives_each_task_what_its_adapter_gives_alone() {
         }
         // The tasks differ, so the comparison above is not vacuous.
         assert!(max_abs_diff(&alone[0], &alone[1]) > 1e-3);
+        // `logits` runs the last layer at the first position alone; with every position
+        // computed, the heads read the same first-token states.
+        let every = model
+            .hidden(&batch(), Positions::All, &mut Mode::Eval)
+            .unwrap();
+        let rows = batch().input_ids.dim(0).unwrap();
+        for (i, (head, b)) in model.heads.iter().zip(&together).enumerate() {
+            let channel = every.narrow(0, i * rows, rows).unwrap();
+            let a = head.forward(&channel, &mut Mode::Eval).unwrap();
+            let diff = max_abs_diff(&a, b);
+            assert!(diff < 1e-6, "head {i}, every position: {diff}");
+        }
     }
 }
 
 #[test]
 fn adapter_drop_applies_under_parallel() {
-    let mut tasks = [task("a", "[]", 1), task("b", "[]", 2)];
-    let setup = Setup::parse("parallel(a,b)").unwrap();
-    let mut model = ComposedModel::new(tiny_encoder(), setup, tasks.to_vec()).unwrap();
-    for adapter in model.composition.adapters.values_mut() {
-        adapter.skip_layers = [0].into();
-    }
-    assert_eq!(model.composition.lowest_active_layer(2), Some(1));
-    let together = model.logits(&batch(), &mut Mode::Eval).unwrap();
-    for (task, b) in tasks.iter_mut().zip(&together) {
-        task.set_skip_layers(&[0].into());
-        let alone = task.logits(&batch(), &mut Mode::Eval).unwrap();
-        assert!(max_abs_diff(&alone, b) < 1e-6);
+    // Skipping both layers leaves no adapter active: the whole encoder is shared.
+    for (skip, lowest) in [(vec![0], Some(1)), (vec![0, 1], None)] {
+        let skip: std::collections::BTreeSet<usize> = skip.into_iter().collect();
+        let mut tasks = [task("a", "[]", 1), task("b", "[]", 2)];
+        let setup = Setup::parse("parallel(a,b)").unwrap();
+        let mut model = ComposedModel::new(tiny_encoder(), setup, tasks.to_vec()).unwrap();
+        for adapter in model.composition.adapters.values_mut() {
+            adapter.skip_layers = skip.clone();
+        }
+        assert_eq!(model.composition.lowest_active_layer(2), lowest);
+        let together = model.logits(&batch(), &mut Mode::Eval).unwrap();
+        for (task, b) in tasks.iter_mut().zip(&together) {
+            task.set_skip_layers(&skip);
+            let alone = task.logits(&batch(), &mut Mode::Eval).unwrap();
+            assert!(max_abs_diff(&alone, b) < 1e-6, "skipping {skip:?}");
+        }
     }
 }
 

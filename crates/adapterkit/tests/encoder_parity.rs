@@ -171,3 +171,59 @@ fn a_sequence_longer_than_the_positions_is_a_clear_error() {
         "{err}"
     );
 }
+
+/// `forward_first_token` (the last layer at the first position alone, what `logits` runs)
+/// against `forward`'s first position: the same states, and for a fully trainable encoder (the
+/// node-by-node path) the same gradient for every weight; for a frozen one (the fused block
+/// ops) the same states.
+#[test]
+fn the_first_position_alone_matches_every_position() {
+    let expected = load_expected("tiny-bert-expected.safetensors");
+    let batch = batch_of(
+        &expected["input_ids"],
+        &expected["token_type_ids"],
+        Some(&expected["attention_mask"]),
+    );
+    let frozen = tiny_model();
+    let every = frozen.forward(&batch, &NoHooks, &mut Mode::Eval).unwrap();
+    let first = frozen
+        .forward_first_token(&batch, &NoHooks, &mut Mode::Eval)
+        .unwrap();
+    assert_eq!(first.dims()[1], 1);
+    let diff = max_abs_diff(&first, &every.narrow(1, 0, 1).unwrap());
+    assert!(diff < 1e-6, "frozen: states differ by {diff}");
+
+    let mut trainable = tiny_model();
+    let params = trainable.make_trainable(|_| true).unwrap();
+    let probe = expected["probe"].narrow(1, 0, 1).unwrap();
+    let grads_of = |hidden: &candle_core::Tensor| {
+        (hidden * &probe)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap()
+    };
+    let every = trainable
+        .forward(&batch, &NoHooks, &mut Mode::Eval)
+        .unwrap();
+    let first = trainable
+        .forward_first_token(&batch, &NoHooks, &mut Mode::Eval)
+        .unwrap();
+    let every_first = every.narrow(1, 0, 1).unwrap();
+    let diff = max_abs_diff(&first, &every_first);
+    assert!(diff < 1e-6, "trainable: states differ by {diff}");
+    let (a, b) = (grads_of(&every_first), grads_of(&first));
+    let mut compared = 0;
+    for (name, var) in params.iter() {
+        let (ga, gb) = match (a.get(var.as_tensor()), b.get(var.as_tensor())) {
+            (Some(ga), Some(gb)) => (ga, gb),
+            (None, None) => continue, // the pooler: not part of the hidden states
+            _ => panic!("{name}: a gradient in one path only"),
+        };
+        let diff = max_abs_diff(ga, gb);
+        assert!(diff < 1e-5, "{name}: gradients differ by {diff}");
+        compared += 1;
+    }
+    assert!(compared > 30, "only {compared} weights compared");
+}
