@@ -3,11 +3,13 @@
 
 mod common;
 
+use std::collections::HashMap;
+
 use adapterkit::batch::Batch;
 use adapterkit::model::load::ModelFiles;
 use adapterkit::model::{BertModel, Mode, NoHooks};
 use adapterkit::tokenizer::TextTokenizer;
-use candle_core::{Device, Var};
+use candle_core::{Device, Tensor, Var};
 use common::*;
 
 fn tiny_model() -> BertModel {
@@ -16,14 +18,20 @@ fn tiny_model() -> BertModel {
     files.load_model(&config, &Device::Cpu).unwrap()
 }
 
-#[test]
-fn forward_matches_transformers_within_1e5() {
+/// The reference values of the tiny BERT and the batch they were computed on.
+fn tiny_fixture() -> (HashMap<String, Tensor>, Batch) {
     let expected = load_expected("tiny-bert-expected.safetensors");
     let batch = batch_of(
         &expected["input_ids"],
         &expected["token_type_ids"],
         Some(&expected["attention_mask"]),
     );
+    (expected, batch)
+}
+
+#[test]
+fn forward_matches_transformers_within_1e5() {
+    let (expected, batch) = tiny_fixture();
     let model = tiny_model();
     let hidden = model.forward(&batch, &NoHooks, &mut Mode::Eval).unwrap();
     let diff = max_abs_diff(&hidden, &expected["last_hidden_state"]);
@@ -37,12 +45,7 @@ fn forward_matches_transformers_within_1e5() {
 
 #[test]
 fn input_embedding_gradient_matches_transformers_within_1e5() {
-    let expected = load_expected("tiny-bert-expected.safetensors");
-    let batch = batch_of(
-        &expected["input_ids"],
-        &expected["token_type_ids"],
-        Some(&expected["attention_mask"]),
-    );
+    let (expected, batch) = tiny_fixture();
     let model = tiny_model();
     let embeds =
         Var::from_tensor(&model.embeddings.word_embeds(&batch.input_ids).unwrap()).unwrap();
@@ -125,12 +128,7 @@ fn tokenizer_json_and_vocab_txt_give_transformers_ids() {
 
 #[test]
 fn dropout_in_training_is_seeded() {
-    let expected = load_expected("tiny-bert-expected.safetensors");
-    let batch = batch_of(
-        &expected["input_ids"],
-        &expected["token_type_ids"],
-        Some(&expected["attention_mask"]),
-    );
+    let (_, batch) = tiny_fixture();
     let model = tiny_model();
     let run = |seed| {
         model
@@ -178,12 +176,7 @@ fn a_sequence_longer_than_the_positions_is_a_clear_error() {
 /// ops) the same states.
 #[test]
 fn the_first_position_alone_matches_every_position() {
-    let expected = load_expected("tiny-bert-expected.safetensors");
-    let batch = batch_of(
-        &expected["input_ids"],
-        &expected["token_type_ids"],
-        Some(&expected["attention_mask"]),
-    );
+    let (expected, batch) = tiny_fixture();
     let frozen = tiny_model();
     let every = frozen.forward(&batch, &NoHooks, &mut Mode::Eval).unwrap();
     let first = frozen
@@ -196,7 +189,7 @@ fn the_first_position_alone_matches_every_position() {
     let mut trainable = tiny_model();
     let params = trainable.make_trainable(|_| true).unwrap();
     let probe = expected["probe"].narrow(1, 0, 1).unwrap();
-    let grads_of = |hidden: &candle_core::Tensor| {
+    let grads_of = |hidden: &Tensor| {
         (hidden * &probe)
             .unwrap()
             .sum_all()
