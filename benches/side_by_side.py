@@ -4,6 +4,9 @@ ratios as a Markdown table.
 
     python3 benches/side_by_side.py --python V/bin/python [--shape minilm] [--rounds 2] [--steps 3]
 
+By default it measures inference (ours as `predict` runs it: the last layer at the first token
+alone), inference-all-positions (every position, the work PyTorch does), adapter and full.
+
 Needs `cargo build --release` first (target/release/adapterkit) and a Python with
 benches/requirements.txt installed. Uses only the standard library itself.
 """
@@ -33,7 +36,7 @@ def main():
     parser.add_argument("--threads", default="2")
     parser.add_argument("--steps", default="3")
     parser.add_argument("--rounds", type=int, default=2)
-    parser.add_argument("--what", default="inference,adapter,full")
+    parser.add_argument("--what", default="inference,inference-all-positions,adapter,full")
     args = parser.parse_args()
     common = ["--shape", args.shape, "--seq-len", args.seq_len, "--batch-size", args.batch_size,
               "--threads", args.threads, "--steps", args.steps]
