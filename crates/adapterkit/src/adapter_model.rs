@@ -10,6 +10,7 @@ use crate::methods::bottleneck::BottleneckAdapters;
 use crate::methods::bottleneck_config::BnConfig;
 use crate::methods::fusion::{Fusion, FusionConfig};
 use crate::model::hooks::{LayerHooks, NoHooks};
+use crate::model::layer::Positions;
 use crate::model::{BertModel, Mode};
 use crate::params::Params;
 use crate::rng::SeededRng;
@@ -169,12 +170,16 @@ impl AdapterModel {
         }
     }
 
-    /// Logits `[batch, num_labels]`.
+    /// Logits `[batch, num_labels]`. The head reads the first token alone, so the last layer
+    /// computes nothing else.
     pub fn logits(&self, batch: &Batch, mode: &mut Mode) -> Result<Tensor> {
-        // The head reads the first token alone, so the last layer computes nothing else.
-        let hidden = self
-            .encoder
-            .forward_first_token(batch, self.hooks(), mode)?;
+        self.logits_at(batch, Positions::First, mode)
+    }
+
+    /// [`logits`](Self::logits) with the last layer computed at `last`: `All` gives the same
+    /// logits with the work `transformers` does (every position), for comparisons.
+    pub fn logits_at(&self, batch: &Batch, last: Positions, mode: &mut Mode) -> Result<Tensor> {
+        let hidden = self.encoder.forward_at(batch, last, self.hooks(), mode)?;
         Ok(self.head.forward(&hidden, mode)?)
     }
 

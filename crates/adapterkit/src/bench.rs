@@ -82,15 +82,7 @@ pub fn time_per_step(
 /// One evaluation forward pass with the model's hooks, its last layer computed at `last`:
 /// what `logits` does (the first position), or every position as `transformers` does.
 pub fn inference_step(model: &AdapterModel, batch: &Batch, last: Positions) -> Result<()> {
-    let logits = match last {
-        Positions::First => model.logits(batch, &mut Mode::Eval)?,
-        Positions::All => {
-            let hidden = model
-                .encoder
-                .forward(batch, model.hooks(), &mut Mode::Eval)?;
-            model.head.forward(&hidden, &mut Mode::Eval)?
-        }
-    };
+    let logits = model.logits_at(batch, last, &mut Mode::Eval)?;
     logits.to_dtype(DType::F32)?.sum_all()?.to_scalar::<f32>()?;
     Ok(())
 }

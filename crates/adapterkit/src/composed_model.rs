@@ -91,13 +91,14 @@ impl ComposedModel {
             .composition
             .lowest_active_layer(layers)
             .unwrap_or(layers);
-        let encoder = &self.encoder;
-        if shared == layers {
-            // No layer has an active adapter: every channel is the plain encoder's output.
-            let all = encoder.run_layers(hidden, mask, 0..layers, positions, &NoHooks, mode)?;
-            return Ok(Tensor::cat(&vec![all; channels], 0)?);
-        }
-        let hidden = encoder.run_layers(hidden, mask, 0..shared, Positions::All, &NoHooks, mode)?;
+        // With no adapter active anywhere the shared run is the whole encoder, so its last layer
+        // is the encoder's last.
+        let shared_last = if shared == layers {
+            positions
+        } else {
+            Positions::All
+        };
+        let hidden = encoder.run_layers(hidden, mask, 0..shared, shared_last, &NoHooks, mode)?;
         let replicate = |t: &Tensor| Tensor::cat(&vec![t.clone(); channels], 0);
         Ok(encoder.run_layers(
             replicate(&hidden)?,

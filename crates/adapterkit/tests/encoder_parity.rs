@@ -6,6 +6,7 @@ mod common;
 use std::collections::HashMap;
 
 use adapterkit::batch::Batch;
+use adapterkit::model::layer::Positions;
 use adapterkit::model::load::ModelFiles;
 use adapterkit::model::{BertModel, Mode, NoHooks};
 use adapterkit::tokenizer::TextTokenizer;
@@ -170,7 +171,7 @@ fn a_sequence_longer_than_the_positions_is_a_clear_error() {
     );
 }
 
-/// `forward_first_token` (the last layer at the first position alone, what `logits` runs)
+/// `forward_at(.., Positions::First, ..)` (the last layer at the first position alone, what `logits` runs)
 /// against `forward`'s first position: the same states, and for a fully trainable encoder (the
 /// node-by-node path) the same gradient for every weight; for a frozen one (the fused block
 /// ops) the same states.
@@ -180,7 +181,7 @@ fn the_first_position_alone_matches_every_position() {
     let frozen = tiny_model();
     let every = frozen.forward(&batch, &NoHooks, &mut Mode::Eval).unwrap();
     let first = frozen
-        .forward_first_token(&batch, &NoHooks, &mut Mode::Eval)
+        .forward_at(&batch, Positions::First, &NoHooks, &mut Mode::Eval)
         .unwrap();
     assert_eq!(first.dims()[1], 1);
     let diff = max_abs_diff(&first, &every.narrow(1, 0, 1).unwrap());
@@ -201,7 +202,7 @@ fn the_first_position_alone_matches_every_position() {
         .forward(&batch, &NoHooks, &mut Mode::Eval)
         .unwrap();
     let first = trainable
-        .forward_first_token(&batch, &NoHooks, &mut Mode::Eval)
+        .forward_at(&batch, Positions::First, &NoHooks, &mut Mode::Eval)
         .unwrap();
     let every_first = every.narrow(1, 0, 1).unwrap();
     let diff = max_abs_diff(&first, &every_first);

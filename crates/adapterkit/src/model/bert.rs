@@ -67,23 +67,22 @@ impl BertModel {
         hooks: &dyn LayerHooks,
         mode: &mut Mode,
     ) -> Result<Tensor> {
-        let embeds = self.embeddings.word_embeds(&batch.input_ids)?;
-        self.forward_embeds(&embeds, batch, hooks, mode)
+        self.forward_at(batch, Positions::All, hooks, mode)
     }
 
-    /// The last hidden state of the first token (`[CLS]`) alone, `[batch, 1, hidden]`: what a
-    /// classification head reads, with the last layer run for that position only
-    /// ([`Positions::First`]).
-    pub fn forward_first_token(
+    /// The last hidden state at `last`: every position, `[batch, seq, hidden]`, or the first
+    /// token (`[CLS]`) alone, `[batch, 1, hidden]`, what a classification head reads, with the
+    /// last layer run for that position only ([`Positions::First`]).
+    pub fn forward_at(
         &self,
         batch: &Batch,
+        last: Positions,
         hooks: &dyn LayerHooks,
         mode: &mut Mode,
     ) -> Result<Tensor> {
         let hidden = self.embed(batch, mode)?;
         let layers = 0..self.layers.len();
-        let mask = &batch.attention_mask;
-        self.run_layers(hidden, mask, layers, Positions::First, hooks, mode)
+        self.run_layers(hidden, &batch.attention_mask, layers, last, hooks, mode)
     }
 
     /// As [`forward`](Self::forward), from word embeddings `[batch, seq, hidden]` instead of ids

@@ -18,6 +18,17 @@ pub(crate) fn contiguous<'a>(storage: &'a CpuStorage, layout: &Layout) -> Result
     Ok(&storage.as_slice::<f32>()?[start..end])
 }
 
+/// [`contiguous`] for each of a custom op's inputs.
+pub(crate) fn contiguous_all<'a, const N: usize>(
+    inputs: [(&'a CpuStorage, &Layout); N],
+) -> Result<[&'a [f32]; N]> {
+    let mut values = [&[][..]; N];
+    for (value, (storage, layout)) in values.iter_mut().zip(inputs) {
+        *value = contiguous(storage, layout)?;
+    }
+    Ok(values)
+}
+
 /// Runs `f` on the values of a contiguous f32 CPU tensor, borrowed, not copied.
 pub(crate) fn with_values<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> Result<R>) -> Result<R> {
     with_all_values(&[t], |values| f(values[0]))
@@ -89,11 +100,7 @@ impl CustomOp3 for LinearOp {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let (x, w, b) = (
-            contiguous(s1, l1)?,
-            contiguous(s2, l2)?,
-            contiguous(s3, l3)?,
-        );
+        let [x, w, b] = contiguous_all([(s1, l1), (s2, l2), (s3, l3)])?;
         let (n, k) = l2.shape().dims2()?;
         if b.len() != n || l1.shape().dims().last() != Some(&k) {
             candle_core::bail!(

@@ -11,7 +11,9 @@
 use candle_core::{CpuStorage, CustomOp1, CustomOp3, Layout, Result, Shape, Tensor};
 
 use crate::model::dropout::{self, DropoutMask, Mode};
-use crate::model::fused::{contiguous, with_all_values, with_values, FrozenLinear, Kept};
+use crate::model::fused::{
+    contiguous, contiguous_all, with_all_values, with_values, FrozenLinear, Kept,
+};
 use crate::model::matmul::{matmul_into, View};
 use crate::model::parallel::{map_parallel, par_zeros, threads};
 use crate::model::simd::{dot, softmax_in_place, with_wide_simd};
@@ -270,11 +272,7 @@ impl CustomOp3 for AttentionOp {
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let (batch, d) = self.dims(l1, l2)?;
-        let (q, k, v) = (
-            contiguous(s1, l1)?,
-            contiguous(s2, l2)?,
-            contiguous(s3, l3)?,
-        );
+        let [q, k, v] = contiguous_all([(s1, l1), (s2, l2), (s3, l3)])?;
         let out = self.forward(batch, d, q, k, v);
         Ok((CpuStorage::F32(out), l1.shape().clone()))
     }

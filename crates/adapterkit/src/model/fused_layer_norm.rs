@@ -3,7 +3,7 @@
 
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
 
-use crate::model::fused::{contiguous, with_all_values};
+use crate::model::fused::{contiguous_all, with_all_values};
 use crate::model::parallel::{par_rows, par_vec, ROW};
 use crate::model::simd::{lanes, sum};
 
@@ -102,11 +102,7 @@ impl CustomOp3 for LayerNormOp {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let (x, w, b) = (
-            contiguous(s1, l1)?,
-            contiguous(s2, l2)?,
-            contiguous(s3, l3)?,
-        );
+        let [x, w, b] = contiguous_all([(s1, l1), (s2, l2), (s3, l3)])?;
         Ok((CpuStorage::F32(self.normalize(x, w, b)), l1.shape().clone()))
     }
 
@@ -185,7 +181,7 @@ impl CustomOp2 for SumLayerNormOp {
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         self.check(&[l1, l2])?;
-        self.forward(&[contiguous(s1, l1)?, contiguous(s2, l2)?], l1.shape())
+        self.forward(&contiguous_all([(s1, l1), (s2, l2)])?, l1.shape())
     }
 
     fn bwd(
@@ -216,12 +212,7 @@ impl CustomOp3 for SumLayerNormOp {
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         self.check(&[l1, l2, l3])?;
-        let parts = [
-            contiguous(s1, l1)?,
-            contiguous(s2, l2)?,
-            contiguous(s3, l3)?,
-        ];
-        self.forward(&parts, l1.shape())
+        self.forward(&contiguous_all([(s1, l1), (s2, l2), (s3, l3)])?, l1.shape())
     }
 
     fn bwd(
