@@ -89,8 +89,8 @@ pub fn inference_step(model: &AdapterModel, batch: &Batch, last: Positions) -> R
 
 /// One evaluation forward pass of a composed model (every head).
 pub fn composed_step(model: &ComposedModel, batch: &Batch) -> Result<()> {
-    for logits in model.logits(batch, &mut Mode::Eval)? {
-        logits.sum_all()?.to_scalar::<f32>()?;
+    for task in model.logits(batch, &mut Mode::Eval)? {
+        task.logits.sum_all()?.to_scalar::<f32>()?;
     }
     Ok(())
 }

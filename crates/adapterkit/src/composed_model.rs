@@ -2,6 +2,7 @@
 //! `predict --setup` runs, and multi-task inference with `Parallel`.
 
 use std::collections::BTreeMap;
+use std::ops::Range;
 
 use candle_core::Tensor;
 
@@ -18,20 +19,41 @@ use crate::model::{BertModel, Mode};
 pub struct ComposedModel {
     pub encoder: BertModel,
     pub composition: Composition,
-    /// One head per output: per parallel channel, in the setup's order (else one).
+    /// The heads the setup's channels end in, each once, in the order they first appear.
     pub heads: Vec<Head>,
+    /// Run the layers below the lowest active adapter once for all parallel channels (the
+    /// default). Off, every channel runs the whole encoder: the same result, slower; tests
+    /// compare the two.
+    pub share_base_layers: bool,
+}
+
+/// One head's logits for some rows of the input batch.
+#[derive(Debug, Clone)]
+pub struct TaskLogits {
+    /// Index into [`ComposedModel::heads`].
+    pub head: usize,
+    /// Rows of the input batch these logits are for.
+    pub rows: Range<usize>,
+    /// `[rows.len(), num_labels]`
+    pub logits: Tensor,
+}
+
+/// Where a channel's output goes: rows of the encoder's (replicated) batch, their head.
+struct Route {
+    rows: Range<usize>,
+    head: String,
 }
 
 impl ComposedModel {
     /// `setup` over the adapters, fusions and heads of `parts` (tuned models loaded on
-    /// `encoder`'s weights; a name given twice keeps its first). Each output's head is the one
-    /// named after the adapter (or fusion) that ends its channel. For inference only: the
+    /// `encoder`'s weights; a name given twice keeps its first). Each channel's output goes to
+    /// the head named after the adapter (or fusion) that ends it. For inference only: the
     /// weights are taken as plain tensors ([`AdapterModel::frozen`]).
     pub fn new(encoder: BertModel, setup: Setup, parts: Vec<AdapterModel>) -> Result<Self> {
         let parts = parts.iter().map(AdapterModel::frozen);
         let mut adapters = BTreeMap::new();
         let mut fusions = BTreeMap::new();
-        let mut heads = BTreeMap::new();
+        let mut loaded = BTreeMap::new();
         for part in parts {
             if let Some(adapter) = part.adapter {
                 adapters.entry(adapter.name.clone()).or_insert(adapter);
@@ -44,80 +66,133 @@ impl ComposedModel {
                 }
                 fusions.entry(fusion.name()).or_insert(fusion);
             }
-            heads.entry(part.head.name.clone()).or_insert(part.head);
+            loaded.entry(part.head.name.clone()).or_insert(part.head);
         }
-        let channels = setup.parallel_channels();
-        let head_names = setup.head_names();
-        if head_names.len() != channels {
-            return Err(Error::input(format!(
-                "the setup {setup} gives {channels} outputs but names {} heads ({head_names:?}); \
-                 put the parallel block at the top or at the end of a stack",
-                head_names.len()
-            )));
+        // The routes of the smallest batch the setup runs on (BatchSplit sizes fix it).
+        let routes = (1..=MAX_CHECKED_BATCH)
+            .map(|rows| routes(&setup, rows))
+            .find(Result::is_ok)
+            .unwrap_or_else(|| routes(&setup, 1))?;
+        let mut heads: Vec<Head> = Vec::new();
+        for route in &routes {
+            if heads.iter().any(|h| h.name == route.head) {
+                continue;
+            }
+            let head = loaded.get(&route.head).cloned().ok_or_else(|| {
+                Error::input(format!(
+                    "no head named '{}' is loaded for the setup {setup} (loaded: {:?})",
+                    route.head,
+                    loaded.keys().collect::<Vec<_>>()
+                ))
+            })?;
+            heads.push(head);
         }
-        let heads = head_names
-            .iter()
-            .map(|name| {
-                heads.get(name).cloned().ok_or_else(|| {
-                    Error::input(format!(
-                        "no head named '{name}' is loaded for the setup {setup} (loaded: {:?})",
-                        heads.keys().collect::<Vec<_>>()
-                    ))
-                })
-            })
-            .collect::<Result<Vec<_>>>()?;
         Ok(Self {
             composition: Composition::new(setup, adapters, fusions)?,
             encoder,
             heads,
+            share_base_layers: true,
         })
     }
 
     /// The encoder's output at `positions` (all: `[channels * batch, seq, hidden]`; the first:
-    /// `[channels * batch, 1, hidden]`), channel by channel. With parallel channels, the layers
-    /// below the lowest active adapter run once on the batch; from there the batch is
-    /// replicated per channel.
+    /// `[channels * batch, 1, hidden]`), the batch replicated once per parallel channel. With
+    /// [`share_base_layers`](Self::share_base_layers), the layers below the lowest active
+    /// adapter run once on the batch, which is replicated from there.
     pub fn hidden(&self, batch: &Batch, positions: Positions, mode: &mut Mode) -> Result<Tensor> {
         let channels = self.composition.setup.parallel_channels();
-        let hidden = self.encoder.embed(batch, mode)?;
-        let mask = &batch.attention_mask;
+        let rows = batch.input_ids.dim(0)? * channels;
+        let hooks = self.composition.on_rows(rows)?;
+        let mut hidden = self.encoder.embed(batch, mode)?;
+        let mut mask = batch.attention_mask.clone();
         let layers = self.encoder.layers.len();
-        let hooks = &self.composition;
         let encoder = &self.encoder;
-        if channels == 1 {
-            return Ok(encoder.run_layers(hidden, mask, 0..layers, positions, hooks, mode)?);
-        }
-        let shared = self
-            .composition
-            .lowest_active_layer(layers)
-            .unwrap_or(layers);
-        // With no adapter active anywhere the shared run is the whole encoder, so its last layer
-        // is the encoder's last.
-        let shared_last = if shared == layers {
-            positions
-        } else {
-            Positions::All
+        let shared = match self.composition.lowest_active_layer(layers) {
+            _ if channels == 1 || !self.share_base_layers => 0,
+            lowest => lowest.unwrap_or(layers),
         };
-        let hidden = encoder.run_layers(hidden, mask, 0..shared, shared_last, &NoHooks, mode)?;
-        let replicate = |t: &Tensor| Tensor::cat(&vec![t.clone(); channels], 0);
-        Ok(encoder.run_layers(
-            replicate(&hidden)?,
-            &replicate(mask)?,
-            shared..layers,
-            positions,
-            hooks,
-            mode,
-        )?)
+        if shared > 0 {
+            // With no adapter active anywhere the shared run is the whole encoder, so its last
+            // layer is the encoder's last.
+            let last = if shared == layers {
+                positions
+            } else {
+                Positions::All
+            };
+            hidden = encoder.run_layers(hidden, &mask, 0..shared, last, &NoHooks, mode)?;
+        }
+        if channels > 1 {
+            let replicate = |t: &Tensor| Tensor::cat(&vec![t.clone(); channels], 0);
+            hidden = replicate(&hidden)?;
+            mask = replicate(&mask)?;
+        }
+        Ok(encoder.run_layers(hidden, &mask, shared..layers, positions, &hooks, mode)?)
     }
 
-    /// Logits `[batch, num_labels]` of each head, in the order of [`heads`](Self::heads).
-    pub fn logits(&self, batch: &Batch, mode: &mut Mode) -> Result<Vec<Tensor>> {
+    /// Each channel's logits by its head, in the order of the setup's channels.
+    pub fn logits(&self, batch: &Batch, mode: &mut Mode) -> Result<Vec<TaskLogits>> {
         let hidden = self.hidden(batch, Positions::First, mode)?;
-        let rows = batch.input_ids.dim(0)?;
-        self.heads
-            .iter()
-            .enumerate()
-            .map(|(i, head)| Ok(head.forward(&hidden.narrow(0, i * rows, rows)?, mode)?))
+        let batch_rows = batch.input_ids.dim(0)?;
+        let setup = &self.composition.setup;
+        routes(setup, batch_rows)?
+            .into_iter()
+            .map(|route| {
+                let head = self
+                    .heads
+                    .iter()
+                    .position(|h| h.name == route.head)
+                    .ok_or_else(|| Error::input(format!("no head '{}' loaded", route.head)))?;
+                let channel = hidden.narrow(0, route.rows.start, route.rows.len())?;
+                let start = route.rows.start % batch_rows;
+                Ok(TaskLogits {
+                    head,
+                    rows: start..start + route.rows.len(),
+                    logits: self.heads[head].forward(&channel, mode)?,
+                })
+            })
             .collect()
     }
+}
+
+/// The largest batch [`ComposedModel::new`] tries when it looks for one the setup runs on.
+const MAX_CHECKED_BATCH: usize = 256;
+
+/// Where the channels of `setup` on a batch of `batch_rows` go: neighbouring channels with the
+/// same head joined. Two outputs for one head on the same input row are refused (nowhere to put
+/// the second).
+fn routes(setup: &Setup, batch_rows: usize) -> Result<Vec<Route>> {
+    let rows = batch_rows * setup.parallel_channels();
+    let mut routes: Vec<Route> = Vec::new();
+    for channel in setup.channels(0..rows)? {
+        let head = channel.setup.head_name();
+        match routes.last_mut() {
+            Some(last)
+                if last.head == head
+                    && last.rows.end == channel.rows.start
+                    && channel.rows.start % batch_rows != 0 =>
+            {
+                last.rows.end = channel.rows.end
+            }
+            _ => routes.push(Route {
+                rows: channel.rows,
+                head,
+            }),
+        }
+    }
+    let input_rows =
+        |r: &Route| (r.rows.start % batch_rows)..(r.rows.start % batch_rows + r.rows.len());
+    for (i, a) in routes.iter().enumerate() {
+        let clash = routes[..i].iter().find(|b| {
+            let (ra, rb) = (input_rows(a), input_rows(b));
+            b.head == a.head && ra.start < rb.end && rb.start < ra.end
+        });
+        if clash.is_some() {
+            return Err(Error::input(format!(
+                "the setup {setup} gives head '{}' two outputs for the same texts; \
+                 end each parallel channel with an adapter (or fusion) of its own",
+                a.head
+            )));
+        }
+    }
+    Ok(routes)
 }

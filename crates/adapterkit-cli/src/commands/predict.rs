@@ -62,9 +62,10 @@ pub fn run(args: Args) -> Result<()> {
             .iter()
             .map(|text| json!({ "text": text, "tasks": {} }))
             .collect();
-        for (head, logits) in model.heads.iter().zip(&logits) {
-            for (line, prediction) in lines.iter_mut().zip(predictions(head, logits)?) {
-                line["tasks"][&head.name] = prediction;
+        for task in &logits {
+            let head = &model.heads[task.head];
+            for (row, prediction) in task.rows.clone().zip(predictions(head, &task.logits)?) {
+                lines[row]["tasks"][&head.name] = prediction;
             }
         }
         for line in lines {

@@ -227,24 +227,45 @@ impl BottleneckAdapter {
         }
     }
 
-    /// AdapterHub's `post_forward`: a parallel adapter's output joins the sub-layer's
-    /// (`hidden`); then the original residual + LayerNorm.
-    pub fn post_forward(
+    /// A parallel adapter's output joins `stream` (the sub-layer's output as the adapters before
+    /// it left it); a sequential adapter's output, which carries its own skip connection,
+    /// replaces it. AdapterHub's `post_forward` adds the sub-layer's own output instead, which
+    /// is the same for an adapter alone.
+    pub fn into_stream(&self, out: Tensor, stream: &Tensor) -> CandleResult<Tensor> {
+        if self.config.is_parallel {
+            out + stream
+        } else {
+            Ok(out)
+        }
+    }
+
+    /// The adapter as one step at its place: reads `stream` (and, if parallel, the sub-layer's
+    /// `input`) and returns the new stream and `up` (what AdapterFusion attends over). A stack
+    /// of adapters is a chain of steps, then [`finish`](Self::finish) by the last one.
+    pub fn step(
         &self,
-        out: Tensor,
-        hidden: &Tensor,
+        stream: &Tensor,
+        input: &Tensor,
+        layer_norm: &LayerNorm,
+        mode: &mut Mode,
+    ) -> CandleResult<(Tensor, Tensor)> {
+        let pre = self.pre_forward(stream, input, layer_norm, false)?;
+        let (out, up) = self.bottleneck(&pre.x, &pre.residual, mode)?;
+        Ok((self.into_stream(out, stream)?, up))
+    }
+
+    /// Ends the sub-layer after the adapters (AdapterHub's `post_forward`): the original
+    /// residual and LayerNorm over the stream (`original_ln_after`), or the stream as it is.
+    pub fn finish(
+        &self,
+        stream: &Tensor,
         input: &Tensor,
         layer_norm: &LayerNorm,
     ) -> CandleResult<Tensor> {
-        let out = if self.config.is_parallel {
-            (out + hidden)?
-        } else {
-            out
-        };
         if self.config.original_ln_after {
-            layer_norm.of_sum(&[&out, input])
+            layer_norm.of_sum(&[stream, input])
         } else {
-            Ok(out)
+            Ok(stream.clone())
         }
     }
 
@@ -257,16 +278,20 @@ impl BottleneckAdapter {
         layer_norm: &LayerNorm,
         mode: &mut Mode,
     ) -> CandleResult<Tensor> {
-        let pre = self.pre_forward(hidden, input, layer_norm, false)?;
         let c = &self.config;
         if !c.is_parallel && self.norm_after.is_none() && c.original_ln_after {
             // Houlsby's and Pfeiffer's case: `LayerNorm(dropout(up) + residual + input)`,
             // one op when the LayerNorm is frozen.
+            let pre = self.pre_forward(hidden, input, layer_norm, false)?;
             let up = mode.dropout(&self.project(&pre.x)?, c.dropout)?;
             return layer_norm.of_sum(&[&up, &pre.residual, input]);
         }
-        let (out, _) = self.bottleneck(&pre.x, &pre.residual, mode)?;
-        self.post_forward(out, hidden, input, layer_norm)
+        let (stream, _) = self.step(hidden, input, layer_norm, mode)?;
+        self.finish(&stream, input, layer_norm)
+    }
+
+    pub fn config(&self) -> &BnConfig {
+        &self.config
     }
 
     /// A copy whose weights are plain tensors: it runs, but takes no gradient (a frozen

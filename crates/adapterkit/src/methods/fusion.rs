@@ -390,7 +390,7 @@ impl Fusion {
         if let Some(record) = &self.record {
             record.borrow_mut().push((layer, position, probs.detach()));
         }
-        last.post_forward(fused, hidden, input, layer_norm)
+        last.finish(&last.into_stream(fused, hidden)?, input, layer_norm)
     }
 }
 

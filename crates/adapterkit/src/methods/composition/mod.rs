@@ -1,9 +1,21 @@
-//! Running a composition setup ([`Setup`], in `setup.rs`) at each adapter place, as
-//! AdapterHub's `compose_*` of `BottleneckLayer` do.
+//! Running a composition setup ([`Setup`], in `setup.rs`) at each adapter place.
+//!
+//! The batch is first handed out in channels ([`Setup::channels`]): rows and the setup that
+//! runs them, with no Parallel or BatchSplit left in it. Each channel then runs on its rows as
+//! its setup would alone, so a parallel task gets exactly what its adapter gives alone, whatever
+//! the placement and options of the adapters beside it.
+//!
+//! Within a channel the adapters pass on a *stream*: the sub-layer's output as the adapters so
+//! far have left it, before the original residual and LayerNorm. Each adapter is one step on
+//! it ([`BottleneckAdapter::step`]) and the last present one finishes the sub-layer
+//! ([`BottleneckAdapter::finish`]). For sequential adapters this is AdapterHub's computation;
+//! where AdapterHub 1.3 differs (parallel adapters in a stack, Average's extra division, a
+//! setup prepared by one adapter's options and finished by another's), docs/ARCHITECTURE.md
+//! says how and why.
 
 mod setup;
 
-pub use setup::Setup;
+pub use setup::{Channel, Setup};
 
 use std::collections::BTreeMap;
 
@@ -16,7 +28,7 @@ use crate::model::hooks::{LayerHooks, Position};
 use crate::model::layer_norm::LayerNorm;
 use crate::model::Mode;
 
-/// A setup with the adapters and fusion layers it names: the hooks that run it.
+/// A setup with the adapters and fusion layers it names.
 #[derive(Debug, Clone)]
 pub struct Composition {
     pub setup: Setup,
@@ -25,47 +37,30 @@ pub struct Composition {
     pub fusions: BTreeMap<String, Fusion>,
 }
 
-/// What flows through the blocks at one adapter place (AdapterHub's `BottleneckState`).
-#[derive(Clone)]
-struct State {
-    hidden: Tensor,
-    /// The sub-layer's input (the transformer's residual).
-    input: Tensor,
-    /// The adapters' skip connection.
-    residual: Tensor,
-    /// The last adapter's up-projection (what a fusion attends over).
-    up: Option<Tensor>,
-    last: Option<String>,
+/// Where a channel runs: one adapter place of one layer, with the sub-layer's input and the
+/// original LayerNorm.
+struct Place<'a> {
+    layer: usize,
+    position: Position,
+    input: &'a Tensor,
+    layer_norm: &'a LayerNorm,
 }
 
-impl State {
-    fn slice(&self, start: usize, len: usize) -> CandleResult<Self> {
-        Ok(Self {
-            hidden: self.hidden.narrow(0, start, len)?,
-            input: self.input.narrow(0, start, len)?,
-            residual: self.residual.narrow(0, start, len)?,
-            up: self
-                .up
-                .as_ref()
-                .map(|u| u.narrow(0, start, len))
-                .transpose()?,
-            last: self.last.clone(),
-        })
-    }
+/// What a setup leaves at a place: the stream, the last adapter that ran (it finishes the
+/// sub-layer) and its `up` (what a fusion attends over).
+struct Flow<'a> {
+    stream: Tensor,
+    up: Option<Tensor>,
+    last: Option<&'a BottleneckAdapter>,
+}
 
-    /// Joins the states of consecutive row slices of `whole` (Parallel, BatchSplit). Children
-    /// never change the sub-layer input, so `whole`'s is kept; nothing reads `up` after such a
-    /// block (a Fuse holds only adapters and stacks), so it is dropped.
-    fn join(whole: State, parts: Vec<State>) -> CandleResult<Self> {
-        let cat =
-            |f: &dyn Fn(&State) -> Tensor| Tensor::cat(&parts.iter().map(f).collect::<Vec<_>>(), 0);
-        Ok(Self {
-            hidden: cat(&|s| s.hidden.clone())?,
-            residual: cat(&|s| s.residual.clone())?,
+impl Flow<'_> {
+    fn untouched(stream: Tensor) -> Self {
+        Self {
+            stream,
             up: None,
-            last: parts.iter().rev().find_map(|s| s.last.clone()),
-            input: whole.input,
-        })
+            last: None,
+        }
     }
 }
 
@@ -104,6 +99,15 @@ impl Composition {
         })
     }
 
+    /// The hooks that run the setup on a batch of `rows` rows (the batch replicated once per
+    /// parallel channel).
+    pub fn on_rows(&self, rows: usize) -> Result<ChannelHooks<'_>> {
+        Ok(ChannelHooks {
+            composition: self,
+            channels: self.setup.channels(0..rows)?,
+        })
+    }
+
     /// The adapter `name` at this place, unless absent there or skipped (AdapterDrop).
     fn adapter(&self, name: &str, layer: usize, position: Position) -> Option<&BottleneckAdapter> {
         let adapters = self.adapters.get(name)?;
@@ -126,184 +130,176 @@ impl Composition {
         })
     }
 
-    /// AdapterHub's `pre_block`: the first adapter (of `setup`) that is present prepares the
-    /// input and the skip connection.
-    fn pre_block(
+    /// One channel's setup on its rows (`hidden`: the sub-layer's output), the sub-layer
+    /// finished.
+    fn run_channel(
         &self,
         setup: &Setup,
-        state: State,
-        at: (usize, Position),
-        layer_norm: &LayerNorm,
-    ) -> CandleResult<State> {
-        let first = setup
-            .names()
-            .into_iter()
-            .find_map(|n| self.adapter(n, at.0, at.1));
-        let Some(first) = first else {
-            return Ok(state);
-        };
-        let pre = first.pre_forward(&state.hidden, &state.input, layer_norm, false)?;
-        Ok(State {
-            hidden: pre.x,
-            residual: pre.residual,
-            ..state
-        })
-    }
-
-    fn single(
-        &self,
-        name: &str,
-        state: State,
-        at: (usize, Position),
+        hidden: &Tensor,
+        place: &Place,
         mode: &mut Mode,
-    ) -> CandleResult<State> {
-        let Some(adapter) = self.adapter(name, at.0, at.1) else {
-            return Ok(state);
+    ) -> CandleResult<Tensor> {
+        let (input, layer_norm) = (place.input, place.layer_norm);
+        // One adapter alone takes the path it takes outside a composition, to the bit.
+        let single = match setup {
+            Setup::Adapter(name) => Some(name),
+            Setup::Stack(children) => match &children[..] {
+                [Setup::Adapter(name)] => Some(name),
+                _ => None,
+            },
+            _ => None,
         };
-        let (hidden, up) = adapter.bottleneck(&state.hidden, &state.residual, mode)?;
-        Ok(State {
-            hidden,
-            up: Some(up),
-            last: Some(name.to_string()),
-            ..state
-        })
+        if let Some(name) = single {
+            return match self.adapter(name, place.layer, place.position) {
+                Some(adapter) => adapter.forward(hidden, input, layer_norm, mode),
+                None => layer_norm.of_sum(&[hidden, input]),
+            };
+        }
+        let flow = self.run(setup, hidden.clone(), place, mode)?;
+        match flow.last {
+            Some(last) => last.finish(&flow.stream, input, layer_norm),
+            None => layer_norm.of_sum(&[&flow.stream, input]),
+        }
     }
 
-    /// Runs `setup` (a whole setup or one child of a block): an adapter as it is, a block by
-    /// its rule.
-    fn compose(
-        &self,
+    /// `setup` (a channel's, or a block of it) on `stream`.
+    fn run<'a>(
+        &'a self,
         setup: &Setup,
-        state: State,
-        at: (usize, Position),
-        layer_norm: &LayerNorm,
+        stream: Tensor,
+        place: &Place,
         mode: &mut Mode,
-    ) -> CandleResult<State> {
+    ) -> CandleResult<Flow<'a>> {
         match setup {
-            Setup::Adapter(name) => self.single(name, state, at, mode),
-            Setup::Stack(children) => {
-                let mut state = state;
-                for child in children {
-                    if let Setup::Adapter(_) = child {
-                        state = self.pre_block(child, state, at, layer_norm)?;
-                    }
-                    state = self.compose(child, state, at, layer_norm, mode)?;
-                }
-                Ok(state)
-            }
-            Setup::Fuse(children) => self.fuse(children, state, at, layer_norm, mode),
-            Setup::Parallel(children) => {
-                let batch = state.hidden.dim(0)?;
-                if batch % children.len() != 0 {
-                    candle_core::bail!(
-                        "a parallel block of {} needs the batch replicated per child, got {batch} rows",
-                        children.len()
-                    );
-                }
-                let rows = batch / children.len();
-                let state = self.pre_block(setup, state, at, layer_norm)?;
-                let states = children
-                    .iter()
-                    .enumerate()
-                    .map(|(i, c)| {
-                        self.compose(c, state.slice(i * rows, rows)?, at, layer_norm, mode)
-                    })
-                    .collect::<CandleResult<Vec<_>>>()?;
-                State::join(state, states)
-            }
-            Setup::BatchSplit {
-                children,
-                batch_sizes,
-            } => {
-                let batch = state.hidden.dim(0)?;
-                if batch_sizes.iter().sum::<usize>() != batch {
-                    candle_core::bail!(
-                        "batch_split sizes {batch_sizes:?} do not add up to the batch of {batch}"
-                    );
-                }
-                let state = self.pre_block(setup, state, at, layer_norm)?;
-                let mut start = 0;
-                let mut states = Vec::new();
-                for (child, &rows) in children.iter().zip(batch_sizes) {
-                    states.push(self.compose(
-                        child,
-                        state.slice(start, rows)?,
-                        at,
-                        layer_norm,
-                        mode,
-                    )?);
-                    start += rows;
-                }
-                State::join(state, states)
-            }
-            Setup::Average { children, weights } => {
-                let state = self.pre_block(setup, state, at, layer_norm)?;
-                let states = children
-                    .iter()
-                    .map(|c| self.compose(c, state.clone(), at, layer_norm, mode))
-                    .collect::<CandleResult<Vec<_>>>()?;
-                // AdapterHub 1.3 takes `mean(stack(w_i * h_i))`: the normalised weights are
-                // divided by the number of children once more. Matched for interoperability.
-                let mut sum = (&states[0].hidden * weights[0])?;
-                for (s, w) in states.iter().zip(weights).skip(1) {
-                    sum = (sum + (&s.hidden * *w)?)?;
-                }
-                let first = states[0].clone();
-                Ok(State {
-                    hidden: (sum / states.len() as f64)?,
-                    last: states.iter().rev().find_map(|s| s.last.clone()),
-                    ..first
+            Setup::Adapter(name) => {
+                let Some(adapter) = self.adapter(name, place.layer, place.position) else {
+                    return Ok(Flow::untouched(stream));
+                };
+                let (stream, up) = adapter.step(&stream, place.input, place.layer_norm, mode)?;
+                Ok(Flow {
+                    stream,
+                    up: Some(up),
+                    last: Some(adapter),
                 })
             }
+            Setup::Stack(children) => {
+                let mut flow = Flow::untouched(stream);
+                for child in children {
+                    let next = self.run(child, flow.stream, place, mode)?;
+                    flow = Flow {
+                        stream: next.stream,
+                        up: next.up.or(flow.up),
+                        last: next.last.or(flow.last),
+                    };
+                }
+                Ok(flow)
+            }
+            Setup::Average { children, weights } => {
+                self.average(setup, children, weights, stream, place, mode)
+            }
+            Setup::Fuse(children) => self.fuse(children, stream, place, mode),
+            Setup::Parallel(_) | Setup::BatchSplit { .. } => candle_core::bail!(
+                "{setup} runs only after the batch is handed out in channels (Setup::channels)"
+            ),
         }
+    }
+
+    /// The weighted mean of what each child makes of the stream (a child with no adapter at
+    /// this place leaves it as it is). The children must finish the sub-layer alike.
+    fn average<'a>(
+        &'a self,
+        setup: &Setup,
+        children: &[Setup],
+        weights: &[f64],
+        stream: Tensor,
+        place: &Place,
+        mode: &mut Mode,
+    ) -> CandleResult<Flow<'a>> {
+        let flows = children
+            .iter()
+            .map(|c| self.run(c, stream.clone(), place, mode))
+            .collect::<CandleResult<Vec<_>>>()?;
+        let ends_with_layer_norm = |f: &Flow| f.last.is_none_or(|a| a.config().original_ln_after);
+        if flows
+            .iter()
+            .any(|f| ends_with_layer_norm(f) != ends_with_layer_norm(&flows[0]))
+        {
+            candle_core::bail!(
+                "{setup} at layer {} ({}): its adapters end the sub-layer differently \
+                 (original_ln_after differs), so their outputs cannot be averaged",
+                place.layer,
+                place.position.module()
+            );
+        }
+        let mut sum = (&flows[0].stream * weights[0])?;
+        for (flow, w) in flows.iter().zip(weights).skip(1) {
+            sum = (sum + (&flow.stream * *w)?)?;
+        }
+        Ok(Flow {
+            stream: sum,
+            up: None,
+            last: flows.iter().rev().find_map(|f| f.last),
+        })
     }
 
     /// AdapterHub's `compose_fuse`: the last adapter prepares the input and the query, each
     /// child runs on it, the fusion layer weighs their up-projections.
-    fn fuse(
-        &self,
+    fn fuse<'a>(
+        &'a self,
         children: &[Setup],
-        state: State,
-        at: (usize, Position),
-        layer_norm: &LayerNorm,
+        stream: Tensor,
+        place: &Place,
         mode: &mut Mode,
-    ) -> CandleResult<State> {
-        let name = Setup::fusion_name(children);
-        let fusion = &self.fusions[&name];
+    ) -> CandleResult<Flow<'a>> {
+        let fusion = &self.fusions[&Setup::fusion_name(children)];
         let last = children.last().expect("validated").last();
-        let (Some(last_adapter), Some(layer)) =
-            (self.adapter(last, at.0, at.1), fusion.layer(at.0, at.1))
-        else {
-            return Ok(state);
+        let (Some(last), Some(layer)) = (
+            self.adapter(last, place.layer, place.position),
+            fusion.layer(place.layer, place.position),
+        ) else {
+            return Ok(Flow::untouched(stream));
         };
-        let pre = last_adapter.pre_forward(
-            &state.hidden,
-            &state.input,
-            layer_norm,
+        let pre = last.pre_forward(
+            &stream,
+            place.input,
+            place.layer_norm,
             fusion.config.query_before_ln,
         )?;
-        let state = State {
-            hidden: pre.x,
-            residual: pre.residual,
-            ..state
-        };
         let mut ups = Vec::new();
         for child in children {
-            if let Some(up) = self.compose(child, state.clone(), at, layer_norm, mode)?.up {
-                ups.push(up);
-            }
+            let up = match child {
+                Setup::Adapter(name) => self
+                    .adapter(name, place.layer, place.position)
+                    .map(|a| a.bottleneck(&pre.x, &pre.residual, mode))
+                    .transpose()?
+                    .map(|(_, up)| up),
+                stack => self.run(stack, pre.x.clone(), place, mode)?.up,
+            };
+            ups.extend(up);
         }
-        let (hidden, _) =
-            layer.forward(&pre.query, &Tensor::stack(&ups, 2)?, &state.residual, mode)?;
-        Ok(State {
-            hidden,
-            last: Some(last.to_string()),
-            ..state
+        let (fused, _) =
+            layer.forward(&pre.query, &Tensor::stack(&ups, 2)?, &pre.residual, mode)?;
+        Ok(Flow {
+            stream: last.into_stream(fused, &stream)?,
+            up: None,
+            last: Some(last),
         })
     }
 }
 
-impl LayerHooks for Composition {
+/// A composition on a batch of known rows: the hooks that run it.
+pub struct ChannelHooks<'a> {
+    composition: &'a Composition,
+    channels: Vec<Channel>,
+}
+
+impl ChannelHooks<'_> {
+    pub fn channels(&self) -> &[Channel] {
+        &self.channels
+    }
+}
+
+impl LayerHooks for ChannelHooks<'_> {
     fn sub_layer_output(
         &self,
         layer: usize,
@@ -313,22 +309,32 @@ impl LayerHooks for Composition {
         layer_norm: &LayerNorm,
         mode: &mut Mode,
     ) -> CandleResult<Tensor> {
-        let state = State {
-            hidden: hidden.clone(),
-            input: input.clone(),
-            residual: input.clone(),
-            up: None,
-            last: None,
-        };
-        let state = self.compose(&self.setup, state, (layer, position), layer_norm, mode)?;
-        match state
-            .last
-            .as_deref()
-            .and_then(|n| self.adapter(n, layer, position))
-        {
-            // AdapterHub finishes with the last adapter's `post_forward`, for every channel.
-            Some(last) => last.post_forward(state.hidden, hidden, &state.input, layer_norm),
-            None => layer_norm.of_sum(&[hidden, input]),
+        let composition = self.composition;
+        let rows = hidden.dim(0)?;
+        if let [channel] = &self.channels[..] {
+            if channel.rows == (0..rows) {
+                let place = Place {
+                    layer,
+                    position,
+                    input,
+                    layer_norm,
+                };
+                return composition.run_channel(&channel.setup, hidden, &place, mode);
+            }
         }
+        let mut outputs = Vec::with_capacity(self.channels.len());
+        for channel in &self.channels {
+            let (start, len) = (channel.rows.start, channel.rows.len());
+            let input = input.narrow(0, start, len)?;
+            let place = Place {
+                layer,
+                position,
+                input: &input,
+                layer_norm,
+            };
+            let hidden = hidden.narrow(0, start, len)?;
+            outputs.push(composition.run_channel(&channel.setup, &hidden, &place, mode)?);
+        }
+        Tensor::cat(&outputs, 0)
     }
 }

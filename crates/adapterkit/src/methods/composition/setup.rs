@@ -6,6 +6,8 @@
 //! weights) or `batch_split(a,b)[4,4]` (the batch sizes), or given as AdapterHub's `to_dict()`
 //! JSON.
 
+use std::ops::Range;
+
 use serde_json::{json, Value};
 
 use crate::error::{Error, Result};
@@ -33,20 +35,32 @@ pub enum Setup {
     },
 }
 
-/// What each block may hold (AdapterHub's `ALLOWED_NESTINGS`, without Split and MultiTask).
+/// What each block may hold: AdapterHub's `ALLOWED_NESTINGS` (adapters 1.3), without Split and
+/// MultiTask, which we do not have.
 fn may_nest(parent: &Setup, child: &Setup) -> bool {
     use Setup::*;
     matches!(
         (parent, child),
         (_, Adapter(_))
-            | (Stack(_), _)
-            | (Fuse(_), Stack(_))
-            | (Parallel(_), Stack(_) | BatchSplit { .. } | Average { .. })
             | (
-                BatchSplit { .. } | Average { .. },
+                Stack(_),
+                Fuse(_) | Parallel(_) | BatchSplit { .. } | Average { .. }
+            )
+            | (Fuse(_), Stack(_))
+            | (
+                Parallel(_) | BatchSplit { .. },
                 Stack(_) | BatchSplit { .. } | Average { .. }
             )
+            | (Average { .. }, Stack(_) | BatchSplit { .. })
     )
+}
+
+/// Some rows of the batch the encoder runs (replicated once per parallel channel) and the
+/// setup that runs them, which holds no Parallel or BatchSplit block any more.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Channel {
+    pub rows: Range<usize>,
+    pub setup: Setup,
 }
 
 impl Setup {
@@ -301,27 +315,132 @@ impl Setup {
         }
     }
 
-    /// The head each output goes to: one per parallel channel, named after the adapter (or
-    /// fusion) that produces it.
-    pub fn head_names(&self) -> Vec<String> {
+    /// The head a channel's output goes to (see [`channels`](Self::channels)): the one named
+    /// after its last adapter, or after the fusion that ends it.
+    pub fn head_name(&self) -> String {
         match self {
-            Setup::Adapter(name) => vec![name.clone()],
-            Setup::Fuse(children) => vec![Setup::fusion_name(children)],
-            Setup::Parallel(children) => children
-                .iter()
-                .flat_map(|c| c.head_names().into_iter().last())
-                .collect(),
-            block => block.children().last().expect("validated").head_names(),
+            Setup::Adapter(name) => name.clone(),
+            Setup::Fuse(children) => Setup::fusion_name(children),
+            block => block.children().last().expect("validated").head_name(),
         }
     }
+
+    /// Hands `rows` out to the setups that run them. Parallel splits its rows evenly between
+    /// its children, BatchSplit by its sizes; a Stack distributes over its children's channels
+    /// (`stack(a,parallel(b,c))` runs `stack(a,b)` on the first half and `stack(a,c)` on the
+    /// second); Average gives every child the same rows, cut where any child's are; a Fuse
+    /// holds only adapters and stacks of adapters, so it is one channel.
+    ///
+    /// So each channel computes what its setup computes alone, whatever the other channels
+    /// hold: AdapterHub 1.3 instead prepares every channel with the first adapter's options
+    /// and finishes it with the last one's.
+    pub fn channels(&self, rows: Range<usize>) -> Result<Vec<Channel>> {
+        if rows.is_empty() {
+            return Ok(Vec::new());
+        }
+        let n = rows.len();
+        Ok(match self {
+            Setup::Adapter(_) | Setup::Fuse(_) => vec![Channel {
+                rows,
+                setup: self.clone(),
+            }],
+            Setup::Parallel(children) => {
+                let k = children.len();
+                if n % k != 0 {
+                    return Err(Error::input(format!(
+                        "{self} needs the batch once per child: {n} rows do not split into {k} equal parts"
+                    )));
+                }
+                split_rows(children, rows, &vec![n / k; k])?
+            }
+            Setup::BatchSplit {
+                children,
+                batch_sizes,
+            } => {
+                let total: usize = batch_sizes.iter().sum();
+                if total != n {
+                    return Err(Error::input(format!(
+                        "{self}: the batch sizes add up to {total}, but the batch has {n} rows"
+                    )));
+                }
+                split_rows(children, rows, batch_sizes)?
+            }
+            Setup::Stack(children) => {
+                let mut channels = vec![Channel {
+                    rows,
+                    setup: Setup::Stack(Vec::new()),
+                }];
+                for child in children {
+                    let mut next = Vec::new();
+                    for before in channels {
+                        for part in child.channels(before.rows)? {
+                            let mut stack = before.setup.children().to_vec();
+                            stack.push(part.setup);
+                            next.push(Channel {
+                                rows: part.rows,
+                                setup: Setup::Stack(stack),
+                            });
+                        }
+                    }
+                    channels = next;
+                }
+                channels
+            }
+            Setup::Average { children, weights } => {
+                let per_child = children
+                    .iter()
+                    .map(|c| c.channels(rows.clone()))
+                    .collect::<Result<Vec<_>>>()?;
+                let mut cuts: Vec<usize> = per_child
+                    .iter()
+                    .flatten()
+                    .map(|c| c.rows.start)
+                    .chain([rows.end])
+                    .collect();
+                cuts.sort_unstable();
+                cuts.dedup();
+                cuts.windows(2)
+                    .map(|cut| Channel {
+                        rows: cut[0]..cut[1],
+                        setup: Setup::Average {
+                            children: per_child
+                                .iter()
+                                .map(|channels| {
+                                    let covering =
+                                        channels.iter().find(|c| c.rows.contains(&cut[0]));
+                                    covering
+                                        .expect("a child's channels cover all rows")
+                                        .setup
+                                        .clone()
+                                })
+                                .collect(),
+                            weights: weights.clone(),
+                        },
+                    })
+                    .collect()
+            }
+        })
+    }
+}
+
+/// Consecutive parts of `rows`, of these sizes, to the children in turn.
+fn split_rows(children: &[Setup], rows: Range<usize>, sizes: &[usize]) -> Result<Vec<Channel>> {
+    let mut start = rows.start;
+    let mut channels = Vec::new();
+    for (child, size) in children.iter().zip(sizes) {
+        channels.extend(child.channels(start..start + size)?);
+        start += size;
+    }
+    Ok(channels)
 }
 
 fn allowed_children(parent: &Setup) -> &'static str {
     match parent {
-        Setup::Stack(_) => "adapters and any block",
+        Setup::Adapter(_) => "nothing",
+        Setup::Stack(_) => "adapters, fuse, parallel, batch_split and average",
         Setup::Fuse(_) => "adapters and stack",
-        Setup::Parallel(_) => "adapters, stack, batch_split and average",
-        _ => "adapters, stack, batch_split and average",
+        Setup::Parallel(_) | Setup::BatchSplit { .. } => "adapters, stack, batch_split and average",
+        Setup::Average { .. } => "adapters, stack and batch_split",
     }
 }
 
