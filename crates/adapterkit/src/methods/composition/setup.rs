@@ -326,10 +326,10 @@ impl Setup {
     }
 
     /// Hands `rows` out to the setups that run them. Parallel splits its rows evenly between
-    /// its children, BatchSplit by its sizes; a Stack distributes over its children's channels
-    /// (`stack(a,parallel(b,c))` runs `stack(a,b)` on the first half and `stack(a,c)` on the
-    /// second); Average gives every child the same rows, cut where any child's are; a Fuse
-    /// holds only adapters and stacks of adapters, so it is one channel.
+    /// its children, BatchSplit by its sizes; Stack and Average give every child all their rows
+    /// and cut them wherever any child's channels are cut (`stack(a,parallel(b,c))` runs
+    /// `stack(a,b)` on the first half and `stack(a,c)` on the second); a Fuse holds only
+    /// adapters and stacks of adapters, so it is one channel.
     ///
     /// So each channel computes what its setup computes alone, whatever the other channels
     /// hold: AdapterHub 1.3 instead prepares every channel with the first adapter's options
@@ -346,7 +346,7 @@ impl Setup {
             }],
             Setup::Parallel(children) => {
                 let k = children.len();
-                if n % k != 0 {
+                if !n.is_multiple_of(k) {
                     return Err(Error::input(format!(
                         "{self} needs the batch once per child: {n} rows do not split into {k} equal parts"
                     )));
@@ -365,62 +365,54 @@ impl Setup {
                 }
                 split_rows(children, rows, batch_sizes)?
             }
-            Setup::Stack(children) => {
-                let mut channels = vec![Channel {
-                    rows,
-                    setup: Setup::Stack(Vec::new()),
-                }];
-                for child in children {
-                    let mut next = Vec::new();
-                    for before in channels {
-                        for part in child.channels(before.rows)? {
-                            let mut stack = before.setup.children().to_vec();
-                            stack.push(part.setup);
-                            next.push(Channel {
-                                rows: part.rows,
-                                setup: Setup::Stack(stack),
-                            });
-                        }
-                    }
-                    channels = next;
-                }
-                channels
-            }
+            Setup::Stack(children) => every_child_on_all(children, rows, Setup::Stack)?,
             Setup::Average { children, weights } => {
-                let per_child = children
-                    .iter()
-                    .map(|c| c.channels(rows.clone()))
-                    .collect::<Result<Vec<_>>>()?;
-                let mut cuts: Vec<usize> = per_child
-                    .iter()
-                    .flatten()
-                    .map(|c| c.rows.start)
-                    .chain([rows.end])
-                    .collect();
-                cuts.sort_unstable();
-                cuts.dedup();
-                cuts.windows(2)
-                    .map(|cut| Channel {
-                        rows: cut[0]..cut[1],
-                        setup: Setup::Average {
-                            children: per_child
-                                .iter()
-                                .map(|channels| {
-                                    let covering =
-                                        channels.iter().find(|c| c.rows.contains(&cut[0]));
-                                    covering
-                                        .expect("a child's channels cover all rows")
-                                        .setup
-                                        .clone()
-                                })
-                                .collect(),
-                            weights: weights.clone(),
-                        },
-                    })
-                    .collect()
+                every_child_on_all(children, rows, |children| Setup::Average {
+                    children,
+                    weights: weights.clone(),
+                })?
             }
         })
     }
+}
+
+/// Every child on all of `rows` (Stack, Average): the children's channels cut wherever any
+/// child's are, each piece run by `block` over the children's setups for it.
+fn every_child_on_all(
+    children: &[Setup],
+    rows: Range<usize>,
+    block: impl Fn(Vec<Setup>) -> Setup,
+) -> Result<Vec<Channel>> {
+    let per_child = children
+        .iter()
+        .map(|c| c.channels(rows.clone()))
+        .collect::<Result<Vec<_>>>()?;
+    let mut cuts: Vec<usize> = per_child
+        .iter()
+        .flatten()
+        .map(|c| c.rows.start)
+        .chain([rows.end])
+        .collect();
+    cuts.sort_unstable();
+    cuts.dedup();
+    Ok(cuts
+        .windows(2)
+        .map(|cut| Channel {
+            rows: cut[0]..cut[1],
+            setup: block(
+                per_child
+                    .iter()
+                    .map(|channels| {
+                        let covering = channels.iter().find(|c| c.rows.contains(&cut[0]));
+                        covering
+                            .expect("a child's channels cover its rows")
+                            .setup
+                            .clone()
+                    })
+                    .collect(),
+            ),
+        })
+        .collect())
 }
 
 /// Consecutive parts of `rows`, of these sizes, to the children in turn.
