@@ -317,3 +317,83 @@ fn missing_adapters_heads_and_fusions_are_named() {
     assert!(error("fuse(a,b)").contains("no head named 'a,b'"));
     assert!(error("stack(a,parallel(a,b),b)").contains("two outputs for the same texts"));
 }
+
+/// On the real all-MiniLM-L6-v2: `parallel(...)` over adapters of every preset placement
+/// (Houlsby at both places, two Pfeiffer adapters after the feed-forward block, a parallel
+/// adapter), in every order, gives each task the scores its adapter gives alone, shared or not.
+#[test]
+fn parallel_over_mixed_placements_on_minilm() {
+    let Some(dir) = minilm_dir() else { return };
+    let pretrained =
+        adapterkit::model::load::Pretrained::load(dir.to_str().unwrap(), &Device::Cpu).unwrap();
+    let labels: Vec<String> = ["neg", "pos"].map(String::from).to_vec();
+    let head = HeadConfig::new(TaskKind::Classification, &labels).unwrap();
+    let presets = [
+        ("houlsby", "houlsby"),
+        ("pfeiffer_a", "pfeiffer"),
+        ("pfeiffer_b", "pfeiffer"),
+        ("par_bn", "parallel"),
+    ];
+    let tasks: Vec<AdapterModel> = presets
+        .iter()
+        .enumerate()
+        .map(|(i, (name, preset))| {
+            // `bert` init for all, so that the parallel adapter's up-projection is not zero.
+            let config = BnConfig::preset(preset)
+                .unwrap()
+                .with_overrides(&[("init_weights".into(), "bert".into())])
+                .unwrap();
+            let model = AdapterModel::new(
+                pretrained.model.clone(),
+                &Method::Adapter(config),
+                name,
+                head.clone(),
+                false,
+                10 + i as u64,
+                &Device::Cpu,
+            )
+            .unwrap();
+            for (_, var) in model.trainable().iter() {
+                var.set(&(var.as_tensor() * 4.0).unwrap()).unwrap();
+            }
+            model
+        })
+        .collect();
+    let texts = [
+        "Adapters are small.",
+        "A much longer sentence, so that the shorter ones in this batch are padded.",
+        "Ünïcödé too",
+    ];
+    let batch = pretrained.tokenizer.batch(&texts, &Device::Cpu).unwrap();
+    let probabilities =
+        |logits: &candle_core::Tensor| candle_nn::ops::softmax_last_dim(logits).unwrap();
+    let alone: Vec<_> = tasks
+        .iter()
+        .map(|t| probabilities(&t.logits(&batch, &mut Mode::Eval).unwrap()))
+        .collect();
+    for order in [[0, 1, 2, 3], [1, 0, 3, 2], [3, 2, 1, 0], [2, 0, 3, 1]] {
+        let names: Vec<&str> = order.iter().map(|&i| presets[i].0).collect();
+        let setup = Setup::parse(&format!("parallel({})", names.join(","))).unwrap();
+        for share in [true, false] {
+            let mut model =
+                ComposedModel::new(pretrained.model.clone(), setup.clone(), tasks.clone()).unwrap();
+            model.share_base_layers = share;
+            for (task, &i) in model
+                .logits(&batch, &mut Mode::Eval)
+                .unwrap()
+                .iter()
+                .zip(&order)
+            {
+                let diff = max_abs_diff(&probabilities(&task.logits), &alone[i]);
+                assert!(
+                    diff < 1e-5,
+                    "{setup}, share {share}: {} off by {diff}",
+                    presets[i].0
+                );
+            }
+        }
+    }
+    // The tasks differ, so the comparison is not vacuous.
+    assert!(max_abs_diff(&alone[0], &alone[1]) > 1e-3);
+    assert!(max_abs_diff(&alone[1], &alone[2]) > 1e-3);
+}
