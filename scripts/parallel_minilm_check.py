@@ -15,6 +15,7 @@ How to run (from the repository root, after `bash scripts/fetch-assets.sh` and
 """
 
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -26,7 +27,7 @@ from transformers import AutoTokenizer
 
 REPO = Path(__file__).resolve().parents[1]
 MODEL = REPO / "assets" / "all-MiniLM-L6-v2"
-BINARY = REPO / "target" / "release" / "adapterkit"
+BINARY = Path(os.environ.get("ADAPTERKIT_BIN", REPO / "target" / "release" / "adapterkit"))
 ADAPTERS = {"houlsby": "double_seq_bn", "pfeiffer_a": "seq_bn", "pfeiffer_b": "seq_bn", "par_bn": "par_bn"}
 SETUPS = [
     ["houlsby", "pfeiffer_a"],
