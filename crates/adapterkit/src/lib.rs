@@ -19,6 +19,7 @@ pub mod data;
 pub mod error;
 pub mod heads;
 pub mod io;
+pub mod kernels;
 pub mod methods;
 pub mod metrics;
 pub mod model;

@@ -4,10 +4,10 @@
 use candle_core::{Result, Tensor};
 use candle_nn::{Linear, VarBuilder};
 
+use crate::kernels::attention::{AttentionBlockOp, AttentionOp};
+use crate::kernels::fused::FrozenLinear;
 use crate::model::config::BertConfig;
 use crate::model::dropout::Mode;
-use crate::model::fused::FrozenLinear;
-use crate::model::fused_attention::{AttentionBlockOp, AttentionOp};
 use crate::model::hooks::{KeyValue, LayerHooks, LinearSite, Position};
 use crate::model::layer::Positions;
 use crate::model::layer_norm::LayerNorm;
@@ -151,7 +151,7 @@ impl BertAttention {
     }
 
     /// Self-attention and the output projection with its dropout as one op
-    /// (`fused_attention::AttentionBlockOp`) when all four Linears are frozen, the hooks
+    /// (`kernels::attention::AttentionBlockOp`) when all four Linears are frozen, the hooks
     /// leave them alone and `hidden` is f32 on CPU; `None` otherwise. Same values, same
     /// dropout draws.
     fn frozen_block(
@@ -178,7 +178,8 @@ impl BertAttention {
         }
         let first_only = positions == Positions::First;
         let queries = if first_only { 1 } else { seq };
-        let attention = AttentionOp::new(s.num_heads, hidden_size, queries, bias, s.dropout, mode)?;
+        let mask = ops::attention_dropout(mode, s.num_heads, queries, bias, s.dropout)?;
+        let attention = AttentionOp::new(s.num_heads, hidden_size, bias, mask)?;
         let dropout = mode.dropout_mask(batch * queries * hidden_size, self.output.dropout);
         let op = AttentionBlockOp::new([q, k, v, o], attention, dropout, hidden.track_op())
             .first_query_only(first_only);

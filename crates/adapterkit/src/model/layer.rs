@@ -3,11 +3,11 @@
 use candle_core::{Result, Tensor};
 use candle_nn::{Linear, VarBuilder};
 
+use crate::kernels::feed_forward::FeedForwardOp;
+use crate::kernels::fused::FrozenLinear;
 use crate::model::attention::BertAttention;
 use crate::model::config::BertConfig;
 use crate::model::dropout::Mode;
-use crate::model::fused::FrozenLinear;
-use crate::model::fused_feed_forward::FeedForwardOp;
 use crate::model::hooks::{LayerHooks, LinearSite, Position};
 use crate::model::layer_norm::LayerNorm;
 use crate::model::ops::{self, Activation};
@@ -117,7 +117,7 @@ impl BertLayer {
         mode.dropout(&projected, self.output.dropout)
     }
 
-    /// [`feed_forward`](Self::feed_forward) as one op (`model::fused_feed_forward`) when its
+    /// [`feed_forward`](Self::feed_forward) as one op (`kernels::feed_forward`) when its
     /// weights are frozen, its activation is GELU, the hooks leave its Linears alone and `x`
     /// is f32 on CPU; `None` otherwise. Same values, same dropout draws.
     fn frozen_feed_forward(

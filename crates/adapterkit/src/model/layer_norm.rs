@@ -3,7 +3,7 @@
 use candle_core::{Module, Result, Tensor};
 use candle_nn::VarBuilder;
 
-use crate::model::fused_layer_norm::{LayerNormOp, SumLayerNormOp};
+use crate::kernels::layer_norm::{LayerNormOp, SumLayerNormOp};
 use crate::model::ops;
 
 #[derive(Debug, Clone)]
@@ -24,7 +24,7 @@ impl LayerNorm {
 
     /// `LayerNorm(sum of parts)`, two or three parts of one shape: a residual connection
     /// (and an adapter's output) and the norm. With the LayerNorm frozen, on CPU in f32, one
-    /// op (`fused_layer_norm::SumLayerNormOp`): no tensor is kept for the sum, and the parts share one
+    /// op (`kernels::layer_norm::SumLayerNormOp`): no tensor is kept for the sum, and the parts share one
     /// gradient; otherwise the sum, then the LayerNorm.
     pub fn of_sum(&self, parts: &[&Tensor]) -> Result<Tensor> {
         let (first, rest) = parts
@@ -71,7 +71,7 @@ impl Module for LayerNorm {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::fused::testing::random;
+    use crate::kernels::fused::testing::random;
     use crate::rng::SeededRng;
     use candle_core::Var;
 

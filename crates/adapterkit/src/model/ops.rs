@@ -4,7 +4,7 @@
 use candle_core::{DType, Result, Tensor, D};
 use serde::{Deserialize, Serialize};
 
-use crate::model::fused_attention::AttentionOp;
+use crate::kernels::attention::AttentionOp;
 
 /// A non-linearity, by the names `transformers` (`hidden_act`) and AdapterHub (`non_linearity`) use.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -27,7 +27,7 @@ impl Activation {
     pub fn forward(self, x: &Tensor) -> Result<Tensor> {
         match self {
             Activation::Gelu if fused_applies(x) => {
-                x.contiguous()?.apply_op1(crate::model::fused::GeluOp)
+                x.contiguous()?.apply_op1(crate::kernels::fused::GeluOp)
             }
             Activation::Gelu => x.gelu_erf(),
             Activation::GeluNew => x.gelu(),
@@ -49,7 +49,7 @@ pub fn layer_norm(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Resul
         return x.contiguous()?.apply_op3(
             weight,
             bias,
-            crate::model::fused_layer_norm::LayerNormOp { eps },
+            crate::kernels::layer_norm::LayerNormOp { eps },
         );
     }
     layer_norm_composed(x, weight, bias, eps)
@@ -67,7 +67,7 @@ pub fn layer_norm_composed(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64)
 /// Softmax over the last dimension, shifted by the row maximum for stability.
 pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
     if fused_applies(x) {
-        return x.contiguous()?.apply_op1(crate::model::fused::SoftmaxOp);
+        return x.contiguous()?.apply_op1(crate::kernels::fused::SoftmaxOp);
     }
     softmax_composed(x)
 }
@@ -75,7 +75,7 @@ pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
 /// Multi-head attention, `dropout(softmax(q k^T / sqrt(head_dim) + bias)) v` per head:
 /// `query` `[batch, queries, hidden]`, `key` and `value` `[batch, keys, hidden]` (heads side by
 /// side in `hidden`), `bias` `[batch, 1, 1, keys]` (the padding mask); `[batch, queries,
-/// hidden]` out. On CPU in f32 one fused op (`model::fused_attention`), elsewhere composed.
+/// hidden]` out. On CPU in f32 one fused op (`kernels::attention`), elsewhere composed.
 pub fn attention(
     query: &Tensor,
     key: &Tensor,
@@ -88,7 +88,8 @@ pub fn attention(
     let (batch, queries, hidden) = query.dims3()?;
     let keys = key.dim(1)?;
     if fused_applies(query) && bias.dims() == [batch, 1, 1, keys] && !bias.track_op() {
-        let op = AttentionOp::new(heads, hidden, queries, bias, dropout, mode)?;
+        let mask = attention_dropout(mode, heads, queries, bias, dropout)?;
+        let op = AttentionOp::new(heads, hidden, bias, mask)?;
         return query
             .contiguous()?
             .apply_op3(&key.contiguous()?, &value.contiguous()?, op);
@@ -151,10 +152,23 @@ pub fn linear(linear: &candle_nn::Linear, x: &Tensor) -> Result<Tensor> {
     match linear.bias() {
         Some(bias) if fused_applies(x) => {
             x.contiguous()?
-                .apply_op3(linear.weight(), bias, crate::model::fused::LinearOp)
+                .apply_op3(linear.weight(), bias, crate::kernels::fused::LinearOp)
         }
         _ => linear.forward(x),
     }
+}
+
+/// The dropout mask over the attention probabilities `[batch, heads, queries, keys]` (`bias`
+/// is `[batch, 1, 1, keys]`), drawn from `mode`; `None` in evaluation or when `p` is 0.
+pub fn attention_dropout(
+    mode: &mut crate::model::Mode,
+    heads: usize,
+    queries: usize,
+    bias: &Tensor,
+    p: f32,
+) -> Result<Option<crate::kernels::dropout::DropoutMask>> {
+    let (batch, _, _, keys) = bias.dims4()?;
+    Ok(mode.dropout_mask(batch * heads * queries * keys, p))
 }
 
 #[cfg(test)]

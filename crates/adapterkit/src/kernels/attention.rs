@@ -10,13 +10,13 @@
 
 use candle_core::{CpuStorage, CustomOp1, CustomOp3, Layout, Result, Shape, Tensor};
 
-use crate::model::dropout::{self, DropoutMask, Mode};
-use crate::model::fused::{
+use crate::kernels::dropout::{self, DropoutMask};
+use crate::kernels::fused::{
     contiguous, contiguous_all, with_all_values, with_values, FrozenLinear, Kept,
 };
-use crate::model::matmul::{matmul_into, View};
-use crate::model::parallel::{map_parallel, par_zeros, threads};
-use crate::model::simd::{dot, softmax_in_place, with_wide_simd};
+use crate::kernels::matmul::{matmul_into, View};
+use crate::kernels::parallel::{map_parallel, par_zeros, threads};
+use crate::kernels::simd::{dot, softmax_in_place, with_wide_simd};
 
 /// `dropout(softmax(q k^T * scale + bias)) v` per head; arguments `q` `[batch, queries,
 /// hidden]`, `k` and `v` `[batch, keys, hidden]`, output `[batch, queries, hidden]`.
@@ -73,22 +73,19 @@ impl<'a> Sequence<'a> {
 }
 
 impl AttentionOp {
-    /// The op for `heads` heads over `hidden` and `queries` queries, with the padding mask
-    /// `bias` `[batch, 1, 1, keys]` and dropout `p` drawn from `mode`.
+    /// The op for `heads` heads over `hidden`, with the padding mask `bias` `[batch, 1, 1,
+    /// keys]` and a dropout mask over `[batch, heads, queries, keys]`.
     pub fn new(
         heads: usize,
         hidden: usize,
-        queries: usize,
         bias: &Tensor,
-        p: f32,
-        mode: &mut Mode,
+        dropout: Option<DropoutMask>,
     ) -> Result<Self> {
-        let (batch, _, _, keys) = bias.dims4()?;
         Ok(Self {
             heads,
             scale: (1.0 / ((hidden / heads.max(1)) as f64).sqrt()) as f32,
             bias: bias.flatten_all()?.to_vec1()?,
-            dropout: mode.dropout_mask(batch * heads * queries * keys, p),
+            dropout,
         })
     }
 
@@ -432,8 +429,9 @@ impl CustomOp1 for AttentionBlockOp {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::fused::testing::{assert_same_output_and_dx, frozen, random};
-    use crate::model::ops::{attention, attention_bias, linear};
+    use crate::kernels::fused::testing::{assert_same_output_and_dx, frozen, random};
+    use crate::model::ops::{attention, attention_bias, attention_dropout, linear};
+    use crate::model::Mode;
     use crate::rng::SeededRng;
     use candle_core::{Device, Var};
     use candle_nn::Linear;
@@ -472,8 +470,8 @@ mod tests {
                 let context = attention(&q, &k?, &v?, &bias, heads, p, &mut node_mode)?;
                 let nodes = node_mode.dropout(&linear(&linears[3], &context)?, p)?;
 
-                let attention =
-                    AttentionOp::new(heads, hidden, queries, &bias, p, &mut fused_mode)?;
+                let mask = attention_dropout(&mut fused_mode, heads, queries, &bias, p)?;
+                let attention = AttentionOp::new(heads, hidden, &bias, mask)?;
                 let mask = fused_mode.dropout_mask(batch * queries * hidden, p);
                 let frozen = [0, 1, 2, 3].map(|i| frozen(&weights[i].0, &weights[i].1));
                 let op = AttentionBlockOp::new(frozen, attention, mask, true)

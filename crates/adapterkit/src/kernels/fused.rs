@@ -3,13 +3,13 @@
 //! and what the other fused ops share: reading tensors in place, a frozen Linear, state kept
 //! for the backward pass. Each kernel is one pass over memory, split by rows over candle's
 //! threads; `ops` picks these on CPU for f32 and keeps the composed ones elsewhere.
-//! `docs/BENCHMARKS.md` has the comparison. LayerNorm is in `fused_layer_norm`.
+//! `docs/BENCHMARKS.md` has the comparison. LayerNorm is in `layer_norm`.
 
 use candle_core::{CpuStorage, CustomOp1, CustomOp3, Layout, Result, Shape, Tensor};
 
-use crate::model::matmul::{matmul_into, matmul_onto_bias, View};
-use crate::model::parallel::{par_rows, par_vec, par_zeros, threads, ROW};
-use crate::model::simd::{dot, erf, exp, softmax_in_place, with_wide_simd};
+use crate::kernels::matmul::{matmul_into, matmul_onto_bias, View};
+use crate::kernels::parallel::{par_rows, par_vec, par_zeros, threads, ROW};
+use crate::kernels::simd::{dot, erf, exp, softmax_in_place, with_wide_simd};
 
 pub(crate) fn contiguous<'a>(storage: &'a CpuStorage, layout: &Layout) -> Result<&'a [f32]> {
     let (start, end) = layout

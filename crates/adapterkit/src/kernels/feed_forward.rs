@@ -9,11 +9,11 @@
 
 use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Tensor};
 
-use crate::model::dropout::{self, DropoutMask};
-use crate::model::fused::{
+use crate::kernels::dropout::{self, DropoutMask};
+use crate::kernels::fused::{
     contiguous, gelu_backward, gelu_forward, gelu_in_place, with_values, FrozenLinear, Kept,
 };
-use crate::model::parallel::{par_rows, par_vec, par_zeros, ROW};
+use crate::kernels::parallel::{par_rows, par_vec, par_zeros, ROW};
 
 pub struct FeedForwardOp {
     /// `intermediate.dense`
@@ -112,7 +112,7 @@ impl CustomOp1 for FeedForwardOp {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::fused::testing::{assert_same_output_and_dx, frozen, random};
+    use crate::kernels::fused::testing::{assert_same_output_and_dx, frozen, random};
     use crate::model::ops::{linear, Activation};
     use crate::model::Mode;
     use crate::rng::SeededRng;

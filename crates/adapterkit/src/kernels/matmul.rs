@@ -3,7 +3,7 @@
 
 use std::mem::MaybeUninit;
 
-use crate::model::parallel::map_parallel;
+use crate::kernels::parallel::map_parallel;
 
 /// A matrix inside a slice: element `(r, c)` at `data[r * row_stride + c * col_stride]`.
 #[derive(Clone, Copy)]

@@ -3,9 +3,9 @@
 
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
 
-use crate::model::fused::{contiguous_all, with_all_values};
-use crate::model::parallel::{par_rows, par_vec, ROW};
-use crate::model::simd::{lanes, sum};
+use crate::kernels::fused::{contiguous_all, with_all_values};
+use crate::kernels::parallel::{par_rows, par_vec, ROW};
+use crate::kernels::simd::{lanes, sum};
 
 /// LayerNorm over the last dimension; arguments `x`, `weight`, `bias`.
 pub struct LayerNormOp {

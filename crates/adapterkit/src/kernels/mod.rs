@@ -1,0 +1,15 @@
+//! The CPU kernels under the encoder's ops, in f32: custom candle ops with hand-written backward
+//! passes for Linear, GELU, softmax, LayerNorm (`fused`, `layer_norm`), whole frozen attention
+//! and feed-forward blocks (`attention`, `feed_forward`), the strided matrix products they call
+//! (`matmul`), the vectorised maths (`simd`), dropout masks (`dropout`) and how the work is
+//! split over threads (`parallel`). `model/` builds BERT from them; elsewhere (other devices and
+//! dtypes) its ops are composed from candle's.
+
+pub mod attention;
+pub mod dropout;
+pub mod feed_forward;
+pub mod fused;
+pub mod layer_norm;
+mod matmul;
+pub(crate) mod parallel;
+mod simd;
