@@ -406,6 +406,23 @@ fn fuse_two_adapters_then_eval_and_plot_the_fusion_weights() {
             }
         }
     }
+    // `batch_split`: each text to its slice's adapter and head, as that adapter alone.
+    let split = predict(
+        &[&adapters[0], &adapters[1]],
+        Some("batch_split(first,second)[1,1]"),
+    );
+    for (row, name) in ["first", "second"].iter().enumerate() {
+        let tasks = split[row]["tasks"].as_object().unwrap();
+        assert_eq!(tasks.keys().collect::<Vec<_>>(), [name], "text {row}");
+        let alone = &predict(&[&adapters[row]], None)[row];
+        for label in ["cat", "dog"] {
+            let (a, b) = (
+                alone["scores"][label].as_f64(),
+                tasks[*name]["scores"][label].as_f64(),
+            );
+            assert!((a.unwrap() - b.unwrap()).abs() < 1e-6, "{name} {label}");
+        }
+    }
     // The fusion's own head under `fuse(...)`, from its directory.
     let fused_lines = predict(&[&fused], Some("fuse(first,second)"));
     assert!(fused_lines[0]["tasks"]["first,second"]["label"].is_string());
