@@ -68,11 +68,7 @@ impl ComposedModel {
             }
             loaded.entry(part.head.name.clone()).or_insert(part.head);
         }
-        // The routes of the smallest batch the setup runs on (BatchSplit sizes fix it).
-        let routes = (1..=MAX_CHECKED_BATCH)
-            .map(|rows| routes(&setup, rows))
-            .find(Result::is_ok)
-            .unwrap_or_else(|| routes(&setup, 1))?;
+        let routes = routes_of_some_batch(&setup)?;
         let mut heads: Vec<Head> = Vec::new();
         for route in &routes {
             if heads.iter().any(|h| h.name == route.head) {
@@ -129,6 +125,12 @@ impl ComposedModel {
         Ok(encoder.run_layers(hidden, &mask, shared..layers, positions, &hooks, mode)?)
     }
 
+    /// Whether the setup runs on a batch of `rows` texts (batch_split sizes must add up to it):
+    /// to check every batch before any output is written.
+    pub fn check_batch(&self, rows: usize) -> Result<()> {
+        routes(&self.composition.setup, rows).map(|_| ())
+    }
+
     /// Each channel's logits by its head, in the order of the setup's channels.
     pub fn logits(&self, batch: &Batch, mode: &mut Mode) -> Result<Vec<TaskLogits>> {
         let hidden = self.hidden(batch, Positions::First, mode)?;
@@ -154,8 +156,28 @@ impl ComposedModel {
     }
 }
 
-/// The largest batch [`ComposedModel::new`] tries when it looks for one the setup runs on.
-const MAX_CHECKED_BATCH: usize = 256;
+/// The routes on a batch the setup runs on: one row, or what its batch_split sizes add up to
+/// (before the batch is replicated per parallel channel, or after). Checks the heads and row
+/// counts before any batch comes.
+fn routes_of_some_batch(setup: &Setup) -> Result<Vec<Route>> {
+    let channels = setup.parallel_channels();
+    let mut batches = vec![1];
+    setup.visit(&mut |s| {
+        if let Setup::BatchSplit { batch_sizes, .. } = s {
+            let total: usize = batch_sizes.iter().sum();
+            batches.push(total);
+            if total.is_multiple_of(channels) {
+                batches.push(total / channels);
+            }
+        }
+    });
+    let first = routes(setup, batches[0]);
+    batches[1..]
+        .iter()
+        .map(|&rows| routes(setup, rows))
+        .find(Result::is_ok)
+        .unwrap_or(first)
+}
 
 /// Where the channels of `setup` on a batch of `batch_rows` go: neighbouring channels with the
 /// same head joined. Two outputs for one head on the same input row are refused (nowhere to put
@@ -166,11 +188,8 @@ fn routes(setup: &Setup, batch_rows: usize) -> Result<Vec<Route>> {
     for channel in setup.channels(0..rows)? {
         let head = channel.setup.head_name();
         match routes.last_mut() {
-            Some(last)
-                if last.head == head
-                    && last.rows.end == channel.rows.start
-                    && channel.rows.start % batch_rows != 0 =>
-            {
+            // Channels are contiguous: join neighbours within one copy of the batch.
+            Some(last) if last.head == head && channel.rows.start % batch_rows != 0 => {
                 last.rows.end = channel.rows.end
             }
             _ => routes.push(Route {

@@ -254,6 +254,11 @@ fn illegal_setups_are_rejected_with_the_reason() {
             "batch_split(parallel(a,b),c)[1,1]",
             "cannot nest Parallel in BatchSplit",
         ),
+        (
+            "stack(parallel(a,b),parallel(a,b,c))",
+            "must have as many children each",
+        ),
+        ("batch_split(a,b)[1e20,1]", "whole numbers from 0"),
         ("stack(parallel(stack(average(a,b))))", "too deep"),
         ("stack(fuse(stack(a),b))", ""),
         ("split(a,b)", "unknown composition block 'split'"),
@@ -316,6 +321,24 @@ fn missing_adapters_heads_and_fusions_are_named() {
     assert!(error("stack(c,a)").contains("names adapter 'c', which is not loaded"));
     assert!(error("fuse(a,b)").contains("no head named 'a,b'"));
     assert!(error("stack(a,parallel(a,b),b)").contains("two outputs for the same texts"));
+    // Batch sizes fix the batch, however large; a batch of another size is refused by name.
+    let split = ComposedModel::new(
+        tiny_encoder(),
+        Setup::parse("batch_split(a,b)[200,100]").unwrap(),
+        tasks.clone(),
+    )
+    .unwrap();
+    assert!(split.check_batch(300).is_ok());
+    let wrong = split.check_batch(2).unwrap_err().to_string();
+    assert!(
+        wrong.contains("add up to 300, but the batch has 2 rows"),
+        "{wrong}"
+    );
+    // Whitespace of any width between the parts.
+    assert_eq!(
+        Setup::parse("parallel(a,\u{3000}b)").unwrap(),
+        Setup::parse("parallel(a,b)").unwrap()
+    );
 }
 
 /// On the real all-MiniLM-L6-v2: `parallel(...)` over adapters of every preset placement

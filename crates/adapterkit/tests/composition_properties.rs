@@ -118,6 +118,15 @@ impl Grammar<'_> {
         Setup::Adapter(format!("t{}", self.rng.below(self.adapters)))
     }
 
+    /// How many children a block gets: mostly 2 or 3, sometimes 1.
+    fn children(&mut self) -> usize {
+        if chance(self.rng, 0.1) {
+            1
+        } else {
+            2 + self.rng.below(2)
+        }
+    }
+
     fn adapters(&mut self, at_least: usize) -> Vec<Setup> {
         (0..at_least + self.rng.below(2))
             .map(|_| self.adapter())
@@ -149,7 +158,7 @@ impl Grammar<'_> {
 
     /// A batch split of `rows` whose children are made for their parts by `child`.
     fn batch_split(&mut self, rows: usize, child: impl Fn(&mut Self, usize) -> Setup) -> Setup {
-        let parts = 2 + self.rng.below(2);
+        let parts = self.children();
         let batch_sizes = self.sizes(rows, parts);
         Setup::BatchSplit {
             children: batch_sizes.iter().map(|&size| child(self, size)).collect(),
@@ -170,8 +179,7 @@ impl Grammar<'_> {
             "stack" => Setup::Stack(self.adapters(1)),
             "batch_split" => self.batch_split(rows, |g, _| g.leaf()),
             _ => {
-                let children: Vec<Setup> =
-                    (0..2 + self.rng.below(2)).map(|_| self.leaf()).collect();
+                let children: Vec<Setup> = (0..self.children()).map(|_| self.leaf()).collect();
                 Setup::Average {
                     weights: self.weights(children.len()),
                     children,
@@ -181,7 +189,7 @@ impl Grammar<'_> {
     }
 
     fn setup(&mut self, batch: usize) -> Setup {
-        let channels = 2 + self.rng.below(2);
+        let channels = self.children();
         match self.rng.below(4) {
             0 => Setup::Parallel(
                 (0..channels)
@@ -190,7 +198,7 @@ impl Grammar<'_> {
             ),
             1 => self.batch_split(batch, |g, rows| g.child("batch_split", rows)),
             2 => {
-                let children: Vec<Setup> = (0..2 + self.rng.below(2))
+                let children: Vec<Setup> = (0..self.children())
                     .map(|_| self.child("average", batch))
                     .collect();
                 Setup::Average {
@@ -414,6 +422,7 @@ fn single_adapter(setup: &Setup) -> Option<&str> {
 
 struct Outcome {
     compared: bool,
+    routed_outputs: usize,
     changed_by_adapters: bool,
     single_channels: usize,
     refused_average: bool,
@@ -430,7 +439,7 @@ fn run_case(case: usize, encoder: &BertModel) -> Outcome {
         .enumerate()
         .map(|(i, c)| random_task(encoder, &format!("t{i}"), c, rng.next_u64()))
         .collect();
-    let batch_rows = 1 + rng.below(4);
+    let batch_rows = 1 + rng.below(6);
     let setup = Grammar {
         rng: &mut rng,
         adapters: ADAPTERS,
@@ -504,6 +513,7 @@ fn run_case(case: usize, encoder: &BertModel) -> Outcome {
             );
             return Outcome {
                 compared: false,
+                routed_outputs: 0,
                 changed_by_adapters: false,
                 single_channels: 0,
                 refused_average: true,
@@ -560,17 +570,32 @@ fn run_case(case: usize, encoder: &BertModel) -> Outcome {
         single_channels += 1;
     }
 
-    // Logits through `ComposedModel::new`'s routing, where the setup gives each head its rows.
+    // Logits through `ComposedModel::new`'s routing, where the setup gives each head its rows:
+    // each (head, text) once at most, every text some head.
+    let mut routed_outputs = 0;
     if let Ok(routed) = ComposedModel::new(encoder.clone(), setup.clone(), tasks.clone()) {
+        let mut seen = BTreeSet::new();
+        let channels = setup.channels(0..rows).unwrap();
         for task in routed.logits(&batch, &mut Mode::Eval).unwrap() {
             let head = &routed.heads[task.head];
             let name = &head.name;
-            let channel_rows = setup
-                .channels(0..rows)
-                .unwrap()
-                .into_iter()
+            assert!(
+                task.rows.end <= batch_rows,
+                "{}\nrows {:?}",
+                described(),
+                task.rows
+            );
+            for row in task.rows.clone() {
+                assert!(
+                    seen.insert((name.clone(), row)),
+                    "{}\n{name} twice on {row}",
+                    described()
+                );
+            }
+            let channel_rows = channels
+                .iter()
                 .filter(|c| c.setup.head_name() == *name)
-                .map(|c| c.rows)
+                .map(|c| c.rows.clone())
                 .find(|r| r.start % batch_rows == task.rows.start)
                 .expect("a channel for every output");
             let states = expected
@@ -580,7 +605,15 @@ fn run_case(case: usize, encoder: &BertModel) -> Outcome {
             check(&task.logits, &want, || {
                 format!("{}\nhead {name}", described())
             });
+            routed_outputs += 1;
         }
+        let texts: BTreeSet<usize> = seen.iter().map(|(_, row)| *row).collect();
+        assert_eq!(
+            texts.len(),
+            batch_rows,
+            "{}\nsome text has no head",
+            described()
+        );
     }
 
     let plain = encoder
@@ -592,6 +625,7 @@ fn run_case(case: usize, encoder: &BertModel) -> Outcome {
         .unwrap();
     Outcome {
         compared: true,
+        routed_outputs,
         changed_by_adapters: max_abs_diff(&plain, &expected) > 1e-3,
         single_channels,
         refused_average: false,
@@ -605,10 +639,12 @@ fn every_setup_equals_its_parts() {
     let compared = outcomes.iter().filter(|o| o.compared).count();
     let changed = outcomes.iter().filter(|o| o.changed_by_adapters).count();
     let singles: usize = outcomes.iter().map(|o| o.single_channels).sum();
+    let routed: usize = outcomes.iter().map(|o| o.routed_outputs).sum();
     let refused = outcomes.iter().filter(|o| o.refused_average).count();
     eprintln!(
         "{CASES} cases: {compared} compared ({changed} changed by their adapters), \
          {singles} one-adapter channels checked against the adapter alone, \
+         {routed} outputs routed to heads, \
          {refused} averages refused (original_ln_after differs)"
     );
     // Not vacuous: most setups compute something other than the base model, many channels
@@ -616,6 +652,7 @@ fn every_setup_equals_its_parts() {
     assert!(compared > CASES * 8 / 10, "{compared}");
     assert!(changed > compared * 7 / 10, "{changed} of {compared}");
     assert!(singles > CASES / 2, "{singles}");
+    assert!(routed > CASES, "{routed} outputs routed to heads");
 }
 
 #[test]
@@ -658,6 +695,12 @@ fn the_grammar_matches_the_parser() {
         Setup::parse(&text).unwrap_or_else(|e| panic!("{text}: {e}"));
         let rows = batch * setup.parallel_channels();
         let channels = setup.channels(0..rows).unwrap();
-        assert_eq!(channels.iter().map(|c| c.rows.len()).sum::<usize>(), rows);
+        let starts = channels.iter().map(|c| c.rows.start);
+        let ends = [0].into_iter().chain(channels.iter().map(|c| c.rows.end));
+        assert!(
+            starts.zip(ends).all(|(s, e)| s == e),
+            "{text}: {channels:?}"
+        );
+        assert_eq!(channels.last().map(|c| c.rows.end), Some(rows), "{text}");
     }
 }

@@ -55,6 +55,14 @@ pub fn run(args: Args) -> Result<()> {
     let setup = Setup::parse(setup)?;
     let (tokenizer, mut model) = args.tuned.load_composed(setup, &device)?;
     args.drop.apply_composed(&mut model)?;
+    // Every batch the setup cannot run (batch_split sizes) is an error before any output.
+    let (full, rest) = (
+        texts.len().min(args.batch_size),
+        texts.len() % args.batch_size,
+    );
+    for rows in [full, rest].into_iter().filter(|r| *r > 0) {
+        model.check_batch(rows)?;
+    }
     for chunk in texts.chunks(args.batch_size) {
         let batch = tokenizer.batch(&refs(chunk), &device)?;
         let logits = model.logits(&batch, &mut Mode::Eval)?;

@@ -65,12 +65,14 @@ impl Flow<'_> {
 }
 
 impl Composition {
-    /// Checks that every adapter and fusion the setup names is given.
+    /// Checks the setup (as [`Setup::parse`] does) and that every adapter and fusion it names
+    /// is given.
     pub fn new(
         setup: Setup,
         adapters: BTreeMap<String, BottleneckAdapters>,
         fusions: BTreeMap<String, Fusion>,
     ) -> Result<Self> {
+        setup.validate(0)?;
         if let Some(missing) = setup
             .names()
             .into_iter()
@@ -141,15 +143,7 @@ impl Composition {
     ) -> CandleResult<Tensor> {
         let (input, layer_norm) = (place.input, place.layer_norm);
         // One adapter alone takes the path it takes outside a composition, to the bit.
-        let single = match setup {
-            Setup::Adapter(name) => Some(name),
-            Setup::Stack(children) => match &children[..] {
-                [Setup::Adapter(name)] => Some(name),
-                _ => None,
-            },
-            _ => None,
-        };
-        if let Some(name) = single {
+        if let Some(name) = setup.single_adapter() {
             return match self.adapter(name, place.layer, place.position) {
                 Some(adapter) => adapter.forward(hidden, input, layer_norm, mode),
                 None => layer_norm.of_sum(&[hidden, input]),

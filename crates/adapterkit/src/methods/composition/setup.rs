@@ -35,6 +35,9 @@ pub enum Setup {
     },
 }
 
+/// The largest batch_split size accepted: sizes are summed, and no batch is near this.
+const MAX_BATCH_SIZE: f64 = 4_294_967_295.0;
+
 /// What each block may hold: AdapterHub's `ALLOWED_NESTINGS` (adapters 1.3), without Split and
 /// MultiTask, which we do not have.
 fn may_nest(parent: &Setup, child: &Setup) -> bool {
@@ -140,9 +143,12 @@ impl Setup {
                 let sizes = numbers.ok_or_else(|| {
                     Error::input("batch_split(...) needs its batch sizes, e.g. batch_split(a,b)[4,4]")
                 })?;
-                if sizes.iter().any(|s| s.fract() != 0.0 || *s < 0.0) {
+                if sizes
+                    .iter()
+                    .any(|s| s.fract() != 0.0 || !(0.0..=MAX_BATCH_SIZE).contains(s))
+                {
                     return Err(Error::input(format!(
-                        "batch_split sizes must be whole numbers, got {sizes:?}"
+                        "batch_split sizes must be whole numbers from 0 to {MAX_BATCH_SIZE}, got {sizes:?}"
                     )));
                 }
                 Setup::BatchSplit {
@@ -194,7 +200,7 @@ impl Setup {
 
     /// AdapterHub's `validate_composition`: the nesting table, and below the first level only
     /// stacks and adapters. Also checks names and that the numbers fit the children.
-    fn validate(&self, level: usize) -> Result<()> {
+    pub(crate) fn validate(&self, level: usize) -> Result<()> {
         if level > 1 && !matches!(self, Setup::Stack(_) | Setup::Adapter(_)) {
             return Err(Error::input(format!(
                 "adapter setup too deep: {self} cannot sit at nesting level {level} (only stack and adapters can)"
@@ -217,6 +223,21 @@ impl Setup {
                 "{self}: {count} numbers for {} children",
                 children.len()
             )));
+        }
+        if let Setup::Stack(_) = self {
+            let mut parallels = children.iter().filter(|c| matches!(c, Setup::Parallel(_)));
+            if let Some(first) = parallels.next() {
+                if let Some(other) =
+                    parallels.find(|p| p.children().len() != first.children().len())
+                {
+                    return Err(Error::input(format!(
+                        "{self}: the parallel blocks of a stack must have as many children each \
+                         ({first} has {}, {other} has {})",
+                        first.children().len(),
+                        other.children().len()
+                    )));
+                }
+            }
         }
         for child in children {
             if !may_nest(self, child) {
@@ -265,7 +286,7 @@ impl Setup {
         out
     }
 
-    pub(super) fn visit<'a>(&'a self, f: &mut impl FnMut(&'a Setup)) {
+    pub(crate) fn visit<'a>(&'a self, f: &mut impl FnMut(&'a Setup)) {
         f(self);
         for child in self.children() {
             child.visit(f);
@@ -322,6 +343,18 @@ impl Setup {
             Setup::Adapter(name) => name.clone(),
             Setup::Fuse(children) => Setup::fusion_name(children),
             block => block.children().last().expect("validated").head_name(),
+        }
+    }
+
+    /// The adapter this setup runs alone, if that is all it does: `a`, `stack(a)`,
+    /// `average(a)`, nested or not.
+    pub fn single_adapter(&self) -> Option<&str> {
+        match self {
+            Setup::Adapter(name) => Some(name),
+            Setup::Stack(children) | Setup::Average { children, .. } if children.len() == 1 => {
+                children[0].single_adapter()
+            }
+            _ => None,
         }
     }
 
@@ -482,8 +515,12 @@ impl Parser<'_> {
     }
 
     fn skip_space(&mut self) {
-        while self.text[self.at..].starts_with(char::is_whitespace) {
-            self.at += 1;
+        while let Some(c) = self.text[self.at..]
+            .chars()
+            .next()
+            .filter(|c| c.is_whitespace())
+        {
+            self.at += c.len_utf8();
         }
     }
 
