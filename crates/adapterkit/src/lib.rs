@@ -25,6 +25,7 @@ pub mod metrics;
 pub mod model;
 pub mod params;
 pub mod pooling;
+pub mod predictor;
 pub mod rng;
 pub mod tokenizer;
 pub mod train;

@@ -16,9 +16,7 @@ use candle_core::Device;
 use std::collections::BTreeSet;
 
 use adapterkit::adapter_model::AdapterModel;
-use adapterkit::composed_model::ComposedModel;
 use adapterkit::io::adapter_dir;
-use adapterkit::methods::composition::Setup;
 use adapterkit::model::load::Pretrained;
 use adapterkit::tokenizer::TextTokenizer;
 
@@ -52,17 +50,6 @@ impl TunedArgs {
         let tuned = adapter_dir::load(dir, pretrained.model, device)?;
         Ok((pretrained.tokenizer, tuned.frozen()))
     }
-
-    /// The tokenizer and every adapter directory loaded under `setup`.
-    pub fn load_composed(
-        &self,
-        setup: Setup,
-        device: &Device,
-    ) -> Result<(TextTokenizer, ComposedModel)> {
-        let pretrained = Pretrained::load(&self.model, device)?;
-        let model = adapter_dir::load_composed(&self.adapter, setup, pretrained.model, device)?;
-        Ok((pretrained.tokenizer, model))
-    }
 }
 
 /// AdapterDrop at inference: which layers' adapters to skip.
@@ -95,15 +82,6 @@ impl DropArgs {
     /// Applies the choice to `model`.
     pub fn apply(&self, model: &mut AdapterModel) -> Result<()> {
         model.set_skip_layers(&self.layers(model.encoder.layers.len())?);
-        Ok(())
-    }
-
-    /// Applies the choice to every adapter of a composed model.
-    pub fn apply_composed(&self, model: &mut ComposedModel) -> Result<()> {
-        let skip = self.layers(model.encoder.layers.len())?;
-        for adapter in model.composition.adapters.values_mut() {
-            adapter.skip_layers = skip.clone();
-        }
         Ok(())
     }
 }

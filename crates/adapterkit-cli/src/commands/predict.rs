@@ -3,13 +3,10 @@ use std::io::Write;
 use std::path::PathBuf;
 
 use anyhow::Result;
-use candle_core::{Device, Tensor};
-use serde_json::{json, Value};
+use candle_core::Device;
+use serde_json::json;
 
-use adapterkit::data::TaskKind;
-use adapterkit::heads::{scores, Head};
-use adapterkit::methods::composition::Setup;
-use adapterkit::model::Mode;
+use adapterkit::predictor::Predictor;
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -37,86 +34,38 @@ pub fn run(args: Args) -> Result<()> {
         Some(path) => crate::input::file_lines(path)?,
         None => crate::input::texts(&args.texts)?,
     };
-    let device = Device::Cpu;
-    let mut out = std::io::stdout().lock();
-    let Some(setup) = &args.setup else {
-        let (tokenizer, mut model) = args.tuned.load(&device)?;
-        args.drop.apply(&mut model)?;
-        for chunk in texts.chunks(args.batch_size) {
-            let batch = tokenizer.batch(&refs(chunk), &device)?;
-            let logits = model.logits(&batch, &mut Mode::Eval)?;
-            for (text, mut line) in chunk.iter().zip(predictions(&model.head, &logits)?) {
-                line["text"] = text.as_str().into();
-                writeln!(out, "{line}")?;
-            }
-        }
-        return Ok(());
-    };
-    let setup = Setup::parse(setup)?;
-    let (tokenizer, mut model) = args.tuned.load_composed(setup, &device)?;
-    args.drop.apply_composed(&mut model)?;
+    if args.setup.is_none() {
+        args.tuned.dir()?;
+    }
+    let mut predictor = Predictor::load(
+        &args.tuned.model,
+        &args.tuned.adapter,
+        args.setup.as_deref(),
+        &Device::Cpu,
+    )?;
+    predictor.set_skip_layers(&args.drop.layers(predictor.layers())?)?;
     // Every batch the setup cannot run (batch_split sizes) is an error before any output.
     let (full, rest) = (
         texts.len().min(args.batch_size),
         texts.len() % args.batch_size,
     );
     for rows in [full, rest].into_iter().filter(|r| *r > 0) {
-        model.check_batch(rows)?;
+        predictor.check_batch(rows)?;
     }
+    let mut out = std::io::stdout().lock();
     for chunk in texts.chunks(args.batch_size) {
-        let batch = tokenizer.batch(&refs(chunk), &device)?;
-        let logits = model.logits(&batch, &mut Mode::Eval)?;
-        let mut lines: Vec<Value> = chunk
-            .iter()
-            .map(|text| json!({ "text": text, "tasks": {} }))
-            .collect();
-        for task in &logits {
-            let head = &model.heads[task.head];
-            for (row, prediction) in task.rows.clone().zip(predictions(head, &task.logits)?) {
-                lines[row]["tasks"][&head.name] = prediction;
-            }
-        }
-        for line in lines {
+        let refs: Vec<&str> = chunk.iter().map(String::as_str).collect();
+        for (text, tasks) in chunk.iter().zip(predictor.predict(&refs)?) {
+            let line = if args.setup.is_some() {
+                json!({ "text": text, "tasks": tasks })
+            } else {
+                // One adapter: its prediction itself, with the text.
+                let mut line = serde_json::to_value(tasks.into_values().next())?;
+                line["text"] = text.as_str().into();
+                line
+            };
             writeln!(out, "{line}")?;
         }
     }
     Ok(())
-}
-
-fn refs(texts: &[String]) -> Vec<&str> {
-    texts.iter().map(String::as_str).collect()
-}
-
-/// One JSON object per row of `logits`: the label (or labels, or value) and the scores.
-fn predictions(head: &Head, logits: &Tensor) -> Result<Vec<Value>> {
-    let kind = head.config.kind()?;
-    let labels = head.config.labels();
-    let scores = scores(kind, logits)?;
-    if kind == TaskKind::Regression {
-        let values = scores.to_vec1::<f32>()?;
-        return Ok(values.into_iter().map(|v| json!({ "value": v })).collect());
-    }
-    let rows = scores.to_vec2::<f32>()?;
-    Ok(rows
-        .into_iter()
-        .map(|row| {
-            let by_label: serde_json::Map<_, _> = labels
-                .iter()
-                .cloned()
-                .zip(row.iter().map(|p| (*p).into()))
-                .collect();
-            if kind == TaskKind::MultiLabel {
-                let chosen: Vec<&String> = labels
-                    .iter()
-                    .zip(&row)
-                    .filter(|(_, p)| **p > 0.5)
-                    .map(|(l, _)| l)
-                    .collect();
-                json!({ "labels": chosen, "scores": by_label })
-            } else {
-                let best = adapterkit::train::evaluate::argmax(&row);
-                json!({ "label": labels[best], "scores": by_label })
-            }
-        })
-        .collect())
 }
