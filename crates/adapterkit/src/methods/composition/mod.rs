@@ -13,9 +13,11 @@
 //! setup prepared by one adapter's options and finished by another's), docs/ARCHITECTURE.md
 //! says how and why.
 
+mod channels;
 mod setup;
 
-pub use setup::{Channel, Setup};
+pub use channels::Channel;
+pub use setup::Setup;
 
 use std::collections::BTreeMap;
 
