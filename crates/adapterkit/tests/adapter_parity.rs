@@ -227,6 +227,27 @@ fn an_adapter_for_another_hidden_size_is_named() {
 }
 
 #[test]
+fn adapter_weights_without_their_config_are_refused() {
+    for weights in ["adapter.safetensors", "pytorch_adapter.bin"] {
+        let copy = tempfile::tempdir().unwrap();
+        copy_dir(&case_dir("houlsby"), copy.path());
+        std::fs::remove_file(copy.path().join("adapter_config.json")).unwrap();
+        let other = ["adapter.safetensors", "pytorch_adapter.bin"]
+            .into_iter()
+            .find(|w| *w != weights)
+            .unwrap();
+        std::fs::remove_file(copy.path().join(other)).unwrap();
+        let err = adapter_dir::load(copy.path(), tiny_encoder(), &Device::Cpu)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains(weights) && err.contains("without their adapter_config.json"),
+            "{err}"
+        );
+    }
+}
+
+#[test]
 fn saving_over_an_older_adapter_removes_what_the_new_model_lacks() {
     let out = tempfile::tempdir().unwrap();
     let with_adapter = load_case(&case_dir("houlsby"));

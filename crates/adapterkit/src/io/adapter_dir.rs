@@ -335,6 +335,18 @@ pub fn load(dir: &Path, mut encoder: BertModel, device: &Device) -> Result<Adapt
     let adapter = if dir.join(ADAPTER_CONFIG).exists() {
         Some(read_adapter(dir, &encoder, device)?)
     } else {
+        // Weights without their config would otherwise run silently as a head-only model.
+        if let Some(weights) = [ADAPTER_WEIGHTS, ADAPTER_WEIGHTS_PICKLE]
+            .iter()
+            .find(|f| dir.join(f).exists())
+        {
+            return Err(Error::file(
+                dir.join(weights),
+                format!(
+                    "adapter weights without their {ADAPTER_CONFIG}: the adapter cannot be built"
+                ),
+            ));
+        }
         None
     };
     let fusion_path = dir.join(FUSION_CONFIG);
