@@ -43,6 +43,9 @@ fn keep_freed_memory() {
 struct Cli {
     #[command(subcommand)]
     command: Command,
+    /// Threads for the kernels, for any command (default: candle's, the physical cores).
+    #[arg(long, global = true, value_name = "N")]
+    threads: Option<usize>,
 }
 
 #[derive(Subcommand)]
@@ -70,6 +73,15 @@ enum Command {
 fn main() -> ExitCode {
     keep_freed_memory();
     let cli = Cli::parse();
+    if let Some(n) = cli.threads {
+        if n == 0 {
+            eprintln!("error: --threads must be positive");
+            return ExitCode::FAILURE;
+        }
+        // candle and gemm read this when they first size their thread pools, which no
+        // command has done yet.
+        std::env::set_var("RAYON_NUM_THREADS", n.to_string());
+    }
     let result = match cli.command {
         Command::Info(args) => commands::info::run(args),
         Command::Encode(args) => commands::encode::run(args),

@@ -254,3 +254,42 @@ fn non_utf8_text_is_rejected() {
         assert!(String::from_utf8_lossy(&out.stderr).contains("text argument 1 is not valid UTF-8"));
     }
 }
+
+#[test]
+fn every_command_takes_a_thread_count() {
+    let tiny = tiny_bert();
+    // The same embedding on one thread and on two.
+    let embed = |threads: &str| {
+        let out = adapterkit(
+            &[
+                "encode",
+                "--model",
+                s(&tiny),
+                "--json",
+                "--threads",
+                threads,
+                "a text",
+            ],
+            b"",
+        );
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let line: serde_json::Value = serde_json::from_str(stdout(&out).trim()).unwrap();
+        line["embedding"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_f64().unwrap())
+            .collect::<Vec<_>>()
+    };
+    let (one, two) = (embed("1"), embed("2"));
+    assert!(one.iter().zip(&two).all(|(a, b)| (a - b).abs() < 1e-6));
+    assert_clean_failure(
+        &["--threads", "0", "info", "--model", s(&tiny)],
+        b"",
+        &["--threads must be positive"],
+    );
+}

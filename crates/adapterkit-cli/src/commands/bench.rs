@@ -23,9 +23,6 @@ pub struct Args {
     seq_len: usize,
     #[arg(long, default_value_t = 32)]
     batch_size: usize,
-    /// Threads for candle's kernels (default: all cores).
-    #[arg(long)]
-    threads: Option<usize>,
     /// Timed steps per measurement (the median is reported), after one untimed step.
     #[arg(long, default_value_t = 5)]
     steps: usize,
@@ -51,11 +48,6 @@ pub struct Args {
 }
 
 pub fn run(args: Args) -> Result<()> {
-    if let Some(n) = args.threads {
-        anyhow::ensure!(n > 0, "--threads must be positive");
-        // candle and gemm read this when they first size their thread pools.
-        std::env::set_var("RAYON_NUM_THREADS", n.to_string());
-    }
     anyhow::ensure!(
         args.seq_len > 0 && args.batch_size > 0 && args.steps > 0,
         "sizes and steps must be positive"
@@ -173,7 +165,7 @@ pub fn run(args: Args) -> Result<()> {
         "shape": args.shape,
         "seq_len": args.seq_len,
         "batch_size": args.batch_size,
-        "threads": args.threads.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get())),
+        "threads": candle_core::utils::get_num_threads(),
         "matmul_peak_gflop_per_second": peak / 1e9,
         "results": rows,
     });
