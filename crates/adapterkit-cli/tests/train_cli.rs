@@ -114,6 +114,17 @@ fn train_then_eval_and_predict_the_saved_adapter() {
     ] {
         assert!(out.join(file).exists(), "{file} missing");
     }
+    // The trained LayerNorms are in a file Python's `adapters` does not read: train says so,
+    // and `info --adapter` shows it.
+    let stderr = String::from_utf8_lossy(&trained.stderr);
+    assert!(
+        stderr.contains("base_weights.safetensors") && stderr.contains("--freeze-layer-norms"),
+        "{stderr}"
+    );
+    let info = adapterkit(&["info", "--model", s(&model), "--adapter", s(&out), "--json"]);
+    let info: serde_json::Value = serde_json::from_slice(&info.stdout).unwrap();
+    // The embeddings' LayerNorm and two a layer, two layers: weight and bias each.
+    assert_eq!(info["adapter_base_weight_tensors"], 10);
 
     let eval = adapterkit(&[
         "eval",

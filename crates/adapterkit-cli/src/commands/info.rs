@@ -17,6 +17,18 @@ pub struct Args {
     json: bool,
 }
 
+/// How many encoder tensors an adapter directory carries in `base_weights.safetensors`
+/// (trained with it; Python's `adapters` does not read them), if any.
+fn base_weight_tensors(adapter: &str) -> Result<Option<usize>> {
+    let path = std::path::Path::new(adapter).join(adapterkit::io::adapter_dir::BASE_WEIGHTS);
+    if !path.exists() {
+        return Ok(None);
+    }
+    let tensors = candle_core::safetensors::load(&path, &Device::Cpu)
+        .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+    Ok(Some(tensors.len()))
+}
+
 /// Parameters of an adapter (without its head) on `model`, and the size of its weights file.
 fn adapter_size(
     adapter: &str,
@@ -53,6 +65,12 @@ pub fn run(args: Args) -> Result<()> {
         .as_deref()
         .map(|a| adapter_size(a, &model))
         .transpose()?;
+    let base_weights = args
+        .adapter
+        .as_deref()
+        .map(base_weight_tensors)
+        .transpose()?
+        .flatten();
     if args.json {
         let mut info = serde_json::json!({
             "model": files.source,
@@ -71,6 +89,9 @@ pub fn run(args: Args) -> Result<()> {
             info["adapter_parameters"] = count.into();
             info["adapter_share"] = (count as f64 / parameters as f64).into();
             info["adapter_file_bytes"] = file.into();
+        }
+        if let Some(n) = base_weights {
+            info["adapter_base_weight_tensors"] = n.into();
         }
         println!("{}", serde_json::to_string_pretty(&info)?);
     } else {
@@ -100,6 +121,12 @@ pub fn run(args: Args) -> Result<()> {
             println!(
                 "adapter:      {count} parameters, {:.2}% of the model{file}",
                 100.0 * count as f64 / parameters as f64
+            );
+        }
+        if let Some(n) = base_weights {
+            println!(
+                "base weights: {n} encoder tensors trained with the adapter \
+                 (base_weights.safetensors; Python's `adapters` does not read them)"
             );
         }
     }

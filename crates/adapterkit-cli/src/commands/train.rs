@@ -283,6 +283,16 @@ pub fn fit(
         "peak_rss_bytes": adapterkit::bench::peak_rss_bytes(),
     });
     write_json_atomic(&args.out.join("results.json"), &result)?;
+    let base_weights = args.out.join(adapterkit::io::adapter_dir::BASE_WEIGHTS);
+    if base_weights.exists() {
+        eprintln!(
+            "note: {} holds encoder weights trained here (the LayerNorms beside the adapter, or \
+             the whole encoder). adapterkit loads them with the adapter; Python's `adapters` does \
+             not read this file and would give other scores. For an adapter Python reads alike, \
+             train with --freeze-layer-norms.",
+            base_weights.display()
+        );
+    }
     if args.json {
         println!("{}", serde_json::to_string_pretty(&result)?);
     } else {
