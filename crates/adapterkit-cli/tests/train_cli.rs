@@ -561,3 +561,36 @@ fn export_writes_the_splits_as_json_lines() {
     );
     assert!(!out.join("test.jsonl").exists());
 }
+
+#[test]
+fn an_output_folder_that_is_not_a_run_is_refused_unless_overwritten() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = tiny_bert();
+    let train = write_csv(dir.path(), "train.csv", 8);
+    let out = dir.path().join("someone-elses");
+    std::fs::create_dir(&out).unwrap();
+    std::fs::write(out.join("notes.txt"), "mine").unwrap();
+    let args = [
+        "train",
+        "--model",
+        s(&model),
+        "--train",
+        s(&train),
+        "--validation",
+        s(&train),
+        "--epochs",
+        "1",
+        "--out",
+        s(&out),
+        "--quiet",
+    ];
+    assert_fails_with(&adapterkit(&args), &["no adapterkit run", "--overwrite"]);
+    assert!(!out.join("adapter_config.json").exists(), "nothing written");
+    // With --overwrite our files go in beside theirs; a second run there needs no flag.
+    train_quick(&model, &train, &out, &["--overwrite"]);
+    assert_eq!(
+        std::fs::read_to_string(out.join("notes.txt")).unwrap(),
+        "mine"
+    );
+    train_quick(&model, &train, &out, &[]);
+}

@@ -81,6 +81,10 @@ pub struct TrainingArgs {
     /// No progress bar.
     #[arg(long)]
     quiet: bool,
+    /// Write into an --out directory that holds other files (ours replace those of the same
+    /// names; nothing else there is touched).
+    #[arg(long)]
+    overwrite: bool,
 }
 
 fn parse_key_value(s: &str) -> Result<(String, String), String> {
@@ -204,6 +208,7 @@ pub fn fit(
     method: &str,
     dataset: &str,
 ) -> Result<()> {
+    adapterkit::io::adapter_dir::check_output_dir(&args.out, args.overwrite)?;
     let device = Device::Cpu;
     let head = model.head.config.clone();
     let train_set = EncodedDataset::new(&splits.train, tok, &head)?;

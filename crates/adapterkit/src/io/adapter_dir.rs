@@ -374,6 +374,31 @@ pub fn load(dir: &Path, mut encoder: BertModel, device: &Device) -> Result<Adapt
     })
 }
 
+/// Whether `dir` may receive a training run's files: absent, empty, or an earlier run's (its
+/// `training_log.jsonl` is there). Any other folder is refused unless `overwrite`, so that a
+/// mistyped output path never mixes a run's files into someone else's folder, nor has them
+/// replace files of the same names there.
+pub fn check_output_dir(dir: &Path, overwrite: bool) -> Result<()> {
+    if overwrite || !dir.exists() || dir.join(crate::train::TRAINING_LOG).exists() {
+        return Ok(());
+    }
+    if !dir.is_dir() {
+        return Err(Error::file(
+            dir,
+            "the output path is a file, not a directory",
+        ));
+    }
+    let mut entries = std::fs::read_dir(dir).map_err(|e| Error::io(dir, e))?;
+    if entries.next().is_some() {
+        return Err(Error::file(
+            dir,
+            "the output directory holds files but no adapterkit run (no training_log.jsonl); \
+             choose another directory, or pass --overwrite to write ours among them",
+        ));
+    }
+    Ok(())
+}
+
 /// Loads adapter (and fusion) directories onto `encoder` to run them under `setup`. With
 /// several directories, one holding trained LayerNorms is refused: they would share the encoder.
 pub fn load_composed(
