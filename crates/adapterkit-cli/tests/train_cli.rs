@@ -594,3 +594,46 @@ fn an_output_folder_that_is_not_a_run_is_refused_unless_overwritten() {
     );
     train_quick(&model, &train, &out, &[]);
 }
+
+#[test]
+fn the_sequence_limit_trained_with_is_used_again_unless_overridden() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = tiny_bert();
+    let train = write_csv(dir.path(), "train.csv", 8);
+    let out = dir.path().join("short");
+    train_quick(&model, &train, &out, &["--max-seq-len", "4"]);
+    let settings: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(out.join("adapterkit_settings.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(settings["max_seq_len"], 4);
+    let text = "the cat, it sat on the mat and then it sat on the mat again";
+    let predict = |extra: &[&str]| -> serde_json::Value {
+        let mut args = vec!["predict", "--model", s(&model), "--adapter", s(&out)];
+        args.extend_from_slice(extra);
+        args.push(text);
+        let run = adapterkit(&args);
+        assert!(
+            run.status.success(),
+            "{}",
+            String::from_utf8_lossy(&run.stderr)
+        );
+        serde_json::from_slice(&run.stdout).unwrap()
+    };
+    let recorded = predict(&[]);
+    assert_eq!(recorded, predict(&["--max-seq-len", "4"]));
+    assert_ne!(
+        recorded["scores"],
+        predict(&["--max-seq-len", "64"])["scores"]
+    );
+    // Retrained without the flag, the record goes.
+    train_quick(&model, &train, &out, &[]);
+    assert!(!out.join("adapterkit_settings.json").exists());
+    let run = adapterkit(&["encode", "--model", s(&model), "--max-seq-len", "1", "x"]);
+    assert_fails_with(
+        &run,
+        &["maximum sequence length of 1", "the model takes 2 to 64"],
+    );
+    let run = adapterkit(&["encode", "--model", s(&model), "--max-seq-len", "65", "x"]);
+    assert_fails_with(&run, &["the model takes 2 to 64"]);
+}

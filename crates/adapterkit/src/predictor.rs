@@ -111,7 +111,13 @@ impl Predictor {
         setup: Option<&str>,
         device: &Device,
     ) -> Result<Self> {
-        let pretrained = Pretrained::load(model, device)?;
+        let mut pretrained = Pretrained::load(model, device)?;
+        // The sequence limit the (first) adapter was trained with, if it recorded one.
+        if let Some(dir) = adapters.first() {
+            if let Some(n) = adapter_dir::recorded_max_seq_len(dir)? {
+                pretrained.tokenizer.set_max_length(n)?;
+            }
+        }
         let tuned = match (adapters, setup) {
             (_, Some(setup)) => Tuned::Composed(Box::new(adapter_dir::load_composed(
                 adapters,

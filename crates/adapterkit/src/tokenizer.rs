@@ -18,6 +18,8 @@ pub struct TextTokenizer {
     inner: Tokenizer,
     pad_id: u32,
     max_length: usize,
+    /// The most the model takes (its positions, or `model_max_length` below them).
+    model_limit: usize,
     source: PathBuf,
 }
 
@@ -101,25 +103,42 @@ impl TextTokenizer {
             .unwrap_or(0);
         // Padding is ours (to the longest row); the file's fixed padding would waste compute.
         inner.with_padding(None);
-        inner
+        let mut tokenizer = Self {
+            inner,
+            pad_id,
+            max_length,
+            model_limit: max_length,
+            source,
+        };
+        tokenizer.set_max_length(max_length)?;
+        Ok(tokenizer)
+    }
+
+    /// The most tokens a text (or pair) keeps, special tokens included.
+    pub fn max_length(&self) -> usize {
+        self.max_length
+    }
+
+    /// Truncates to `max_length` tokens from now on (`--max-seq-len`): at least 2 (the special
+    /// tokens and one more), at most what the model takes.
+    pub fn set_max_length(&mut self, max_length: usize) -> Result<()> {
+        if !(2..=self.model_limit).contains(&max_length) {
+            return Err(Error::input(format!(
+                "a maximum sequence length of {max_length} tokens: the model takes 2 to {}",
+                self.model_limit
+            )));
+        }
+        self.inner
             .with_truncation(Some(TruncationParams {
                 max_length,
                 ..Default::default()
             }))
             .map_err(|e| Error::Tokenizer {
-                path: source.clone(),
+                path: self.source.clone(),
                 message: e.to_string(),
             })?;
-        Ok(Self {
-            inner,
-            pad_id,
-            max_length,
-            source,
-        })
-    }
-
-    pub fn max_length(&self) -> usize {
-        self.max_length
+        self.max_length = max_length;
+        Ok(())
     }
 
     pub fn pad_id(&self) -> u32 {

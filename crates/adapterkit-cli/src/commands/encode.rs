@@ -22,6 +22,8 @@ pub struct Args {
     /// Texts per forward pass.
     #[arg(long, default_value_t = 32)]
     batch_size: usize,
+    #[command(flatten)]
+    max_seq_len: super::MaxSeqLen,
     /// One JSON object per line (`text`, `embedding`) instead of space-separated numbers.
     #[arg(long)]
     json: bool,
@@ -39,7 +41,8 @@ pub fn run(args: Args) -> Result<()> {
     anyhow::ensure!(args.batch_size > 0, "--batch-size must be positive");
     let texts = crate::input::texts(&args.texts)?;
     let device = Device::Cpu;
-    let pretrained = Pretrained::load(&args.model, &device)?;
+    let mut pretrained = Pretrained::load(&args.model, &device)?;
+    args.max_seq_len.apply(&mut pretrained.tokenizer)?;
     let pooling = match args.pooling {
         PoolingArg::Cls => Pooling::Cls,
         PoolingArg::Mean => Pooling::Mean,

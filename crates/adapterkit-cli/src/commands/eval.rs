@@ -19,6 +19,8 @@ pub struct Args {
     batch_size: usize,
     #[command(flatten)]
     drop: super::DropArgs,
+    #[command(flatten)]
+    max_seq_len: super::MaxSeqLen,
     /// Print one JSON object (`accuracy`, `macro_f1`, `mcc`, ... and `examples`).
     #[arg(long)]
     json: bool,
@@ -28,7 +30,7 @@ pub fn run(args: Args) -> Result<()> {
     anyhow::ensure!(args.batch_size > 0, "--batch-size must be positive");
     let device = Device::Cpu;
     let data = args.data.one(&args.split)?;
-    let (tokenizer, mut model) = args.tuned.load(&device)?;
+    let (tokenizer, mut model) = args.tuned.load(&args.max_seq_len, &device)?;
     args.drop.apply(&mut model)?;
     let encoded = EncodedDataset::new(&data, &tokenizer, &model.head.config)?;
     let metrics = evaluate(

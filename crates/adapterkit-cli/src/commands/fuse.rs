@@ -36,7 +36,8 @@ pub fn run(args: Args) -> Result<()> {
     let device = Device::Cpu;
     let config = FusionConfig::preset(&args.fusion)?;
     let splits = args.data.splits()?;
-    let pretrained = Pretrained::load(&args.model, &device)?;
+    let mut pretrained = Pretrained::load(&args.model, &device)?;
+    args.training.max_seq_len.apply(&mut pretrained.tokenizer)?;
     let adapters = args
         .adapters
         .iter()

@@ -29,7 +29,7 @@ pub struct Args {
 pub fn run(args: Args) -> Result<()> {
     let device = Device::Cpu;
     let data = args.data.one(&args.split)?;
-    let (tokenizer, mut model) = args.tuned.load(&device)?;
+    let (tokenizer, mut model) = args.tuned.load(&super::MaxSeqLen::default(), &device)?;
     let fusion = model
         .fusion
         .as_mut()

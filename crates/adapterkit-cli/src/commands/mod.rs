@@ -43,12 +43,39 @@ impl TunedArgs {
         }
     }
 
-    /// The tokenizer and the model with the adapter (and head) loaded.
-    pub fn load(&self, device: &Device) -> Result<(TextTokenizer, AdapterModel)> {
+    /// The tokenizer (truncating as the adapter was trained, or to `max_seq_len`) and the
+    /// model with the adapter (and head) loaded.
+    pub fn load(
+        &self,
+        max_seq_len: &MaxSeqLen,
+        device: &Device,
+    ) -> Result<(TextTokenizer, AdapterModel)> {
         let dir = self.dir()?;
-        let pretrained = Pretrained::load(&self.model, device)?;
+        let mut pretrained = Pretrained::load(&self.model, device)?;
         let tuned = adapter_dir::load(dir, pretrained.model, device)?;
+        if let Some(n) = adapter_dir::recorded_max_seq_len(dir)? {
+            pretrained.tokenizer.set_max_length(n)?;
+        }
+        max_seq_len.apply(&mut pretrained.tokenizer)?;
         Ok((pretrained.tokenizer, tuned.frozen()))
+    }
+}
+
+/// `--max-seq-len`: how many tokens of a text the model reads.
+#[derive(clap::Args, Debug, Clone, Default)]
+pub struct MaxSeqLen {
+    /// Truncate texts to N tokens, special tokens included (default: what the adapter was
+    /// trained with, else what the model takes).
+    #[arg(long, value_name = "N")]
+    pub max_seq_len: Option<usize>,
+}
+
+impl MaxSeqLen {
+    pub fn apply(&self, tokenizer: &mut TextTokenizer) -> Result<()> {
+        if let Some(n) = self.max_seq_len {
+            tokenizer.set_max_length(n)?;
+        }
+        Ok(())
     }
 }
 

@@ -19,6 +19,8 @@ pub struct Args {
     setup: Option<String>,
     #[command(flatten)]
     drop: super::DropArgs,
+    #[command(flatten)]
+    max_seq_len: super::MaxSeqLen,
     /// Read texts from this file, one per line.
     #[arg(long)]
     file: Option<PathBuf>,
@@ -44,6 +46,7 @@ pub fn run(args: Args) -> Result<()> {
         &Device::Cpu,
     )?;
     predictor.set_skip_layers(&args.drop.layers(predictor.layers())?)?;
+    args.max_seq_len.apply(&mut predictor.tokenizer)?;
     // Every batch the setup cannot run (batch_split sizes) is an error before any output.
     let (full, rest) = (
         texts.len().min(args.batch_size),

@@ -81,6 +81,8 @@ pub struct TrainingArgs {
     /// No progress bar.
     #[arg(long)]
     quiet: bool,
+    #[command(flatten)]
+    pub max_seq_len: super::MaxSeqLen,
     /// Write into an --out directory that holds other files (ours replace those of the same
     /// names; nothing else there is touched).
     #[arg(long)]
@@ -163,7 +165,8 @@ pub fn run(args: Args) -> Result<()> {
     let device = Device::Cpu;
     let method = method(&args)?;
     let splits = args.data.splits()?;
-    let pretrained = Pretrained::load(&args.model, &device)?;
+    let mut pretrained = Pretrained::load(&args.model, &device)?;
+    args.training.max_seq_len.apply(&mut pretrained.tokenizer)?;
     let name = args
         .name
         .clone()
@@ -288,6 +291,7 @@ pub fn fit(
         "peak_rss_bytes": adapterkit::bench::peak_rss_bytes(),
     });
     write_json_atomic(&args.out.join("results.json"), &result)?;
+    adapterkit::io::adapter_dir::record_max_seq_len(&args.out, args.max_seq_len.max_seq_len)?;
     let base_weights = args.out.join(adapterkit::io::adapter_dir::BASE_WEIGHTS);
     if base_weights.exists() {
         eprintln!(

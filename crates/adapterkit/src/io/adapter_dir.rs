@@ -43,6 +43,9 @@ pub const FUSION_WEIGHTS_PICKLE: &str = "pytorch_model_adapter_fusion.bin";
 
 /// The `adapters` version whose format we write.
 pub const ADAPTERHUB_VERSION: &str = "adapters.1.3.0";
+/// Our settings that AdapterHub's files have no field for: `{"max_seq_len": N}` when the
+/// adapter was trained with `--max-seq-len`.
+pub const RUN_SETTINGS: &str = "adapterkit_settings.json";
 /// Adapter tensors are saved under the model-with-head's `bert.` prefix, as AdapterHub does.
 const MODEL_PREFIX: &str = "bert.";
 
@@ -372,6 +375,35 @@ pub fn load(dir: &Path, mut encoder: BertModel, device: &Device) -> Result<Adapt
         head,
         base_trainable: Params::default(),
     })
+}
+
+/// Records the sequence limit an adapter was trained with (`None`: the model's own; the
+/// file is removed), so that `eval` and `predict` use it again.
+pub fn record_max_seq_len(dir: &Path, max_seq_len: Option<usize>) -> Result<()> {
+    let path = dir.join(RUN_SETTINGS);
+    match max_seq_len {
+        Some(n) => {
+            crate::io::atomic::write_json_atomic(&path, &serde_json::json!({ "max_seq_len": n }))
+        }
+        None if path.exists() => std::fs::remove_file(&path).map_err(|e| Error::io(&path, e)),
+        None => Ok(()),
+    }
+}
+
+/// The sequence limit recorded by [`record_max_seq_len`], if any.
+pub fn recorded_max_seq_len(dir: &Path) -> Result<Option<usize>> {
+    let path = dir.join(RUN_SETTINGS);
+    if !path.exists() {
+        return Ok(None);
+    }
+    let json = read_json(&path)?;
+    match &json["max_seq_len"] {
+        serde_json::Value::Null => Ok(None),
+        n => n
+            .as_u64()
+            .map(|n| Some(n as usize))
+            .ok_or_else(|| Error::file(&path, "max_seq_len is not a whole number")),
+    }
 }
 
 /// Whether `dir` may receive a training run's files: absent, empty, or an earlier run's (its
