@@ -1,6 +1,7 @@
 //! The `adapterkit` command line: a thin layer of argument parsing over the library.
 
 mod commands;
+mod curves;
 mod data_args;
 mod input;
 

@@ -110,6 +110,7 @@ fn train_then_eval_and_predict_the_saved_adapter() {
         "model_head.safetensors",
         "base_weights.safetensors",
         "training_log.jsonl",
+        "training_curves.svg",
         "results.json",
     ] {
         assert!(out.join(file).exists(), "{file} missing");

@@ -44,6 +44,9 @@ pub struct Args {
     training: TrainingArgs,
 }
 
+/// The training curves `train` and `fuse` draw next to `training_log.jsonl`.
+pub const CURVES: &str = "training_curves.svg";
+
 /// Options of the training loop, shared by `train` and `fuse`.
 #[derive(clap::Args)]
 pub struct TrainingArgs {
@@ -291,6 +294,10 @@ pub fn fit(
         "peak_rss_bytes": adapterkit::bench::peak_rss_bytes(),
     });
     write_json_atomic(&args.out.join("results.json"), &result)?;
+    adapterkit::io::atomic::write_atomic(
+        &args.out.join(CURVES),
+        crate::curves::training_curves_svg(&summary.epochs, &summary.metric).as_bytes(),
+    )?;
     adapterkit::io::adapter_dir::record_max_seq_len(&args.out, args.max_seq_len.max_seq_len)?;
     let base_weights = args.out.join(adapterkit::io::adapter_dir::BASE_WEIGHTS);
     if base_weights.exists() {

@@ -73,6 +73,8 @@ pub struct EpochReport {
     pub seconds: f64,
     pub train_examples_per_second: f64,
     pub best: bool,
+    /// The loss of each of the epoch's steps, in order.
+    pub step_losses: Vec<f64>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -182,6 +184,7 @@ pub fn train(
     for epoch in 1..=config.epochs {
         let epoch_start = Instant::now();
         let (mut loss_sum, mut seen) = (0.0, 0usize);
+        let mut step_losses = Vec::new();
         for indices in train.epoch_batches(config.batch_size, &mut shuffle_rng) {
             let (batch, targets) = train.batch(&indices, pad_id, &device)?;
             if let Some(max) = config.robust_drop_max {
@@ -213,6 +216,7 @@ pub fn train(
             optimizer.step(&grads, schedule.at(step))?;
             step += 1;
             loss_sum += loss_value * indices.len() as f64;
+            step_losses.push(loss_value);
             seen += indices.len();
             observer.on_step(step, loss_value, indices.len());
         }
@@ -251,6 +255,7 @@ pub fn train(
             seconds: epoch_start.elapsed().as_secs_f64(),
             train_examples_per_second: seen as f64 / epoch_train_seconds.max(1e-9),
             best: improved,
+            step_losses,
         };
         if let Some(path) = &log_path {
             append_line(path, &report)?;
