@@ -25,6 +25,15 @@ impl SeededRng {
         }
     }
 
+    /// The generator's state, to continue it later ([`from_state`](Self::from_state)).
+    pub fn state(&self) -> [u64; 4] {
+        self.state
+    }
+
+    pub fn from_state(state: [u64; 4]) -> Self {
+        Self { state }
+    }
+
     pub fn next_u64(&mut self) -> u64 {
         let s = &mut self.state;
         let result = s[0].wrapping_add(s[3]).rotate_left(23).wrapping_add(s[0]);

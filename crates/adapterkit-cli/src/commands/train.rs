@@ -86,6 +86,10 @@ pub struct TrainingArgs {
     quiet: bool,
     #[command(flatten)]
     pub max_seq_len: super::MaxSeqLen,
+    /// Continue a killed run from the checkpoint it left in --out (kept after every epoch);
+    /// with the same options and --threads, the result is the uninterrupted run's, bit for bit.
+    #[arg(long)]
+    resume: bool,
     /// Write into an --out directory that holds other files (ours replace those of the same
     /// names; nothing else there is touched).
     #[arg(long)]
@@ -236,6 +240,7 @@ pub fn fit(
         metric: args.metric.clone(),
         eval_batch_size: 64,
         robust_drop_max: args.robust_drop,
+        resume: args.resume,
     };
     let trainable = model.trainable().count();
     let base = model.encoder.parameter_count();

@@ -5,10 +5,12 @@
 //! metric, the best model kept (saved on each improvement), and a JSONL log of every epoch.
 
 pub mod batches;
+pub mod checkpoint;
 pub mod evaluate;
 pub mod optim;
 pub mod schedule;
 
+use std::collections::HashMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -42,6 +44,9 @@ pub struct TrainConfig {
     /// Robust AdapterDrop: for each batch, skip the adapters of the lowest `n` layers, `n`
     /// drawn uniformly from `0..=max` with the run's seed, so that one adapter serves any `n`.
     pub robust_drop_max: Option<usize>,
+    /// Continue from the checkpoint in the output directory, if there is one
+    /// ([`checkpoint`]); the same settings, data and thread count are required.
+    pub resume: bool,
 }
 
 impl Default for TrainConfig {
@@ -58,12 +63,13 @@ impl Default for TrainConfig {
             metric: None,
             eval_batch_size: 64,
             robust_drop_max: None,
+            resume: false,
         }
     }
 }
 
 /// What one epoch did; also one line of `training_log.jsonl`.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
 pub struct EpochReport {
     pub epoch: usize,
     pub step: usize,
@@ -159,29 +165,71 @@ pub fn train(
     );
     let mut shuffle_rng = SeededRng::new(config.seed);
     let mut drop_rng = SeededRng::new(config.seed ^ 0xad4b_7e5d_0000_0002);
-    let layers = model.encoder.layers.len();
     // Dropout draws from its own stream, so changing the batch order does not change masks.
-    let mut mode = Mode::train(config.seed ^ 0x5eed_d20f_0000_0001);
+    let mut dropout_rng = SeededRng::new(config.seed ^ 0x5eed_d20f_0000_0001);
+    let layers = model.encoder.layers.len();
+    let mut train_seconds = 0.0;
+    let mut history: Vec<EpochReport> = Vec::new();
+    let mut best: Option<(usize, f64, HashMap<String, candle_core::Tensor>)> = None;
+    let mut step = 0;
+    let mut stopped_early = false;
+    let mut start_epoch = 1;
+    let fingerprint = fingerprint(config, train, validation, &params);
+    if config.resume && model.fusion.as_ref().is_some_and(|f| f.config.temperature) {
+        return Err(Error::input(
+            "a fusion with a temperature schedule cannot be resumed yet (the schedule is not in \
+             the checkpoint); train it again",
+        ));
+    }
+    if config.resume {
+        let dir = output
+            .ok_or_else(|| Error::input("resuming needs the output directory of the run"))?
+            .dir;
+        if let Some(saved) = checkpoint::load(dir, &device)? {
+            let p = saved.progress;
+            if p.fingerprint != fingerprint {
+                return Err(Error::input(format!(
+                    "the checkpoint in {} is of another run (settings, data, parameters or \
+                     --threads differ): resume with the same ones, or train afresh elsewhere\n\
+                     checkpoint: {}\nthis run:   {fingerprint}",
+                    dir.display(),
+                    p.fingerprint
+                )));
+            }
+            params.load(&saved.params).map_err(Error::Training)?;
+            optimizer.load_state(&saved.optimizer)?;
+            (shuffle_rng, drop_rng, dropout_rng) = (
+                SeededRng::from_state(p.shuffle_rng),
+                SeededRng::from_state(p.drop_rng),
+                SeededRng::from_state(p.dropout_rng),
+            );
+            best = Some((p.best_epoch, p.best_value, saved.best));
+            (step, stopped_early, train_seconds) = (p.step, p.stopped_early, p.train_seconds);
+            start_epoch = p.epoch + 1;
+            history = p.history;
+        }
+    }
+    let mut mode = Mode::Train(dropout_rng);
     let log_path = output.map(|o| o.dir.join(TRAINING_LOG));
     if let Some(o) = output {
         std::fs::create_dir_all(o.dir).map_err(|e| Error::io(o.dir, e))?;
+        // A resumed run's log holds the epochs of its checkpoint, not any done after it.
         let path = o.dir.join(TRAINING_LOG);
         if path.exists() {
             std::fs::remove_file(&path).map_err(|e| Error::io(&path, e))?;
         }
+        for report in &history {
+            append_line(&path, report)?;
+        }
     }
 
     observer.on_start(steps_per_epoch * config.epochs);
-    let mut train_seconds = 0.0;
-    let mut history: Vec<EpochReport> = Vec::new();
-    let mut best: Option<(
-        usize,
-        f64,
-        std::collections::HashMap<String, candle_core::Tensor>,
-    )> = None;
-    let mut step = 0;
-    let mut stopped_early = false;
-    for epoch in 1..=config.epochs {
+    let epochs = if stopped_early {
+        start_epoch..=0
+    } else {
+        start_epoch..=config.epochs
+    };
+    for epoch in epochs {
         let epoch_start = Instant::now();
         let (mut loss_sum, mut seen) = (0.0, 0usize);
         let mut step_losses = Vec::new();
@@ -263,8 +311,36 @@ pub fn train(
         observer.on_epoch(&report);
         history.push(report);
         let best_epoch = best.as_ref().map_or(epoch, |b| b.0);
-        if config.patience.is_some_and(|p| epoch - best_epoch >= p) && epoch < config.epochs {
-            stopped_early = true;
+        stopped_early =
+            config.patience.is_some_and(|p| epoch - best_epoch >= p) && epoch < config.epochs;
+        if let (Some(o), Some((best_epoch, best_value, best_weights))) = (output, &best) {
+            let Mode::Train(dropout_rng) = &mode else {
+                unreachable!("training runs in train mode")
+            };
+            let progress = checkpoint::Progress {
+                epoch,
+                step,
+                shuffle_rng: shuffle_rng.state(),
+                drop_rng: drop_rng.state(),
+                dropout_rng: dropout_rng.state(),
+                best_epoch: *best_epoch,
+                best_value: *best_value,
+                stopped_early,
+                train_seconds,
+                history: history.clone(),
+                fingerprint: fingerprint.clone(),
+            };
+            checkpoint::save(
+                o.dir,
+                &checkpoint::Saved {
+                    progress,
+                    params: params.snapshot()?,
+                    optimizer: optimizer.state()?,
+                    best: best_weights.clone(),
+                },
+            )?;
+        }
+        if stopped_early {
             break;
         }
     }
@@ -280,6 +356,39 @@ pub fn train(
         train_examples_per_second: examples as f64 / train_seconds.max(1e-9),
         epochs: history,
     })
+}
+
+/// What a checkpoint must match to be resumed: the settings (not `resume` itself), the data
+/// sizes, the parameters' names and shapes, and the kernels' thread count (sums split over
+/// other threads round differently).
+fn fingerprint(
+    config: &TrainConfig,
+    train: &EncodedDataset,
+    validation: &EncodedDataset,
+    params: &crate::params::Params,
+) -> String {
+    let settings = TrainConfig {
+        resume: false,
+        ..config.clone()
+    };
+    let shapes: Vec<String> = params
+        .iter()
+        .map(|(n, v)| format!("{n}{:?}", v.dims()))
+        .collect();
+    // FNV-1a: the same on every build, unlike std's hasher.
+    let hash = shapes
+        .concat()
+        .bytes()
+        .fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+            (h ^ b as u64).wrapping_mul(0x0100_0000_01b3)
+        });
+    format!(
+        "{settings:?}; {} train / {} validation examples; {} parameter tensors (shapes {hash:016x}); {} threads",
+        train.len(),
+        validation.len(),
+        shapes.len(),
+        crate::kernels::parallel::threads()
+    )
 }
 
 fn append_line(path: &PathBuf, value: &impl Serialize) -> Result<()> {
