@@ -227,6 +227,22 @@ fn an_adapter_for_another_hidden_size_is_named() {
 }
 
 #[test]
+fn a_directory_left_half_written_is_refused() {
+    let copy = tempfile::tempdir().unwrap();
+    copy_dir(&case_dir("houlsby"), copy.path());
+    std::fs::write(copy.path().join(".adapterkit-saving"), "").unwrap();
+    let err = adapter_dir::load(copy.path(), tiny_encoder(), &Device::Cpu)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("being written when its run stopped"), "{err}");
+    // A save completes the set and takes the mark away.
+    let model = load_case(&case_dir("houlsby"));
+    adapter_dir::save(copy.path(), &model, "tiny-bert").unwrap();
+    assert!(!copy.path().join(".adapterkit-saving").exists());
+    load_case(copy.path());
+}
+
+#[test]
 fn adapter_weights_without_their_config_are_refused() {
     for weights in ["adapter.safetensors", "pytorch_adapter.bin"] {
         let copy = tempfile::tempdir().unwrap();

@@ -43,6 +43,10 @@ pub const FUSION_WEIGHTS_PICKLE: &str = "pytorch_model_adapter_fusion.bin";
 
 /// The `adapters` version whose format we write.
 pub const ADAPTERHUB_VERSION: &str = "adapters.1.3.0";
+/// Present while [`save`] writes a directory: files of two saves may be mixed there, so
+/// [`load`] refuses it.
+pub const SAVING: &str = ".adapterkit-saving";
+
 /// Our settings that AdapterHub's files have no field for: `{"max_seq_len": N}` when the
 /// adapter was trained with `--max-seq-len`.
 pub const RUN_SETTINGS: &str = "adapterkit_settings.json";
@@ -95,9 +99,21 @@ pub fn save_adapter(
 }
 
 /// Saves `model`'s trained parts into `dir` (created if needed); every file is written
-/// atomically. A fusion's adapters go to `dir/{adapter name}/`.
+/// atomically, and the set is marked incomplete ([`SAVING`]) until the last one is. A fusion's
+/// adapters go to `dir/{adapter name}/`.
 pub fn save(dir: &Path, model: &AdapterModel, model_name: &str) -> Result<()> {
     std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+    let marker = dir.join(SAVING);
+    write_atomic(&marker, b"adapterkit is writing this directory\n")?;
+    write_files(dir, model, model_name)?;
+    std::fs::remove_file(&marker).map_err(|e| Error::io(&marker, e))?;
+    if let Ok(d) = std::fs::File::open(dir) {
+        let _ = d.sync_all(); // the removal is durable once the directory is synced
+    }
+    Ok(())
+}
+
+fn write_files(dir: &Path, model: &AdapterModel, model_name: &str) -> Result<()> {
     remove_stale(dir, model)?;
     let hidden = model.encoder.config.hidden_size;
     if let Some(adapter) = &model.adapter {
@@ -309,6 +325,13 @@ pub fn load(dir: &Path, mut encoder: BertModel, device: &Device) -> Result<Adapt
     if !dir.is_dir() {
         return Err(Error::file(dir, "no such adapter directory"));
     }
+    if dir.join(SAVING).exists() {
+        return Err(Error::file(
+            dir,
+            "this directory was being written when its run stopped, so its files may come from \
+             two epochs; resume the run (train --resume) or train again",
+        ));
+    }
     // Weights are overwritten from the files; the generator only shapes the modules.
     let mut rng = SeededRng::new(0);
 
@@ -411,7 +434,8 @@ pub fn recorded_max_seq_len(dir: &Path) -> Result<Option<usize>> {
 /// mistyped output path never mixes a run's files into someone else's folder, nor has them
 /// replace files of the same names there.
 pub fn check_output_dir(dir: &Path, overwrite: bool) -> Result<()> {
-    if overwrite || !dir.exists() || dir.join(crate::train::TRAINING_LOG).exists() {
+    let ours = [crate::train::TRAINING_LOG, SAVING].map(|f| dir.join(f).exists());
+    if overwrite || !dir.exists() || ours.contains(&true) {
         return Ok(());
     }
     if !dir.is_dir() {

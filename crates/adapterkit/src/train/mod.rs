@@ -214,10 +214,9 @@ pub fn train(
     if let Some(o) = output {
         std::fs::create_dir_all(o.dir).map_err(|e| Error::io(o.dir, e))?;
         // A resumed run's log holds the epochs of its checkpoint, not any done after it.
+        // Created before anything else is written: it marks the directory as a run's.
         let path = o.dir.join(TRAINING_LOG);
-        if path.exists() {
-            std::fs::remove_file(&path).map_err(|e| Error::io(&path, e))?;
-        }
+        std::fs::File::create(&path).map_err(|e| Error::io(&path, e))?;
         for report in &history {
             append_line(&path, report)?;
         }
