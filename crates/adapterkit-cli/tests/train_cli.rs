@@ -627,6 +627,25 @@ fn the_sequence_limit_trained_with_is_used_again_unless_overridden() {
         recorded["scores"],
         predict(&["--max-seq-len", "64"])["scores"]
     );
+    // A checkpoint resumes only the run that wrote it.
+    let mut other = vec!["--resume", "--seed", "7"];
+    other.extend(["--max-seq-len", "4"]);
+    let mut args = vec![
+        "train",
+        "--model",
+        s(&model),
+        "--train",
+        s(&train),
+        "--validation",
+        s(&train),
+        "--epochs",
+        "1",
+        "--out",
+        s(&out),
+        "--quiet",
+    ];
+    args.extend(other);
+    assert_fails_with(&adapterkit(&args), &["is of another run", "seed: 7"]);
     // Retrained without the flag, the record goes.
     train_quick(&model, &train, &out, &[]);
     assert!(!out.join("adapterkit_settings.json").exists());
