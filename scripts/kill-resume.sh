@@ -13,7 +13,7 @@ bin=target/release/adapterkit
 work="$(mktemp -d)"
 trap 'rm -rf "$work"' EXIT
 args=(train --model assets/all-MiniLM-L6-v2 --data trec6 --method houlsby --epochs 3
-      --max-train-examples 400 --seed 1 --threads 2 --quiet)
+      --max-train-examples 400 --seed 1 --threads 2 --save-steps 5 --quiet)
 
 start=$(date +%s%N)
 "$bin" "${args[@]}" --out "$work/reference" > /dev/null 2>&1

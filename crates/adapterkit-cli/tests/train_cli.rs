@@ -682,6 +682,9 @@ fn a_run_killed_and_resumed_ends_as_the_uninterrupted_run() {
             "2",
             "--seed",
             "3",
+            // Checkpoints inside epochs too (40 steps each), so kills resume mid-epoch.
+            "--save-steps",
+            "7",
             "--out",
             s(out),
             "--quiet",

@@ -90,6 +90,9 @@ pub struct TrainingArgs {
     /// with the same options and --threads, the result is the uninterrupted run's, bit for bit.
     #[arg(long)]
     resume: bool,
+    /// Also keep a checkpoint every N steps inside an epoch (a kill then loses at most N steps).
+    #[arg(long, value_name = "N")]
+    save_steps: Option<usize>,
     /// Write into an --out directory that holds other files (ours replace those of the same
     /// names; nothing else there is touched).
     #[arg(long)]
@@ -241,6 +244,7 @@ pub fn fit(
         eval_batch_size: 64,
         robust_drop_max: args.robust_drop,
         resume: args.resume,
+        save_steps: args.save_steps,
     };
     let trainable = model.trainable().count();
     let base = model.encoder.parameter_count();

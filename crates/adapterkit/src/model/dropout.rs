@@ -19,6 +19,14 @@ impl Mode {
         Mode::Train(SeededRng::new(seed))
     }
 
+    /// The dropout generator's state (a training checkpoint keeps it); zeros in evaluation.
+    pub fn rng_state(&self) -> [u64; 4] {
+        match self {
+            Mode::Train(rng) => rng.state(),
+            Mode::Eval => [0; 4],
+        }
+    }
+
     pub fn is_train(&self) -> bool {
         matches!(self, Mode::Train(_))
     }

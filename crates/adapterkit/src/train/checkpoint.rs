@@ -1,7 +1,8 @@
-//! Resuming a killed run. At the end of every epoch the whole training state is written as one
-//! set: a new folder `checkpoint/epoch-N` (every file written atomically), then `LATEST`, an
-//! atomic one-line pointer to it, then the older folders go. A kill at any moment leaves
-//! `LATEST` pointing at a complete set, or no set at all.
+//! Resuming a killed run. At the end of every epoch (and every `save_steps` steps) the whole
+//! training state is written as one set: a new folder `checkpoint/epoch-N` (or `step-N` inside
+//! an epoch; every file written atomically), then `LATEST`, an atomic one-line pointer to it,
+//! then the older folders go. A kill at any moment leaves `LATEST` pointing at a complete set,
+//! or no set at all.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -9,9 +10,11 @@ use std::path::Path;
 use candle_core::{Device, Tensor};
 use serde::{Deserialize, Serialize};
 
+use super::optim::AdamW;
 use super::EpochReport;
 use crate::error::{Error, Result};
 use crate::io::atomic::{write_atomic, write_json_atomic};
+use crate::params::Params;
 
 pub const CHECKPOINTS: &str = "checkpoint";
 const LATEST: &str = "LATEST";
@@ -28,14 +31,26 @@ pub struct Progress {
     pub shuffle_rng: [u64; 4],
     pub drop_rng: [u64; 4],
     pub dropout_rng: [u64; 4],
-    pub best_epoch: usize,
-    pub best_value: f64,
+    /// The best epoch so far and its metric value.
+    pub best: Option<(usize, f64)>,
     pub stopped_early: bool,
     pub train_seconds: f64,
     pub history: Vec<EpochReport>,
     /// The run's settings, data sizes, parameters and thread count: a checkpoint resumes only
     /// the run that wrote it.
     pub fingerprint: String,
+    /// Set when the checkpoint was taken inside epoch `epoch + 1`; `shuffle_rng` is then the
+    /// state that draws that epoch's batch order.
+    pub in_epoch: Option<InEpoch>,
+}
+
+/// How far an unfinished epoch got.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct InEpoch {
+    pub batches_done: usize,
+    pub loss_sum: f64,
+    pub seen: usize,
+    pub step_losses: Vec<f64>,
 }
 
 /// A checkpoint as read back: the progress and the tensors by role.
@@ -45,16 +60,32 @@ pub struct Saved {
     pub params: HashMap<String, Tensor>,
     /// The optimizer's state ([`super::optim::AdamW::state`]).
     pub optimizer: HashMap<String, Tensor>,
-    /// The best epoch's parameters.
+    /// The best epoch's parameters (none before the first epoch ends).
     pub best: HashMap<String, Tensor>,
 }
 
 const ROLES: [&str; 3] = ["param.", "optim.", "best."];
 
-/// Writes `saved` under `dir/checkpoint/` as one set (see the module's documentation).
-pub fn save(dir: &Path, saved: &Saved) -> Result<()> {
+/// Writes the run's state under `dir/checkpoint/` as one set (see the module's documentation):
+/// `progress`, the parameters now, the optimizer's state and the best epoch's parameters.
+pub fn save(
+    dir: &Path,
+    progress: Progress,
+    params: &Params,
+    optimizer: &AdamW,
+    best: Option<&HashMap<String, Tensor>>,
+) -> Result<()> {
+    let saved = Saved {
+        params: params.snapshot()?,
+        optimizer: optimizer.state()?,
+        best: best.cloned().unwrap_or_default(),
+        progress,
+    };
     let root = dir.join(CHECKPOINTS);
-    let name = format!("epoch-{}", saved.progress.epoch);
+    let name = match &saved.progress.in_epoch {
+        None => format!("epoch-{}", saved.progress.epoch),
+        Some(_) => format!("step-{}", saved.progress.step),
+    };
     let partial = root.join(format!("{name}.partial"));
     if partial.exists() {
         std::fs::remove_dir_all(&partial).map_err(|e| Error::io(&partial, e))?;

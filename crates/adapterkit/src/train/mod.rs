@@ -47,6 +47,8 @@ pub struct TrainConfig {
     /// Continue from the checkpoint in the output directory, if there is one
     /// ([`checkpoint`]); the same settings, data and thread count are required.
     pub resume: bool,
+    /// Also write a checkpoint every this many steps, inside epochs.
+    pub save_steps: Option<usize>,
 }
 
 impl Default for TrainConfig {
@@ -64,6 +66,7 @@ impl Default for TrainConfig {
             eval_batch_size: 64,
             robust_drop_max: None,
             resume: false,
+            save_steps: None,
         }
     }
 }
@@ -147,6 +150,9 @@ pub fn train(
     if config.patience == Some(0) {
         return Err(Error::input("patience must be at least 1 epoch"));
     }
+    if config.save_steps == Some(0) {
+        return Err(Error::input("save_steps must be at least 1 step"));
+    }
     let lower_is_better = metric == "mse";
 
     let params = model.trainable();
@@ -174,6 +180,7 @@ pub fn train(
     let mut step = 0;
     let mut stopped_early = false;
     let mut start_epoch = 1;
+    let mut in_epoch: Option<checkpoint::InEpoch> = None;
     let fingerprint = fingerprint(config, train, validation, &params);
     if config.resume && model.fusion.as_ref().is_some_and(|f| f.config.temperature) {
         return Err(Error::input(
@@ -203,10 +210,11 @@ pub fn train(
                 SeededRng::from_state(p.drop_rng),
                 SeededRng::from_state(p.dropout_rng),
             );
-            best = Some((p.best_epoch, p.best_value, saved.best));
+            best = p.best.map(|(epoch, value)| (epoch, value, saved.best));
             (step, stopped_early, train_seconds) = (p.step, p.stopped_early, p.train_seconds);
             start_epoch = p.epoch + 1;
             history = p.history;
+            in_epoch = p.in_epoch;
         }
     }
     let mut mode = Mode::Train(dropout_rng);
@@ -230,10 +238,14 @@ pub fn train(
     };
     for epoch in epochs {
         let epoch_start = Instant::now();
-        let (mut loss_sum, mut seen) = (0.0, 0usize);
-        let mut step_losses = Vec::new();
-        for indices in train.epoch_batches(config.batch_size, &mut shuffle_rng) {
-            let (batch, targets) = train.batch(&indices, pad_id, &device)?;
+        let epoch_order = shuffle_rng.state();
+        let batches = train.epoch_batches(config.batch_size, &mut shuffle_rng);
+        // A run resumed inside this epoch takes up where its checkpoint left it.
+        let done = in_epoch.take().unwrap_or_default();
+        let (mut loss_sum, mut seen, mut step_losses) =
+            (done.loss_sum, done.seen, done.step_losses);
+        for (batch_index, indices) in batches.iter().enumerate().skip(done.batches_done) {
+            let (batch, targets) = train.batch(indices, pad_id, &device)?;
             if let Some(max) = config.robust_drop_max {
                 let dropped = drop_rng.below(max.min(layers) + 1);
                 model.set_skip_layers(&(0..dropped).collect());
@@ -266,6 +278,31 @@ pub fn train(
             step_losses.push(loss_value);
             seen += indices.len();
             observer.on_step(step, loss_value, indices.len());
+            let more = batch_index + 1 < batches.len();
+            if let (Some(o), Some(every), true) = (output, config.save_steps, more) {
+                if step % every == 0 {
+                    let progress = checkpoint::Progress {
+                        epoch: epoch - 1,
+                        step,
+                        shuffle_rng: epoch_order,
+                        drop_rng: drop_rng.state(),
+                        dropout_rng: mode.rng_state(),
+                        best: best.as_ref().map(|b| (b.0, b.1)),
+                        stopped_early: false,
+                        train_seconds: train_seconds + epoch_start.elapsed().as_secs_f64(),
+                        history: history.clone(),
+                        fingerprint: fingerprint.clone(),
+                        in_epoch: Some(checkpoint::InEpoch {
+                            batches_done: batch_index + 1,
+                            loss_sum,
+                            seen,
+                            step_losses: step_losses.clone(),
+                        }),
+                    };
+                    let best = best.as_ref().map(|b| &b.2);
+                    checkpoint::save(o.dir, progress, &params, &optimizer, best)?;
+                }
+            }
         }
         let epoch_train_seconds = epoch_start.elapsed().as_secs_f64();
         if config.robust_drop_max.is_some() {
@@ -312,32 +349,22 @@ pub fn train(
         let best_epoch = best.as_ref().map_or(epoch, |b| b.0);
         stopped_early =
             config.patience.is_some_and(|p| epoch - best_epoch >= p) && epoch < config.epochs;
-        if let (Some(o), Some((best_epoch, best_value, best_weights))) = (output, &best) {
-            let Mode::Train(dropout_rng) = &mode else {
-                unreachable!("training runs in train mode")
-            };
+        if let Some(o) = output {
             let progress = checkpoint::Progress {
                 epoch,
                 step,
                 shuffle_rng: shuffle_rng.state(),
                 drop_rng: drop_rng.state(),
-                dropout_rng: dropout_rng.state(),
-                best_epoch: *best_epoch,
-                best_value: *best_value,
+                dropout_rng: mode.rng_state(),
+                best: best.as_ref().map(|b| (b.0, b.1)),
                 stopped_early,
                 train_seconds,
                 history: history.clone(),
                 fingerprint: fingerprint.clone(),
+                in_epoch: None,
             };
-            checkpoint::save(
-                o.dir,
-                &checkpoint::Saved {
-                    progress,
-                    params: params.snapshot()?,
-                    optimizer: optimizer.state()?,
-                    best: best_weights.clone(),
-                },
-            )?;
+            let best = best.as_ref().map(|b| &b.2);
+            checkpoint::save(o.dir, progress, &params, &optimizer, best)?;
         }
         if stopped_early {
             break;
@@ -366,8 +393,10 @@ fn fingerprint(
     validation: &EncodedDataset,
     params: &crate::params::Params,
 ) -> String {
+    // How often checkpoints are written changes nothing the run computes.
     let settings = TrainConfig {
         resume: false,
+        save_steps: None,
         ..config.clone()
     };
     let shapes: Vec<String> = params
