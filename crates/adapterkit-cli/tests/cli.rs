@@ -293,3 +293,55 @@ fn every_command_takes_a_thread_count() {
         &["--threads must be positive"],
     );
 }
+
+#[test]
+fn an_adapter_is_also_found_by_its_hub_id_in_the_cache() {
+    // A Hub cache as hf-hub lays it out, holding an adapter made by Python's `adapters`.
+    let home = tempfile::tempdir().unwrap();
+    let repo = home.path().join("hub/models--AdapterHub--tiny-houlsby");
+    let snapshot = repo.join("snapshots/0123abcd");
+    std::fs::create_dir_all(&snapshot).unwrap();
+    std::fs::create_dir_all(repo.join("refs")).unwrap();
+    std::fs::write(repo.join("refs/main"), "0123abcd").unwrap();
+    let fixture = repo_fixture("tests/fixtures/adapters/houlsby");
+    for file in [
+        "adapter_config.json",
+        "adapter.safetensors",
+        "head_config.json",
+        "model_head.safetensors",
+    ] {
+        std::fs::copy(fixture.join(file), snapshot.join(file)).unwrap();
+    }
+    let tiny = tiny_bert();
+    let predict = |adapter: &str| {
+        let out = Command::new(env!("CARGO_BIN_EXE_adapterkit"))
+            .args([
+                "predict",
+                "--model",
+                s(&tiny),
+                "--adapter",
+                adapter,
+                "the cat sat",
+            ])
+            .env("HF_HOME", home.path())
+            .env("HF_HUB_OFFLINE", "1")
+            .output()
+            .unwrap();
+        (
+            out.status.success(),
+            stdout(&out),
+            String::from_utf8_lossy(&out.stderr).to_string(),
+        )
+    };
+    let (ok, by_id, stderr) = predict("AdapterHub/tiny-houlsby");
+    assert!(ok, "{stderr}");
+    let (_, by_dir, _) = predict(s(&fixture));
+    assert_eq!(by_id, by_dir);
+    let (ok, _, stderr) = predict("AdapterHub/not-there");
+    assert!(!ok && stderr.contains("AdapterHub/not-there"), "{stderr}");
+    assert!(stderr.contains("HF_HUB_OFFLINE"), "{stderr}");
+}
+
+fn repo_fixture(path: &str) -> PathBuf {
+    repo().join(path)
+}

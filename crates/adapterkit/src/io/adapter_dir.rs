@@ -322,9 +322,7 @@ fn load_params(path: &Path, params: &Params, tensors: &HashMap<String, Tensor>) 
 
 /// Loads the adapter and head saved in `dir` onto `encoder`.
 pub fn load(dir: &Path, mut encoder: BertModel, device: &Device) -> Result<AdapterModel> {
-    if !dir.is_dir() {
-        return Err(Error::file(dir, "no such adapter directory"));
-    }
+    let dir = &locate(dir)?;
     if dir.join(SAVING).exists() {
         return Err(Error::file(
             dir,
@@ -453,6 +451,39 @@ pub fn check_output_dir(dir: &Path, overwrite: bool) -> Result<()> {
         ));
     }
     Ok(())
+}
+
+/// `dir_or_id` as a directory: itself, or the files of a Hub repository of that name (as
+/// AdapterHub publishes adapters, e.g. `AdapterHub/roberta-base-pf-imdb`) fetched into the
+/// Hub cache: the adapter's config and weights, and its head's.
+pub fn locate(dir_or_id: &Path) -> Result<PathBuf> {
+    if dir_or_id.is_dir() {
+        return Ok(dir_or_id.to_path_buf());
+    }
+    let id = dir_or_id.to_str().filter(|id| {
+        !dir_or_id.exists() && crate::model::load::looks_like_model_id(id) && id.contains('/')
+    });
+    let Some(id) = id else {
+        return Err(Error::file(dir_or_id, "no such adapter directory"));
+    };
+    let hub = crate::model::load::HubRepo::open(id)?;
+    let not_found = |e: Error| {
+        Error::file(
+            dir_or_id,
+            format!("no such adapter directory, nor a Hub repository with an adapter: {e}"),
+        )
+    };
+    let config = hub
+        .fetch(ADAPTER_CONFIG)
+        .ok_or_else(|| not_found(hub.missing(ADAPTER_CONFIG)))?;
+    hub.fetch(ADAPTER_WEIGHTS)
+        .or_else(|| hub.fetch(ADAPTER_WEIGHTS_PICKLE))
+        .ok_or_else(|| not_found(hub.missing(ADAPTER_WEIGHTS)))?;
+    hub.fetch(HEAD_CONFIG);
+    hub.fetch(HEAD_WEIGHTS)
+        .or_else(|| hub.fetch(HEAD_WEIGHTS_PICKLE));
+    let snapshot = config.parent().map(Path::to_path_buf);
+    snapshot.ok_or_else(|| Error::file(&config, "not in a snapshot folder of the hub cache"))
 }
 
 /// Loads adapter (and fusion) directories onto `encoder` to run them under `setup`. With

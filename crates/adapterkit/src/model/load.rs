@@ -70,44 +70,21 @@ impl ModelFiles {
     }
 
     fn from_hub(model_id: &str) -> Result<Self> {
-        let hub_error = |message: String| Error::Hub {
-            model: model_id.into(),
-            message,
-        };
-        let offline = std::env::var("HF_HUB_OFFLINE").is_ok_and(|v| v == "1" || v == "true");
-        let cache = hf_hub::Cache::from_env().model(model_id.to_string());
-        let api = if offline {
-            None
-        } else {
-            let api = hf_hub::api::sync::ApiBuilder::from_env()
-                .with_progress(false)
-                .build()
-                .map_err(|e| hub_error(e.to_string()))?;
-            Some(api.model(model_id.to_string()))
-        };
-        // Optional files come back as None; a required one missing is reported by the caller.
-        let fetch = |name: &str| -> Option<PathBuf> {
-            cache
-                .get(name)
-                .or_else(|| api.as_ref().and_then(|repo| repo.get(name).ok()))
-        };
-        let where_ = if offline {
-            "in the hub cache (HF_HUB_OFFLINE is set)"
-        } else {
-            "on the hub or in its cache"
-        };
-        let config =
-            fetch("config.json").ok_or_else(|| hub_error(format!("no config.json {where_}")))?;
-        let weights = fetch(SAFETENSORS)
-            .or_else(|| fetch(PICKLE))
-            .ok_or_else(|| hub_error(format!("no {SAFETENSORS} or {PICKLE} {where_}")))?;
+        let hub = HubRepo::open(model_id)?;
+        let config = hub
+            .fetch("config.json")
+            .ok_or_else(|| hub.missing("config.json"))?;
+        let weights = hub
+            .fetch(SAFETENSORS)
+            .or_else(|| hub.fetch(PICKLE))
+            .ok_or_else(|| hub.missing(&format!("{SAFETENSORS} or {PICKLE}")))?;
         Ok(Self {
             source: model_id.into(),
             config,
             weights,
-            tokenizer_json: fetch("tokenizer.json"),
-            vocab_txt: fetch("vocab.txt"),
-            tokenizer_config: fetch("tokenizer_config.json"),
+            tokenizer_json: hub.fetch("tokenizer.json"),
+            vocab_txt: hub.fetch("vocab.txt"),
+            tokenizer_config: hub.fetch("tokenizer_config.json"),
         })
     }
 
@@ -176,7 +153,58 @@ impl ModelFiles {
 }
 
 /// `owner/name` (or a bare `name`), in the characters the hub allows.
-fn looks_like_model_id(s: &str) -> bool {
+/// A Hugging Face Hub repository's files, fetched through `hf-hub`: its cache first, and with
+/// `HF_HUB_OFFLINE=1` the cache alone.
+pub(crate) struct HubRepo {
+    id: String,
+    cache: hf_hub::CacheRepo,
+    api: Option<hf_hub::api::sync::ApiRepo>,
+}
+
+impl HubRepo {
+    pub(crate) fn open(id: &str) -> Result<Self> {
+        let offline = std::env::var("HF_HUB_OFFLINE").is_ok_and(|v| v == "1" || v == "true");
+        let api = if offline {
+            None
+        } else {
+            let api = hf_hub::api::sync::ApiBuilder::from_env()
+                .with_progress(false)
+                .build()
+                .map_err(|e| Error::Hub {
+                    model: id.into(),
+                    message: e.to_string(),
+                })?;
+            Some(api.model(id.to_string()))
+        };
+        Ok(Self {
+            id: id.into(),
+            cache: hf_hub::Cache::from_env().model(id.to_string()),
+            api,
+        })
+    }
+
+    /// The local path of `name`, if the repository has it; a required file missing is the
+    /// caller's to report ([`missing`](Self::missing)).
+    pub(crate) fn fetch(&self, name: &str) -> Option<PathBuf> {
+        self.cache
+            .get(name)
+            .or_else(|| self.api.as_ref().and_then(|repo| repo.get(name).ok()))
+    }
+
+    pub(crate) fn missing(&self, what: &str) -> Error {
+        let where_ = if self.api.is_none() {
+            "in the hub cache (HF_HUB_OFFLINE is set)"
+        } else {
+            "on the hub or in its cache"
+        };
+        Error::Hub {
+            model: self.id.clone(),
+            message: format!("no {what} {where_}"),
+        }
+    }
+}
+
+pub(crate) fn looks_like_model_id(s: &str) -> bool {
     let parts: Vec<&str> = s.split('/').collect();
     parts.len() <= 2
         && parts.iter().all(|p| {
