@@ -96,6 +96,13 @@ impl HeadConfig {
     /// outputs `0..num_labels` once each.
     pub fn validate(&self) -> Result<()> {
         let kind = self.kind()?;
+        if kind != TaskKind::Regression && self.label2id.len() != self.num_labels {
+            return Err(Error::input(format!(
+                "num_labels is {}, but label2id names {} labels",
+                self.num_labels,
+                self.label2id.len()
+            )));
+        }
         let mut ids: Vec<usize> = self.label2id.values().copied().collect();
         ids.sort_unstable();
         let expected: Vec<usize> = (0..self.num_labels).collect();

@@ -73,10 +73,14 @@ impl TextTokenizer {
         };
         let (inner, source) = match (tokenizer_json, vocab_txt) {
             (Some(path), _) => {
-                let inner = Tokenizer::from_file(&path).map_err(|e| Error::Tokenizer {
-                    path: path.clone(),
-                    message: e.to_string(),
-                })?;
+                // The tokenizers crate can panic on a malformed file.
+                let read = crate::io::guard::guarded(|| Tokenizer::from_file(&path));
+                let inner = read
+                    .and_then(|r| r.map_err(|e| e.to_string()))
+                    .map_err(|message| Error::Tokenizer {
+                        path: path.clone(),
+                        message,
+                    })?;
                 (inner, path)
             }
             (None, Some(path)) => (wordpiece_from_vocab(&path, config.do_lower_case)?, path),
@@ -155,12 +159,12 @@ impl TextTokenizer {
             Some(b) => (text, b).into(),
             None => text.into(),
         };
-        let encoding = self
-            .inner
-            .encode(input, true)
-            .map_err(|e| Error::Tokenizer {
+        // A malformed tokenizer.json can make the tokenizers crate panic here too.
+        let encoding = crate::io::guard::guarded(|| self.inner.encode(input, true))
+            .and_then(|r| r.map_err(|e| e.to_string()))
+            .map_err(|message| Error::Tokenizer {
                 path: self.source.clone(),
-                message: e.to_string(),
+                message,
             })?;
         Ok(Encoded {
             ids: encoding.get_ids().to_vec(),

@@ -420,3 +420,54 @@ fn parallel_over_mixed_placements_on_minilm() {
     assert!(max_abs_diff(&alone[0], &alone[1]) > 1e-3);
     assert!(max_abs_diff(&alone[1], &alone[2]) > 1e-3);
 }
+
+/// Setup strings mutated from valid ones (AdapterHub's text and JSON forms) never panic the
+/// parser: each parses, or is refused with a message. `ADAPTERKIT_FUZZ_SECONDS` runs longer
+/// (`scripts/fuzz.sh`).
+#[test]
+fn mutated_setups_are_parsed_or_refused() {
+    let seeds = [
+        "parallel(stack(a,b),average(c,d)[1,3])",
+        "stack(a,fuse(b,c),batch_split(d,e)[2,2])",
+        "average(a,batch_split(b,stack(c,d))[1,1])[0.25,0.75]",
+        r#"{"type": "Parallel", "children": [{"type": "single", "children": ["a"]}, {"type": "BatchSplit", "children": [{"type": "single", "children": ["b"]}], "kwargs": {"batch_sizes": [2]}}]}"#,
+    ];
+    let seconds: Option<u64> = std::env::var("ADAPTERKIT_FUZZ_SECONDS")
+        .ok()
+        .and_then(|s| s.parse().ok());
+    let started = std::time::Instant::now();
+    let mut rng = adapterkit::rng::SeededRng::new(5);
+    let alphabet =
+        b"(),[]{}\":. -_01239eEaAbcdxyzparallelstackfusebatch_splitaveragechildrentypekwargs";
+    let mut runs = 0u64;
+    while match seconds {
+        Some(s) => started.elapsed().as_secs() < s,
+        None => runs < 2000,
+    } {
+        let mut text: Vec<char> = seeds[rng.below(seeds.len())].chars().collect();
+        for _ in 0..1 + rng.below(5) {
+            let at = rng.below(text.len() + 1);
+            match rng.below(4) {
+                0 if at < text.len() => {
+                    text.remove(at);
+                }
+                1 if at < text.len() => text[at] = alphabet[rng.below(alphabet.len())] as char,
+                2 => text.insert(at, ['\u{3000}', 'é', '\0', '9'][rng.below(4)]),
+                _ => text.insert(at, alphabet[rng.below(alphabet.len())] as char),
+            }
+        }
+        let text: String = text.into_iter().collect();
+        let outcome = std::panic::catch_unwind(|| {
+            if let Ok(setup) = Setup::parse(&text) {
+                // A setup that parses prints as one that parses (weights may move in the last
+                // digit: they are normalised again), and hands out rows.
+                let printed = Setup::parse(&setup.to_string());
+                assert!(printed.is_ok(), "{text} printed as {setup}: {printed:?}");
+                let _ = setup.channels(0..4 * setup.parallel_channels());
+            }
+        });
+        assert!(outcome.is_ok(), "the setup {text:?} panicked");
+        runs += 1;
+    }
+    eprintln!("{runs} mutated setups");
+}

@@ -244,15 +244,7 @@ fn read_tensors(
     }
     let pickle = dir.join(pickle_name);
     if pickle.exists() {
-        let tensors = candle_core::pickle::read_all(&pickle).map_err(|e| {
-            Error::file(
-                &pickle,
-                format!(
-                    "not a readable PyTorch file: {}",
-                    crate::error::tensor_message(&e)
-                ),
-            )
-        })?;
+        let tensors = crate::io::guard::read_pickle(&pickle)?;
         let tensors = tensors
             .into_iter()
             .map(|(n, t)| Ok((n, t.to_device(device)?)))

@@ -2,3 +2,4 @@
 
 pub mod adapter_dir;
 pub mod atomic;
+pub mod guard;

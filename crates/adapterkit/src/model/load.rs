@@ -115,12 +115,7 @@ impl ModelFiles {
                 names,
             )
         } else {
-            let pth = candle_core::pickle::PthTensors::new(&self.weights, None).map_err(|e| {
-                weights_error(format!(
-                    "not a readable PyTorch file: {}",
-                    tensor_message(&e)
-                ))
-            })?;
+            let pth = crate::io::guard::open_pickle(&self.weights)?;
             let names: Vec<String> = pth.tensor_infos().keys().cloned().collect();
             (
                 VarBuilder::from_backend(Box::new(pth), DType::F32, device.clone()),
