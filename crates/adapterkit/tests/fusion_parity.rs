@@ -364,3 +364,81 @@ fn the_temperature_falls_by_a_thousandth_of_its_start_each_pass() {
         assert!(diff < 1e-5, "{pass}: {diff}");
     }
 }
+
+/// A fusion's temperature schedule is part of a training checkpoint: a resumed run carries on
+/// from the temperatures where the checkpoint left them.
+#[test]
+fn the_temperature_schedule_is_checkpointed_and_resumed() {
+    let make = || {
+        let encoder = BertModel::random(&tiny_encoder().config, 0.2, 3, &Device::Cpu).unwrap();
+        let adapters = ["adapter_a", "adapter_b"]
+            .iter()
+            .map(|d| {
+                let dir = fixtures().join("fusion").join(d);
+                adapter_dir::load_adapter(&dir, &encoder, &Device::Cpu).unwrap()
+            })
+            .collect();
+        let labels = ["x".to_string(), "y".to_string()];
+        let head =
+            adapterkit::heads::HeadConfig::new(adapterkit::data::TaskKind::Classification, &labels)
+                .unwrap();
+        let mut config = FusionConfig::preset("dynamic").unwrap();
+        config.temperature = true;
+        AdapterModel::fused(encoder, adapters, &config, head, false, 1, &Device::Cpu).unwrap()
+    };
+    let tok = adapterkit::tokenizer::TextTokenizer::from_dir(&tiny_bert_dir(), 64).unwrap();
+    let data = adapterkit::data::Dataset {
+        name: "t".into(),
+        examples: (0..8)
+            .map(|i| adapterkit::data::Example {
+                text: ["the cat", "a dog ran"][i % 2].into(),
+                text_pair: None,
+                target: adapterkit::data::Target::Class(["x", "y"][i % 2].into()),
+            })
+            .collect(),
+    };
+    let mut model = make();
+    let encoded =
+        adapterkit::train::batches::EncodedDataset::new(&data, &tok, &model.head.config).unwrap();
+    let out = tempfile::tempdir().unwrap();
+    let output = adapterkit::train::Output {
+        dir: out.path(),
+        model_name: "tiny-bert",
+    };
+    let mut config = adapterkit::train::TrainConfig {
+        epochs: 2,
+        batch_size: 4,
+        ..Default::default()
+    };
+    let train = |model: &mut AdapterModel, config: &adapterkit::train::TrainConfig| {
+        adapterkit::train::train(
+            model,
+            &encoded,
+            &encoded,
+            config,
+            0,
+            Some(&output),
+            &mut adapterkit::train::Silent,
+        )
+        .unwrap()
+    };
+    train(&mut model, &config);
+    let trained = model.fusion.as_ref().unwrap().temperatures();
+    assert!(trained.iter().all(|t| *t < 50.0), "{trained:?}");
+    let saved = adapterkit::train::checkpoint::load(out.path(), &Device::Cpu)
+        .unwrap()
+        .unwrap();
+    assert_eq!(saved.progress.fusion_temperatures, trained);
+    // Resumed with every epoch done, a fresh model takes the checkpoint's temperatures.
+    config.resume = true;
+    let mut resumed = make();
+    assert!(resumed
+        .fusion
+        .as_ref()
+        .unwrap()
+        .temperatures()
+        .iter()
+        .all(|t| *t == 50.0));
+    train(&mut resumed, &config);
+    assert_eq!(resumed.fusion.as_ref().unwrap().temperatures(), trained);
+}

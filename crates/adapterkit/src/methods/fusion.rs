@@ -313,6 +313,33 @@ impl Fusion {
         self.layers.get(layer)?[position.index()].as_ref()
     }
 
+    /// Each fusion layer's softmax temperature now, in layer order: the state of the
+    /// `temperature` schedule, which a training checkpoint keeps.
+    pub fn temperatures(&self) -> Vec<f64> {
+        self.layers
+            .iter()
+            .flatten()
+            .flatten()
+            .map(|l| l.temperature.get())
+            .collect()
+    }
+
+    /// Sets what [`temperatures`](Self::temperatures) returned.
+    pub fn set_temperatures(&self, temperatures: &[f64]) -> Result<()> {
+        let layers: Vec<&FusionLayer> = self.layers.iter().flatten().flatten().collect();
+        if layers.len() != temperatures.len() {
+            return Err(Error::input(format!(
+                "{} temperatures for {} fusion layers",
+                temperatures.len(),
+                layers.len()
+            )));
+        }
+        for (layer, t) in layers.iter().zip(temperatures) {
+            layer.temperature.set(*t);
+        }
+        Ok(())
+    }
+
     /// AdapterHub's name for the fusion: the adapter names joined by commas.
     pub fn name(&self) -> String {
         self.adapters

@@ -182,12 +182,6 @@ pub fn train(
     let mut start_epoch = 1;
     let mut in_epoch: Option<checkpoint::InEpoch> = None;
     let fingerprint = fingerprint(config, train, validation, &params);
-    if config.resume && model.fusion.as_ref().is_some_and(|f| f.config.temperature) {
-        return Err(Error::input(
-            "a fusion with a temperature schedule cannot be resumed yet (the schedule is not in \
-             the checkpoint); train it again",
-        ));
-    }
     if config.resume {
         let dir = output
             .ok_or_else(|| Error::input("resuming needs the output directory of the run"))?
@@ -215,6 +209,9 @@ pub fn train(
             start_epoch = p.epoch + 1;
             history = p.history;
             in_epoch = p.in_epoch;
+            if let Some(fusion) = &model.fusion {
+                fusion.set_temperatures(&p.fusion_temperatures)?;
+            }
         }
     }
     let mut mode = Mode::Train(dropout_rng);
@@ -298,6 +295,7 @@ pub fn train(
                             seen,
                             step_losses: step_losses.clone(),
                         }),
+                        fusion_temperatures: fusion_temperatures(model),
                     };
                     let best = best.as_ref().map(|b| &b.2);
                     checkpoint::save(o.dir, progress, &params, &optimizer, best)?;
@@ -362,6 +360,7 @@ pub fn train(
                 history: history.clone(),
                 fingerprint: fingerprint.clone(),
                 in_epoch: None,
+                fusion_temperatures: fusion_temperatures(model),
             };
             let best = best.as_ref().map(|b| &b.2);
             checkpoint::save(o.dir, progress, &params, &optimizer, best)?;
@@ -382,6 +381,13 @@ pub fn train(
         train_examples_per_second: examples as f64 / train_seconds.max(1e-9),
         epochs: history,
     })
+}
+
+fn fusion_temperatures(model: &AdapterModel) -> Vec<f64> {
+    model
+        .fusion
+        .as_ref()
+        .map_or(Vec::new(), |f| f.temperatures())
 }
 
 /// What a checkpoint must match to be resumed: the settings (not `resume` itself), the data
