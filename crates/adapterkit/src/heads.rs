@@ -49,6 +49,10 @@ fn yes() -> bool {
     true
 }
 
+/// The most layers a head may have (AdapterHub's are 1 or 2); more is a malformed file, not a
+/// model to build.
+const MAX_HEAD_LAYERS: usize = 64;
+
 impl HeadConfig {
     /// A head for `kind` over `labels` (ignored for regression).
     pub fn new(kind: TaskKind, labels: &[String]) -> Result<Self> {
@@ -96,6 +100,12 @@ impl HeadConfig {
     /// outputs `0..num_labels` once each.
     pub fn validate(&self) -> Result<()> {
         let kind = self.kind()?;
+        if !(1..=MAX_HEAD_LAYERS).contains(&self.layers) {
+            return Err(Error::input(format!(
+                "a head of {} layers: adapterkit builds heads of 1 to {MAX_HEAD_LAYERS}",
+                self.layers
+            )));
+        }
         if kind != TaskKind::Regression && self.label2id.len() != self.num_labels {
             return Err(Error::input(format!(
                 "num_labels is {}, but label2id names {} labels",
