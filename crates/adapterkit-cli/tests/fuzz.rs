@@ -115,6 +115,18 @@ fn pickled_adapter_in(dir: &Path) {
     std::fs::remove_file(dir.join("model_head.safetensors")).unwrap();
 }
 
+/// A fusion saved as `fuse` saves it: its layer and head, the fused adapters in sub-folders.
+fn fusion_in(dir: &Path) {
+    let fusion = repo().join("tests/fixtures/fusion");
+    copy_dir(&fusion.join("dynamic"), dir);
+    std::fs::remove_file(dir.join("pytorch_model_adapter_fusion.bin")).unwrap();
+    std::fs::remove_file(dir.join("pytorch_model_head.bin")).unwrap();
+    for name in ["a", "b"] {
+        copy_dir(&fusion.join(format!("adapter_{name}")), &dir.join(name));
+        std::fs::remove_file(dir.join(name).join("pytorch_adapter.bin")).unwrap();
+    }
+}
+
 fn data_in(dir: &Path) {
     let labels = ["neg", "neu", "pos"];
     let csv: String = (0..12)
@@ -130,6 +142,10 @@ fn data_in(dir: &Path) {
         })
         .collect();
     std::fs::write(dir.join("data.jsonl"), jsonl).unwrap();
+    let tsv: String = (0..12)
+        .map(|i| format!("text {i}, with a comma\t{}\n", labels[i % 3]))
+        .collect();
+    std::fs::write(dir.join("data.tsv"), format!("text\tlabel\n{tsv}")).unwrap();
     adapter_in(&dir.join("adapter"));
 }
 
@@ -233,6 +249,18 @@ fn targets() -> Vec<Target> {
             args: predict,
         },
         Target {
+            name: "adapter_fusion_config.json",
+            lay_out: fusion_in,
+            file: "adapter_fusion_config.json",
+            args: predict,
+        },
+        Target {
+            name: "model_adapter_fusion.safetensors",
+            lay_out: fusion_in,
+            file: "model_adapter_fusion.safetensors",
+            args: predict,
+        },
+        Target {
             name: "CSV data",
             lay_out: data_in,
             file: "data.csv",
@@ -243,6 +271,12 @@ fn targets() -> Vec<Target> {
             lay_out: data_in,
             file: "data.jsonl",
             args: |d| eval("data.jsonl")(d),
+        },
+        Target {
+            name: "TSV data",
+            lay_out: data_in,
+            file: "data.tsv",
+            args: |d| eval("data.tsv")(d),
         },
     ]
 }

@@ -84,3 +84,12 @@ fn bad_requests_say_what_is_wrong() {
         .to_string();
     assert!(error.contains("expected an adapter name"), "{error}");
 }
+
+/// Several threads may serve one loaded model: nothing in it changes during a forward pass.
+#[test]
+fn inference_models_are_send_and_sync() {
+    fn shared_across_threads<T: Send + Sync>() {}
+    shared_across_threads::<adapterkit::predictor::Predictor>();
+    shared_across_threads::<adapterkit::adapter_model::AdapterModel>();
+    shared_across_threads::<adapterkit::composed_model::ComposedModel>();
+}

@@ -1,11 +1,10 @@
-use std::cell::RefCell;
 use std::path::PathBuf;
 
 use anyhow::{Context, Result};
 use candle_core::Device;
 
 use adapterkit::io::atomic::write_atomic;
-use adapterkit::methods::fusion::mean_attention;
+use adapterkit::methods::fusion::{mean_attention, Attention};
 use adapterkit::model::hooks::Position;
 use adapterkit::model::Mode;
 use adapterkit::train::batches::EncodedDataset;
@@ -29,12 +28,12 @@ pub struct Args {
 pub fn run(args: Args) -> Result<()> {
     let device = Device::Cpu;
     let data = args.data.one(&args.split)?;
-    let (tokenizer, mut model) = args.tuned.load(&super::MaxSeqLen::default(), &device)?;
+    let (tokenizer, model) = args.tuned.load(&super::MaxSeqLen::default(), &device)?;
     let fusion = model
         .fusion
-        .as_mut()
+        .as_ref()
         .with_context(|| format!("{} holds no AdapterFusion", args.tuned.adapter[0].display()))?;
-    fusion.record = Some(RefCell::new(Vec::new()));
+    let recorder = fusion.recording();
     let names: Vec<String> = fusion.adapters.iter().map(|a| a.name.clone()).collect();
     let encoded = EncodedDataset::new(&data, &tokenizer, &model.head.config)?;
 
@@ -43,20 +42,18 @@ pub fn run(args: Args) -> Result<()> {
     for indices in encoded.eval_batches(64) {
         let (batch, _) = encoded.batch(&indices, tokenizer.pad_id(), &device)?;
         // Every position's fusion attention: the whole last layer, not just what the head reads.
-        model
-            .encoder
-            .forward(&batch, model.hooks(), &mut Mode::Eval)?;
+        model.encoder.forward(&batch, &recorder, &mut Mode::Eval)?;
         let tokens = batch
             .attention_mask
             .to_dtype(candle_core::DType::F32)?
             .sum_all()?
             .to_scalar::<f32>()? as f64;
-        let record = model
-            .fusion
-            .as_ref()
-            .and_then(|f| f.record.as_ref())
-            .expect("set above");
-        for (layer, position, probs) in record.borrow_mut().drain(..) {
+        for Attention {
+            layer,
+            position,
+            probs,
+        } in recorder.take()
+        {
             let mean: Vec<f32> = mean_attention(&probs, &batch.attention_mask)?.to_vec1()?;
             let place = match position {
                 Position::Attention => "attention",

@@ -594,7 +594,7 @@ fn load_fusion(dir: &Path, encoder: &BertModel, device: &Device) -> Result<Fusio
         }
         adapters.push(read_adapter(&adapter_dir, encoder, device)?.frozen());
     }
-    let fusion = Fusion::new(
+    let mut fusion = Fusion::new(
         adapters,
         &config,
         &encoder.config,
@@ -602,6 +602,7 @@ fn load_fusion(dir: &Path, encoder: &BertModel, device: &Device) -> Result<Fusio
         device,
     )
     .map_err(|e| Error::file(&path, e))?;
+    fusion.set_schedule(crate::methods::fusion::SCHEDULE_END);
     let (weights, tensors) = read_tensors(dir, FUSION_WEIGHTS, FUSION_WEIGHTS_PICKLE, device)?;
     let tensors: HashMap<String, Tensor> = tensors
         .into_iter()

@@ -2,7 +2,7 @@
 //! adapters, learnt per layer for a target task, with AdapterHub's config, names and
 //! semantics (its `compose_fuse` and `BertFusion.forward`).
 
-use std::cell::Cell;
+use std::cell::RefCell;
 
 use candle_core::{Device, Result as CandleResult, Tensor, D};
 use candle_nn::Linear;
@@ -70,7 +70,7 @@ impl FusionConfig {
 }
 
 /// One fusion layer: `softmax(query(q) . key(up_i) / T)` weighs the adapters' outputs.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct FusionLayer {
     config: FusionConfig,
     query: Option<Linear>,
@@ -78,22 +78,9 @@ pub struct FusionLayer {
     /// `[hidden, hidden]`, no bias.
     value: Option<Linear>,
     dropout: f32,
-    temperature: Cell<f64>,
+    /// The softmax temperature: set from the schedule by [`Fusion::set_schedule`].
+    temperature: f64,
     params: Params,
-}
-
-impl Clone for FusionLayer {
-    fn clone(&self) -> Self {
-        Self {
-            config: self.config.clone(),
-            query: self.query.clone(),
-            key: self.key.clone(),
-            value: self.value.clone(),
-            dropout: self.dropout,
-            temperature: Cell::new(self.temperature.get()),
-            params: self.params.clone(),
-        }
-    }
 }
 
 impl FusionLayer {
@@ -143,7 +130,7 @@ impl FusionLayer {
             key,
             value,
             dropout: config.dropout_prob.unwrap_or(dropout),
-            temperature: Cell::new(if config.temperature { 50.0 } else { 1.0 }),
+            temperature: schedule_temperature(config, 0),
             params,
         })
     }
@@ -191,11 +178,7 @@ impl FusionLayer {
             .matmul(&k.transpose(2, 3)?.contiguous()?)?
             .squeeze(2)?;
         let scores = mode.dropout(&scores, self.dropout)?;
-        let t = self.temperature.get();
-        let probs = ops::softmax_last_dim(&(scores / t)?)?;
-        if c.temperature {
-            self.temperature.set((t - 50.0 / 1000.0).max(1.0));
-        }
+        let probs = ops::softmax_last_dim(&(scores / self.temperature)?)?;
         let mut context = probs
             .unsqueeze(2)?
             .matmul(&value.contiguous()?)?
@@ -227,9 +210,21 @@ pub struct Fusion {
     /// The fused adapters, in order; frozen unless trained jointly.
     pub adapters: Vec<BottleneckAdapters>,
     layers: Vec<[Option<FusionLayer>; 2]>,
-    /// Records the attention of each forward pass when set: `(layer, position, [b, s, n])`.
-    pub record: Option<std::cell::RefCell<Vec<(usize, Position, Tensor)>>>,
 }
+
+/// AdapterHub's temperature schedule (`temperature: true`): the softmax temperature starts at
+/// 50 and falls by a thousandth of that per pass, to 1. Without it, 1.
+pub fn schedule_temperature(config: &FusionConfig, passes: usize) -> f64 {
+    const START: f64 = 50.0;
+    if config.temperature {
+        (START - passes as f64 * (START / 1000.0)).max(1.0)
+    } else {
+        1.0
+    }
+}
+
+/// The schedule's end: a fusion loaded for inference runs at it.
+pub const SCHEDULE_END: usize = 1000;
 
 impl Fusion {
     pub fn new(
@@ -287,7 +282,6 @@ impl Fusion {
             config: config.clone(),
             adapters,
             layers,
-            record: None,
         })
     }
 
@@ -313,31 +307,26 @@ impl Fusion {
         self.layers.get(layer)?[position.index()].as_ref()
     }
 
-    /// Each fusion layer's softmax temperature now, in layer order: the state of the
-    /// `temperature` schedule, which a training checkpoint keeps.
+    /// Each fusion layer's softmax temperature, in layer order.
     pub fn temperatures(&self) -> Vec<f64> {
         self.layers
             .iter()
             .flatten()
             .flatten()
-            .map(|l| l.temperature.get())
+            .map(|l| l.temperature)
             .collect()
     }
 
-    /// Sets what [`temperatures`](Self::temperatures) returned.
-    pub fn set_temperatures(&self, temperatures: &[f64]) -> Result<()> {
-        let layers: Vec<&FusionLayer> = self.layers.iter().flatten().flatten().collect();
-        if layers.len() != temperatures.len() {
-            return Err(Error::input(format!(
-                "{} temperatures for {} fusion layers",
-                temperatures.len(),
-                layers.len()
-            )));
+    /// Sets every fusion layer's temperature to the schedule's after `passes` training passes
+    /// ([`schedule_temperature`]). AdapterHub lowers it in every forward pass, evaluation
+    /// included, so that its predictions depend on how many came before; here training sets
+    /// it from its step count, and a loaded fusion runs at the schedule's end
+    /// ([`SCHEDULE_END`]).
+    pub fn set_schedule(&mut self, passes: usize) {
+        let temperature = schedule_temperature(&self.config, passes);
+        for layer in self.layers.iter_mut().flatten().flatten() {
+            layer.temperature = temperature;
         }
-        for (layer, t) in layers.iter().zip(temperatures) {
-            layer.temperature.set(*t);
-        }
-        Ok(())
     }
 
     /// AdapterHub's name for the fusion: the adapter names joined by commas.
@@ -387,6 +376,15 @@ impl Fusion {
         Ok(total)
     }
 
+    /// Hooks that run the fusion and keep each fusion layer's attention.
+    pub fn recording(&self) -> FusionRecorder<'_> {
+        FusionRecorder {
+            fusion: self,
+            record: RefCell::new(Vec::new()),
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
     fn run(
         &self,
         layer: usize,
@@ -395,6 +393,7 @@ impl Fusion {
         input: &Tensor,
         layer_norm: &LayerNorm,
         mode: &mut Mode,
+        record: Option<&RefCell<Vec<Attention>>>,
     ) -> CandleResult<Tensor> {
         let present: Vec<_> = self
             .adapters
@@ -414,8 +413,12 @@ impl Fusion {
             .collect::<CandleResult<Vec<_>>>()?;
         let ups = Tensor::stack(&ups, 2)?;
         let (fused, probs) = fusion.forward(&pre.query, &ups, &pre.residual, mode)?;
-        if let Some(record) = &self.record {
-            record.borrow_mut().push((layer, position, probs.detach()));
+        if let Some(record) = record {
+            record.borrow_mut().push(Attention {
+                layer,
+                position,
+                probs: probs.detach(),
+            });
         }
         last.finish(&last.into_stream(fused, hidden)?, input, layer_norm)
     }
@@ -431,7 +434,44 @@ impl LayerHooks for Fusion {
         layer_norm: &LayerNorm,
         mode: &mut Mode,
     ) -> CandleResult<Tensor> {
-        self.run(layer, position, hidden, residual, layer_norm, mode)
+        self.run(layer, position, hidden, residual, layer_norm, mode, None)
+    }
+}
+
+/// One fusion layer's attention in one forward pass.
+pub struct Attention {
+    pub layer: usize,
+    pub position: Position,
+    /// `[batch, seq, adapters]`
+    pub probs: Tensor,
+}
+
+/// A fusion's hooks that keep its attention ([`Fusion::recording`]): the record is the
+/// caller's, so the model itself holds no state that a forward pass changes.
+pub struct FusionRecorder<'a> {
+    fusion: &'a Fusion,
+    record: RefCell<Vec<Attention>>,
+}
+
+impl FusionRecorder<'_> {
+    /// What the passes so far recorded, emptied.
+    pub fn take(&self) -> Vec<Attention> {
+        self.record.take()
+    }
+}
+
+impl LayerHooks for FusionRecorder<'_> {
+    fn sub_layer_output(
+        &self,
+        layer: usize,
+        position: Position,
+        hidden: &Tensor,
+        residual: &Tensor,
+        layer_norm: &LayerNorm,
+        mode: &mut Mode,
+    ) -> CandleResult<Tensor> {
+        let record = Some(&self.record);
+        (self.fusion).run(layer, position, hidden, residual, layer_norm, mode, record)
     }
 }
 

@@ -46,13 +46,17 @@ impl BertSelfAttention {
         hooks: &dyn LayerHooks,
         mode: &mut Mode,
     ) -> Result<Tensor> {
-        let query = hooks.linear(layer, LinearSite::Query, &self.query, queries, mode)?;
-        let kv = KeyValue {
-            key: hooks.linear(layer, LinearSite::Key, &self.key, hidden, mode)?,
-            value: hooks.linear(layer, LinearSite::Value, &self.value, hidden, mode)?,
+        let mut linear = |site, linear, x| ops::hooked_linear(hooks, layer, site, linear, x, mode);
+        let query = linear(LinearSite::Query, &self.query, queries)?;
+        let mut kv = KeyValue {
+            key: linear(LinearSite::Key, &self.key, hidden)?,
+            value: linear(LinearSite::Value, &self.value, hidden)?,
             bias: bias.clone(),
         };
-        let KeyValue { key, value, bias } = hooks.attention_key_value(layer, kv)?;
+        if let Some(change) = hooks.key_value(layer) {
+            kv = change(kv)?;
+        }
+        let KeyValue { key, value, bias } = kv;
         ops::attention(
             &query,
             &key,
@@ -91,13 +95,8 @@ impl BertSelfOutput {
         hooks: &dyn LayerHooks,
         mode: &mut Mode,
     ) -> Result<Tensor> {
-        let hidden = hooks.linear(
-            layer,
-            LinearSite::AttentionOutput,
-            &self.dense,
-            attended,
-            mode,
-        )?;
+        let site = LinearSite::AttentionOutput;
+        let hidden = ops::hooked_linear(hooks, layer, site, &self.dense, attended, mode)?;
         mode.dropout(&hidden, self.dropout)
     }
 }
@@ -152,7 +151,7 @@ impl BertAttention {
 
     /// Self-attention and the output projection with its dropout as one op
     /// (`kernels::attention::AttentionBlockOp`) when all four Linears are frozen, the hooks
-    /// leave them alone and `hidden` is f32 on CPU; `None` otherwise. Same values, same
+    /// leave them and the keys and values alone, and `hidden` is f32 on CPU; `None` otherwise. Same values, same
     /// dropout draws.
     fn frozen_block(
         &self,
@@ -170,7 +169,10 @@ impl BertAttention {
         };
         let (batch, seq, hidden_size) = hidden.dims3()?;
         if !ops::fused_applies(hidden)
-            || !hooks.plain_projections(layer)
+            || !LinearSite::ATTENTION
+                .iter()
+                .all(|s| hooks.linear(layer, *s).is_none())
+            || hooks.key_value(layer).is_some()
             || bias.dims() != [batch, 1, 1, seq]
             || bias.track_op()
         {

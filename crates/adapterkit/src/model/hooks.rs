@@ -1,12 +1,11 @@
 //! The explicit points where tuning methods attach to the encoder.
 //!
-//! Every method (bottleneck adapters, AdapterFusion, prefix tuning, LoRA) is a [`LayerHooks`]
-//! implementation; the encoder calls the hooks at fixed places and each default is what the
+//! Every method (bottleneck adapters, AdapterFusion, LoRA, (IA)³, prefix tuning) works through
+//! [`LayerHooks`]: the encoder asks the hooks at fixed places and each default is what the
 //! plain pre-trained model does there. No global state, no patched classes: a forward pass
 //! is `model.forward(&batch, &hooks, &mut mode)`.
 
 use candle_core::{Result, Tensor};
-use candle_nn::Linear;
 
 use crate::model::dropout::Mode;
 use crate::model::layer_norm::LayerNorm;
@@ -23,6 +22,18 @@ pub enum LinearSite {
     Intermediate,
     /// `output.dense`
     Output,
+}
+
+impl LinearSite {
+    /// The Linears of the attention block, in order.
+    pub const ATTENTION: [LinearSite; 4] = [
+        LinearSite::Query,
+        LinearSite::Key,
+        LinearSite::Value,
+        LinearSite::AttentionOutput,
+    ];
+    /// The Linears of the feed-forward block.
+    pub const FEED_FORWARD: [LinearSite; 2] = [LinearSite::Intermediate, LinearSite::Output];
 }
 
 /// Which sub-layer of a transformer layer a [`LayerHooks::sub_layer_output`] call ends.
@@ -59,30 +70,27 @@ pub struct KeyValue {
     pub bias: Tensor,
 }
 
+/// A method's change to one Linear: from the Linear's input `x` and output `W x + b` to the
+/// output the layer goes on with (LoRA adds its low-rank update, (IA)³ scales).
+pub type LinearChange<'a> = Box<dyn Fn(&Tensor, Tensor, &mut Mode) -> Result<Tensor> + 'a>;
+
+/// A method's change to one layer's keys and values before attention scores are taken
+/// (prefix tuning prepends its own).
+pub type KeyValueChange<'a> = Box<dyn Fn(KeyValue) -> Result<KeyValue> + 'a>;
+
 pub trait LayerHooks {
-    /// Every Linear of every layer runs through here (LoRA adds its low-rank update).
-    fn linear(
-        &self,
-        _layer: usize,
-        _site: LinearSite,
-        linear: &Linear,
-        x: &Tensor,
-        _mode: &mut Mode,
-    ) -> Result<Tensor> {
-        crate::model::ops::linear(linear, x)
+    /// What the hooks do to `site`'s Linear in `layer`; `None` leaves it alone. The encoder
+    /// asks before it picks a path: a block whose Linears are all left alone may run as one
+    /// fused op, any change sends it node by node through the change. So a change cannot be
+    /// skipped, and there is nothing else to keep in step with it.
+    fn linear(&self, _layer: usize, _site: LinearSite) -> Option<LinearChange<'_>> {
+        None
     }
 
-    /// Whether `linear` and `attention_key_value` are the defaults for `layer`, so that the
-    /// encoder may run a frozen block of its projections (attention, the feed-forward block)
-    /// as one fused op that calls neither. An implementation that overrides either must
-    /// return false for the layers it changes.
-    fn plain_projections(&self, _layer: usize) -> bool {
-        true
-    }
-
-    /// Keys and values before attention scores are taken (prefix tuning prepends its own).
-    fn attention_key_value(&self, _layer: usize, kv: KeyValue) -> Result<KeyValue> {
-        Ok(kv)
+    /// What the hooks do to `layer`'s keys and values; `None` leaves them alone (and lets the
+    /// attention block run fused).
+    fn key_value(&self, _layer: usize) -> Option<KeyValueChange<'_>> {
+        None
     }
 
     /// After a sub-layer's output projection and its dropout (`hidden`), with the sub-layer's

@@ -98,22 +98,11 @@ impl BertLayer {
 
     /// `dropout(output(activation(intermediate(x))))`, node by node.
     fn feed_forward(&self, x: &Tensor, hooks: &dyn LayerHooks, mode: &mut Mode) -> Result<Tensor> {
-        let layer = self.index;
-        let expanded = hooks.linear(
-            layer,
-            LinearSite::Intermediate,
-            &self.intermediate.dense,
-            x,
-            mode,
-        )?;
+        let mut linear =
+            |site, linear, x: &Tensor| ops::hooked_linear(hooks, self.index, site, linear, x, mode);
+        let expanded = linear(LinearSite::Intermediate, &self.intermediate.dense, x)?;
         let expanded = self.intermediate.activation.forward(&expanded)?;
-        let projected = hooks.linear(
-            layer,
-            LinearSite::Output,
-            &self.output.dense,
-            &expanded,
-            mode,
-        )?;
+        let projected = linear(LinearSite::Output, &self.output.dense, &expanded)?;
         mode.dropout(&projected, self.output.dropout)
     }
 
@@ -133,7 +122,9 @@ impl BertLayer {
         };
         if self.intermediate.activation != Activation::Gelu
             || !ops::fused_applies(x)
-            || !hooks.plain_projections(self.index)
+            || !LinearSite::FEED_FORWARD
+                .iter()
+                .all(|s| hooks.linear(self.index, *s).is_none())
         {
             return Ok(None);
         }

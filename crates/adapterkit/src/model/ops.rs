@@ -5,6 +5,8 @@ use candle_core::{DType, Result, Tensor, D};
 use serde::{Deserialize, Serialize};
 
 use crate::kernels::attention::AttentionOp;
+use crate::model::hooks::{LayerHooks, LinearSite};
+use crate::model::Mode;
 
 /// A non-linearity, by the names `transformers` (`hidden_act`) and AdapterHub (`non_linearity`) use.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -83,7 +85,7 @@ pub fn attention(
     bias: &Tensor,
     heads: usize,
     dropout: f32,
-    mode: &mut crate::model::Mode,
+    mode: &mut Mode,
 ) -> Result<Tensor> {
     let (batch, queries, hidden) = query.dims3()?;
     let keys = key.dim(1)?;
@@ -105,7 +107,7 @@ pub fn attention_composed(
     bias: &Tensor,
     heads: usize,
     dropout: f32,
-    mode: &mut crate::model::Mode,
+    mode: &mut Mode,
 ) -> Result<Tensor> {
     let (batch, queries, hidden) = query.dims3()?;
     let head_dim = hidden / heads;
@@ -158,10 +160,26 @@ pub fn linear(linear: &candle_nn::Linear, x: &Tensor) -> Result<Tensor> {
     }
 }
 
+/// [`linear`] with the hooks' change to `site`'s Linear in `layer`, if they make one.
+pub fn hooked_linear(
+    hooks: &dyn LayerHooks,
+    layer: usize,
+    site: LinearSite,
+    weights: &candle_nn::Linear,
+    x: &Tensor,
+    mode: &mut Mode,
+) -> Result<Tensor> {
+    let out = linear(weights, x)?;
+    match hooks.linear(layer, site) {
+        Some(change) => change(x, out, mode),
+        None => Ok(out),
+    }
+}
+
 /// The dropout mask over the attention probabilities `[batch, heads, queries, keys]` (`bias`
 /// is `[batch, 1, 1, keys]`), drawn from `mode`; `None` in evaluation or when `p` is 0.
 pub fn attention_dropout(
-    mode: &mut crate::model::Mode,
+    mode: &mut Mode,
     heads: usize,
     queries: usize,
     bias: &Tensor,

@@ -42,9 +42,6 @@ pub struct Progress {
     /// Set when the checkpoint was taken inside epoch `epoch + 1`; `shuffle_rng` is then the
     /// state that draws that epoch's batch order.
     pub in_epoch: Option<InEpoch>,
-    /// A fusion's softmax temperatures (its `temperature` schedule), layer by layer.
-    #[serde(default)]
-    pub fusion_temperatures: Vec<f64>,
 }
 
 /// How far an unfinished epoch got.

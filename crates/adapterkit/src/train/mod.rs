@@ -209,10 +209,10 @@ pub fn train(
             start_epoch = p.epoch + 1;
             history = p.history;
             in_epoch = p.in_epoch;
-            if let Some(fusion) = &model.fusion {
-                fusion.set_temperatures(&p.fusion_temperatures)?;
-            }
         }
+    }
+    if let Some(fusion) = &mut model.fusion {
+        fusion.set_schedule(step); // the temperature schedule follows the steps taken
     }
     let mut mode = Mode::Train(dropout_rng);
     let log_path = output.map(|o| o.dir.join(TRAINING_LOG));
@@ -246,6 +246,9 @@ pub fn train(
             if let Some(max) = config.robust_drop_max {
                 let dropped = drop_rng.below(max.min(layers) + 1);
                 model.set_skip_layers(&(0..dropped).collect());
+            }
+            if let Some(fusion) = &mut model.fusion {
+                fusion.set_schedule(step);
             }
             let logits = model.logits(&batch, &mut mode)?;
             let mut loss = model.head.loss(&logits, &targets)?;
@@ -295,7 +298,6 @@ pub fn train(
                             seen,
                             step_losses: step_losses.clone(),
                         }),
-                        fusion_temperatures: fusion_temperatures(model),
                     };
                     let best = best.as_ref().map(|b| &b.2);
                     checkpoint::save(o.dir, progress, &params, &optimizer, best)?;
@@ -307,6 +309,9 @@ pub fn train(
             model.set_skip_layers(&Default::default()); // evaluate with every adapter
         }
         train_seconds += epoch_train_seconds;
+        if let Some(fusion) = &mut model.fusion {
+            fusion.set_schedule(step);
+        }
         let metrics =
             evaluate::evaluate(model, validation, config.eval_batch_size, pad_id, &device)?;
         let value = metrics
@@ -360,7 +365,6 @@ pub fn train(
                 history: history.clone(),
                 fingerprint: fingerprint.clone(),
                 in_epoch: None,
-                fusion_temperatures: fusion_temperatures(model),
             };
             let best = best.as_ref().map(|b| &b.2);
             checkpoint::save(o.dir, progress, &params, &optimizer, best)?;
@@ -381,13 +385,6 @@ pub fn train(
         train_examples_per_second: examples as f64 / train_seconds.max(1e-9),
         epochs: history,
     })
-}
-
-fn fusion_temperatures(model: &AdapterModel) -> Vec<f64> {
-    model
-        .fusion
-        .as_ref()
-        .map_or(Vec::new(), |f| f.temperatures())
 }
 
 /// What a checkpoint must match to be resumed: the settings (not `resume` itself), the data
