@@ -69,6 +69,8 @@ enum Command {
     FusionWeights(commands::fusion_weights::Args),
     /// Write a dataset's splits (a built-in one, or files) as JSON lines.
     Export(commands::export::Args),
+    /// Fold a LoRA or (IA)³ adapter into the model's weights: a plain model directory.
+    Merge(commands::merge::Args),
 }
 
 fn main() -> ExitCode {
@@ -89,6 +91,7 @@ fn main() -> ExitCode {
         Command::Train(args) => commands::train::run(args),
         Command::Eval(args) => commands::eval::run(args),
         Command::Export(args) => commands::export::run(args),
+        Command::Merge(args) => commands::merge::run(args),
         Command::Predict(args) => commands::predict::run(args),
         Command::Fuse(args) => commands::fuse::run(args),
         Command::Bench(args) => commands::bench::run(args),

@@ -1,13 +1,15 @@
 //! A pre-trained encoder with a tuning method and a task head: what `train`, `eval` and
 //! `predict` run.
 
+use std::collections::BTreeSet;
+
 use candle_core::{Device, Tensor};
 
 use crate::batch::Batch;
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::heads::{Head, HeadConfig};
+use crate::methods::adapter::{Adapter, AdapterConfig, Module};
 use crate::methods::bottleneck::BottleneckAdapters;
-use crate::methods::bottleneck_config::BnConfig;
 use crate::methods::fusion::{Fusion, FusionConfig};
 use crate::model::hooks::{LayerHooks, NoHooks};
 use crate::model::layer::Positions;
@@ -18,8 +20,9 @@ use crate::rng::SeededRng;
 /// What training changes.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Method {
-    /// A bottleneck adapter (+ the head, + the LayerNorms unless frozen); the base is frozen.
-    Adapter(BnConfig),
+    /// An adapter (a bottleneck adapter, a LoRA, (IA)³ or a union of them) + the head (+ the
+    /// LayerNorms unless frozen); the rest of the base is frozen.
+    Adapter(AdapterConfig),
     /// Only the head: the floor.
     Head,
     /// Every weight: the ceiling.
@@ -27,12 +30,13 @@ pub enum Method {
 }
 
 impl Method {
-    /// `houlsby`, `pfeiffer`, `parallel` (or any AdapterHub preset name), `head`, `full`.
+    /// `houlsby`, `pfeiffer`, `parallel`, `lora`, `ia3` (or any AdapterHub preset name),
+    /// `head`, `full`.
     pub fn from_name(name: &str) -> Result<Self> {
         match name {
             "head" => Ok(Method::Head),
             "full" => Ok(Method::Full),
-            preset => Ok(Method::Adapter(BnConfig::preset(preset)?)),
+            preset => Ok(Method::Adapter(AdapterConfig::preset(preset)?)),
         }
     }
 }
@@ -41,7 +45,7 @@ impl Method {
 pub struct AdapterModel {
     pub encoder: BertModel,
     /// `None` for head-only training and full fine-tuning.
-    pub adapter: Option<BottleneckAdapters>,
+    pub adapter: Option<Adapter>,
     /// AdapterFusion over several adapters; when set, it runs instead of `adapter`.
     pub fusion: Option<Fusion>,
     /// Whether the fused adapters train with the fusion layers (else they are frozen).
@@ -50,6 +54,17 @@ pub struct AdapterModel {
     /// Base-model tensors being trained: the LayerNorms beside an adapter, or every weight in
     /// full fine-tuning (named as in the checkpoint).
     pub base_trainable: Params,
+}
+
+/// Layers to skip must be layers of the model.
+pub fn check_layers(layers: &BTreeSet<usize>, count: usize) -> Result<()> {
+    match layers.iter().find(|l| **l >= count) {
+        Some(bad) => Err(Error::input(format!(
+            "cannot skip layer {bad}: the model has {count} layers (0..{})",
+            count.saturating_sub(1)
+        ))),
+        None => Ok(()),
+    }
 }
 
 impl AdapterModel {
@@ -68,8 +83,7 @@ impl AdapterModel {
         let mut rng = SeededRng::new(seed);
         let (adapter, base_trainable) = match method {
             Method::Adapter(config) => {
-                let adapter =
-                    BottleneckAdapters::new(name, config, &encoder.config, &mut rng, device)?;
+                let adapter = Adapter::new(name, config, &encoder.config, &mut rng, device)?;
                 let norms = if train_layer_norms {
                     encoder.make_trainable(|n| n.contains("LayerNorm"))?
                 } else {
@@ -133,13 +147,56 @@ impl AdapterModel {
     /// (It has no trainable parameters left: train and save the original.)
     pub fn frozen(&self) -> Self {
         Self {
-            adapter: self.adapter.as_ref().map(BottleneckAdapters::frozen),
+            adapter: self.adapter.as_ref().map(Adapter::frozen),
             fusion: self.fusion.as_ref().map(Fusion::frozen),
             train_fused_adapters: false,
             head: self.head.frozen(),
             base_trainable: Params::default(),
             encoder: self.encoder.frozen(),
         }
+    }
+
+    /// The model with its LoRA or (IA)³ folded into the encoder's weights (`W + B A · alpha/r`;
+    /// an (IA)³ vector scales W's rows and the bias), so that inference runs at the bare
+    /// model's speed; a bottleneck adapter beside it stays as it is. Layers skipped by
+    /// AdapterDrop are left unmerged. For inference: the folded weights are plain tensors.
+    pub fn merged(&self) -> Result<Self> {
+        let Some(adapter) = &self.adapter else {
+            return Ok(self.clone());
+        };
+        let Some(lora) = adapter.lora() else {
+            return Ok(self.clone());
+        };
+        let weights: std::collections::HashMap<String, Tensor> =
+            self.encoder.named_tensors().into_iter().collect();
+        let mut merged = std::collections::HashMap::new();
+        for (layer, site, module) in lora.modules() {
+            if lora.skip_layers.contains(&layer) {
+                continue;
+            }
+            let name = format!("encoder.layer.{layer}.{}", site.module());
+            let weight = weights[&format!("{name}.weight")].detach();
+            let bias = weights.get(&format!("{name}.bias")).map(Tensor::detach);
+            let (weight, bias) = module.merge(&lora.config, &weight, bias.as_ref())?;
+            merged.insert(format!("{name}.weight"), weight);
+            merged.extend(bias.map(|b| (format!("{name}.bias"), b)));
+        }
+        let mut encoder = self.encoder.clone();
+        encoder
+            .set_tensors(&merged)
+            .map_err(|e| Error::input(format!("merging the LoRA: {e}")))?;
+        let rest = Adapter {
+            name: adapter.name.clone(),
+            modules: (adapter.modules.iter())
+                .filter(|m| !matches!(m, Module::Lora(_)))
+                .cloned()
+                .collect(),
+        };
+        Ok(Self {
+            encoder,
+            adapter: Some(rest).filter(|a| !a.modules.is_empty()),
+            ..self.clone()
+        })
     }
 
     pub fn hooks(&self) -> &dyn LayerHooks {
@@ -151,15 +208,17 @@ impl AdapterModel {
     }
 
     /// AdapterDrop at run time: the adapters (single or fused) of these layers are skipped.
-    pub fn set_skip_layers(&mut self, layers: &std::collections::BTreeSet<usize>) {
+    pub fn set_skip_layers(&mut self, layers: &BTreeSet<usize>) -> Result<()> {
+        check_layers(layers, self.encoder.layers.len())?;
         if let Some(adapter) = &mut self.adapter {
-            adapter.skip_layers = layers.clone();
+            adapter.set_skip_layers(layers);
         }
         if let Some(fusion) = &mut self.fusion {
             for adapter in &mut fusion.adapters {
                 adapter.skip_layers = layers.clone();
             }
         }
+        Ok(())
     }
 
     /// Terms added to the training loss besides the head's (AdapterFusion's regularisation).

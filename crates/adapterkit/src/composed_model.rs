@@ -10,6 +10,7 @@ use crate::adapter_model::AdapterModel;
 use crate::batch::Batch;
 use crate::error::{Error, Result};
 use crate::heads::Head;
+use crate::methods::adapter::Adapter;
 use crate::methods::composition::{Composition, Setup};
 use crate::model::hooks::NoHooks;
 use crate::model::layer::Positions;
@@ -62,7 +63,7 @@ impl ComposedModel {
                 for adapter in &fusion.adapters {
                     adapters
                         .entry(adapter.name.clone())
-                        .or_insert_with(|| adapter.clone());
+                        .or_insert_with(|| Adapter::of_bottleneck(adapter.clone()));
                 }
                 fusions.entry(fusion.name()).or_insert(fusion);
             }

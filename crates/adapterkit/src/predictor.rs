@@ -18,7 +18,7 @@ use std::path::PathBuf;
 use candle_core::{Device, Tensor};
 use serde::Serialize;
 
-use crate::adapter_model::AdapterModel;
+use crate::adapter_model::{check_layers, AdapterModel};
 use crate::composed_model::ComposedModel;
 use crate::data::TaskKind;
 use crate::error::{Error, Result};
@@ -89,8 +89,22 @@ pub fn predictions(head: &Head, logits: &Tensor) -> Result<Vec<Prediction>> {
 /// One tuned model, or several under a composition setup.
 #[derive(Debug, Clone)]
 enum Tuned {
-    One(Box<AdapterModel>),
+    /// The model as loaded, and the one that runs: its LoRA (if any) folded into the weights
+    /// ([`AdapterModel::merged`]), made again when the layers to skip change.
+    One {
+        model: Box<AdapterModel>,
+        merged: Box<AdapterModel>,
+    },
     Composed(Box<ComposedModel>),
+}
+
+impl Tuned {
+    fn one(model: AdapterModel) -> Result<Self> {
+        Ok(Tuned::One {
+            merged: Box::new(model.merged()?),
+            model: Box::new(model),
+        })
+    }
 }
 
 /// A pre-trained model with its tokenizer and trained adapters, for inference.
@@ -125,9 +139,9 @@ impl Predictor {
                 pretrained.model,
                 device,
             )?)),
-            ([one], None) => Tuned::One(Box::new(
-                adapter_dir::load(one, pretrained.model, device)?.frozen(),
-            )),
+            ([one], None) => {
+                Tuned::one(adapter_dir::load(one, pretrained.model, device)?.frozen())?
+            }
             _ => {
                 return Err(Error::input(format!(
                     "{} adapter directories given without a setup; several run together only \
@@ -146,25 +160,22 @@ impl Predictor {
     /// The encoder's layer count.
     pub fn layers(&self) -> usize {
         match &self.tuned {
-            Tuned::One(model) => model.encoder.layers.len(),
+            Tuned::One { model, .. } => model.encoder.layers.len(),
             Tuned::Composed(model) => model.encoder.layers.len(),
         }
     }
 
     /// AdapterDrop at inference: no adapter runs in these layers (AdapterHub's `skip_layers`).
     pub fn set_skip_layers(&mut self, layers: &BTreeSet<usize>) -> Result<()> {
-        let count = self.layers();
-        if let Some(bad) = layers.iter().find(|l| **l >= count) {
-            return Err(Error::input(format!(
-                "cannot skip layer {bad}: the model has {count} layers (0..{})",
-                count - 1
-            )));
-        }
         match &mut self.tuned {
-            Tuned::One(model) => model.set_skip_layers(layers),
+            Tuned::One { model, merged } => {
+                model.set_skip_layers(layers)?;
+                **merged = model.merged()?;
+            }
             Tuned::Composed(model) => {
+                check_layers(layers, model.encoder.layers.len())?;
                 for adapter in model.composition.adapters.values_mut() {
-                    adapter.skip_layers = layers.clone();
+                    adapter.set_skip_layers(layers);
                 }
             }
         }
@@ -174,7 +185,7 @@ impl Predictor {
     /// Whether a batch of `rows` texts can run (a setup's batch_split sizes must add up to it).
     pub fn check_batch(&self, rows: usize) -> Result<()> {
         match &self.tuned {
-            Tuned::One(_) => Ok(()),
+            Tuned::One { .. } => Ok(()),
             Tuned::Composed(model) => model.check_batch(rows),
         }
     }
@@ -185,7 +196,7 @@ impl Predictor {
         let batch = self.tokenizer.batch(texts, &self.device)?;
         let mut out = vec![BTreeMap::new(); texts.len()];
         match &self.tuned {
-            Tuned::One(model) => {
+            Tuned::One { merged: model, .. } => {
                 let logits = model.logits(&batch, &mut Mode::Eval)?;
                 for (tasks, p) in out.iter_mut().zip(predictions(&model.head, &logits)?) {
                     tasks.insert(model.head.name.clone(), p);

@@ -148,7 +148,13 @@ fn robust_drop_training_is_deterministic_for_a_seed() {
     }
     assert!(!same_as_other_seed, "another seed should train differently");
     assert!(
-        a.adapter.as_ref().unwrap().skip_layers.is_empty(),
+        a.adapter
+            .as_ref()
+            .unwrap()
+            .bottleneck()
+            .unwrap()
+            .skip_layers
+            .is_empty(),
         "training ends with every adapter active"
     );
 }

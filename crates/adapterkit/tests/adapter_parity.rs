@@ -1,6 +1,8 @@
-//! Bottleneck adapters and heads against PyTorch + AdapterHub's `adapters` 1.3 (fixtures
-//! made by `tests/fixtures/adapters/make_adapter_fixtures.py`): the saved directories load,
-//! and logits, loss and every trainable gradient agree within 1e-5.
+//! Adapters and heads against PyTorch + AdapterHub's `adapters` 1.3: bottleneck adapters
+//! (fixtures made by `tests/fixtures/adapters/make_adapter_fixtures.py`), LoRA, (IA)³ and a
+//! union of a LoRA and a bottleneck adapter (`tests/fixtures/lora/make_lora_fixtures.py`). The
+//! saved directories load, logits, loss and every trainable gradient agree within 1e-5, and
+//! what we save is what Python saved.
 
 mod common;
 
@@ -13,15 +15,19 @@ use candle_core::{DType, Device, Tensor};
 use common::*;
 
 const CASES: &[&str] = &[
-    "houlsby",
-    "pfeiffer",
-    "parallel",
-    "houlsby_ln",
-    "regression",
+    "adapters/houlsby",
+    "adapters/pfeiffer",
+    "adapters/parallel",
+    "adapters/houlsby_ln",
+    "adapters/regression",
+    "lora/lora_qv",
+    "lora/lora_all",
+    "lora/ia3",
+    "lora/union",
 ];
 
 fn case_dir(case: &str) -> PathBuf {
-    fixtures().join("adapters").join(case)
+    fixtures().join(case)
 }
 
 fn load_case(dir: &Path) -> AdapterModel {
@@ -73,7 +79,12 @@ fn logits_loss_and_gradients_match_adapters_library() {
             } else {
                 format!("bert.{name}")
             };
-            if model.adapter.as_ref().is_some_and(|a| a.config.ln_before) {
+            if model
+                .adapter
+                .as_ref()
+                .and_then(|a| a.bottleneck())
+                .is_some_and(|a| a.config.ln_before)
+            {
                 torch_name = torch_name.replace(".adapter_down.0.", ".adapter_norm_before.");
             }
             let want = expected
@@ -100,7 +111,13 @@ fn logits_loss_and_gradients_match_adapters_library() {
 
 #[test]
 fn pickle_files_load_like_safetensors() {
-    for case in ["houlsby", "houlsby_ln"] {
+    for case in [
+        "adapters/houlsby",
+        "adapters/houlsby_ln",
+        "lora/lora_all",
+        "lora/ia3",
+        "lora/union",
+    ] {
         let copy = tempfile::tempdir().unwrap();
         for name in [
             "adapter_config.json",
@@ -181,7 +198,7 @@ fn save_then_load_gives_identical_logits_and_adapterhub_names() {
 
 #[test]
 fn an_adapter_with_zero_up_projection_is_the_identity() {
-    let mut model = load_case(&case_dir("houlsby"));
+    let mut model = load_case(&case_dir("adapters/houlsby"));
     let adapter = model.adapter.as_mut().unwrap();
     for (name, var) in adapter.params().iter() {
         if name.contains("adapter_up") {
@@ -208,7 +225,7 @@ fn an_adapter_with_zero_up_projection_is_the_identity() {
 #[test]
 fn an_adapter_for_another_hidden_size_is_named() {
     let copy = tempfile::tempdir().unwrap();
-    for entry in std::fs::read_dir(case_dir("houlsby")).unwrap() {
+    for entry in std::fs::read_dir(case_dir("adapters/houlsby")).unwrap() {
         let entry = entry.unwrap();
         std::fs::copy(entry.path(), copy.path().join(entry.file_name())).unwrap();
     }
@@ -229,14 +246,14 @@ fn an_adapter_for_another_hidden_size_is_named() {
 #[test]
 fn a_directory_left_half_written_is_refused() {
     let copy = tempfile::tempdir().unwrap();
-    copy_dir(&case_dir("houlsby"), copy.path());
+    copy_dir(&case_dir("adapters/houlsby"), copy.path());
     std::fs::write(copy.path().join(".adapterkit-saving"), "").unwrap();
     let err = adapter_dir::load(copy.path(), tiny_encoder(), &Device::Cpu)
         .unwrap_err()
         .to_string();
     assert!(err.contains("being written when its run stopped"), "{err}");
     // A save completes the set and takes the mark away.
-    let model = load_case(&case_dir("houlsby"));
+    let model = load_case(&case_dir("adapters/houlsby"));
     adapter_dir::save(copy.path(), &model, "tiny-bert").unwrap();
     assert!(!copy.path().join(".adapterkit-saving").exists());
     load_case(copy.path());
@@ -246,7 +263,7 @@ fn a_directory_left_half_written_is_refused() {
 fn adapter_weights_without_their_config_are_refused() {
     for weights in ["adapter.safetensors", "pytorch_adapter.bin"] {
         let copy = tempfile::tempdir().unwrap();
-        copy_dir(&case_dir("houlsby"), copy.path());
+        copy_dir(&case_dir("adapters/houlsby"), copy.path());
         std::fs::remove_file(copy.path().join("adapter_config.json")).unwrap();
         let other = ["adapter.safetensors", "pytorch_adapter.bin"]
             .into_iter()
@@ -266,7 +283,7 @@ fn adapter_weights_without_their_config_are_refused() {
 #[test]
 fn saving_over_an_older_adapter_removes_what_the_new_model_lacks() {
     let out = tempfile::tempdir().unwrap();
-    let with_adapter = load_case(&case_dir("houlsby"));
+    let with_adapter = load_case(&case_dir("adapters/houlsby"));
     adapter_dir::save(out.path(), &with_adapter, "tiny-bert").unwrap();
     let head_only = AdapterModel {
         adapter: None,
@@ -286,7 +303,7 @@ fn saving_over_an_older_adapter_removes_what_the_new_model_lacks() {
 #[test]
 fn a_head_whose_label_ids_do_not_number_its_outputs_is_named() {
     let copy = tempfile::tempdir().unwrap();
-    for entry in std::fs::read_dir(case_dir("houlsby")).unwrap() {
+    for entry in std::fs::read_dir(case_dir("adapters/houlsby")).unwrap() {
         let entry = entry.unwrap();
         std::fs::copy(entry.path(), copy.path().join(entry.file_name())).unwrap();
     }

@@ -11,6 +11,7 @@ use adapterkit::composed_model::ComposedModel;
 use adapterkit::data::TaskKind;
 use adapterkit::heads::HeadConfig;
 use adapterkit::io::adapter_dir;
+use adapterkit::methods::adapter::Adapter;
 use adapterkit::methods::bottleneck_config::BnConfig;
 use adapterkit::methods::composition::{Composition, Setup};
 use adapterkit::model::layer::Positions;
@@ -37,7 +38,7 @@ fn blocks_match_adapters_library() {
     let mut adapters: BTreeMap<_, _> = fusion
         .adapters
         .iter()
-        .map(|a| (a.name.clone(), a.clone()))
+        .map(|a| (a.name.clone(), Adapter::of_bottleneck(a.clone())))
         .collect();
     // The Pfeiffer adapter of the adapter fixtures, as the script loads it.
     let pfeiffer = python_made("pfeiffer", "p").adapter.unwrap();
@@ -153,7 +154,7 @@ fn task(name: &str, leave_out: &str, seed: u64) -> AdapterModel {
     let head = HeadConfig::new(TaskKind::Classification, &labels).unwrap();
     let model = AdapterModel::new(
         tiny_encoder(),
-        &Method::Adapter(config),
+        &Method::Adapter(config.into()),
         name,
         head,
         false,
@@ -225,12 +226,12 @@ fn adapter_drop_applies_under_parallel() {
         let setup = Setup::parse("parallel(a,b)").unwrap();
         let mut model = ComposedModel::new(tiny_encoder(), setup, tasks.to_vec()).unwrap();
         for adapter in model.composition.adapters.values_mut() {
-            adapter.skip_layers = skip.clone();
+            adapter.set_skip_layers(&skip);
         }
         assert_eq!(model.composition.lowest_active_layer(2), lowest);
         let together = model.logits(&batch(), &mut Mode::Eval).unwrap();
         for (task, b) in tasks.iter_mut().zip(&together) {
-            task.set_skip_layers(&skip);
+            task.set_skip_layers(&skip).unwrap();
             let alone = task.logits(&batch(), &mut Mode::Eval).unwrap();
             assert!(max_abs_diff(&alone, &b.logits) < 1e-6, "skipping {skip:?}");
         }
@@ -368,7 +369,7 @@ fn parallel_over_mixed_placements_on_minilm() {
                 .unwrap();
             let model = AdapterModel::new(
                 pretrained.model.clone(),
-                &Method::Adapter(config),
+                &Method::Adapter(config.into()),
                 name,
                 head.clone(),
                 false,

@@ -21,6 +21,7 @@ use adapterkit::batch::Batch;
 use adapterkit::composed_model::ComposedModel;
 use adapterkit::data::TaskKind;
 use adapterkit::heads::HeadConfig;
+use adapterkit::methods::adapter::Adapter;
 use adapterkit::methods::bottleneck::{BottleneckAdapter, BottleneckAdapters};
 use adapterkit::methods::bottleneck_config::{
     BnConfig, InitWeights, PostAdd, ReductionFactor, ResidualBeforeLn,
@@ -88,7 +89,7 @@ fn random_config(rng: &mut SeededRng, ln_after_off: bool) -> BnConfig {
 fn random_task(encoder: &BertModel, name: &str, config: &BnConfig, seed: u64) -> AdapterModel {
     let labels: Vec<String> = ["x", "y", "z"].map(String::from).to_vec();
     let head = HeadConfig::new(TaskKind::Classification, &labels).unwrap();
-    let method = Method::Adapter(config.clone());
+    let method = Method::Adapter(config.clone().into());
     let model = AdapterModel::new(
         encoder.clone(),
         &method,
@@ -455,12 +456,12 @@ fn run_case(case: usize, encoder: &BertModel) -> Outcome {
         _ => BTreeSet::new(),
     };
     for task in &mut tasks {
-        task.set_skip_layers(&skip);
+        task.set_skip_layers(&skip).unwrap();
     }
     let adapters: BTreeMap<String, BottleneckAdapters> = tasks
         .iter()
         .map(|t| {
-            let a = t.adapter.clone().unwrap();
+            let a = t.adapter.as_ref().unwrap().bottleneck().unwrap().clone();
             (a.name.clone(), a)
         })
         .collect();
@@ -491,7 +492,15 @@ fn run_case(case: usize, encoder: &BertModel) -> Outcome {
     let expected = encoder.forward(&replicated(&batch, channels), &oracle, &mut Mode::Eval);
     let mut model = ComposedModel {
         encoder: encoder.clone(),
-        composition: Composition::new(setup.clone(), adapters.clone(), BTreeMap::new()).unwrap(),
+        composition: Composition::new(
+            setup.clone(),
+            adapters
+                .values()
+                .map(|a| (a.name.clone(), Adapter::of_bottleneck(a.clone())))
+                .collect(),
+            BTreeMap::new(),
+        )
+        .unwrap(),
         heads: vec![],
         share_base_layers: true,
     };

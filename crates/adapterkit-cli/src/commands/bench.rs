@@ -9,7 +9,7 @@ use adapterkit::bench::{
 use adapterkit::composed_model::ComposedModel;
 use adapterkit::data::TaskKind;
 use adapterkit::heads::HeadConfig;
-use adapterkit::methods::bottleneck_config::BnConfig;
+use adapterkit::methods::adapter::AdapterConfig;
 use adapterkit::methods::composition::Setup;
 use adapterkit::model::layer::Positions;
 use adapterkit::model::{BertConfig, BertModel, Mode};
@@ -144,7 +144,7 @@ pub fn run(args: Args) -> Result<()> {
             }
             "adapter-drop" => {
                 for dropped in 0..config.num_hidden_layers {
-                    let config = BnConfig::preset("houlsby")?
+                    let config = AdapterConfig::preset("houlsby")?
                         .with_overrides(&[("leave_out".into(), format!("{:?}", (0..dropped).collect::<Vec<_>>()))])
                         .map_err(anyhow::Error::msg)?;
                     let seconds = time_training(&Method::Adapter(config), false)?;
@@ -297,7 +297,7 @@ fn multitask(
     let layers = encoder.layers.len();
     for dropped in 0..layers {
         for adapter in model.composition.adapters.values_mut() {
-            adapter.skip_layers = (0..dropped).collect();
+            adapter.set_skip_layers(&(0..dropped).collect());
         }
         let seconds = time_per_step(1, args.steps, || composed_step(&model, batch))?;
         let shared = dropped as f64 / layers as f64;

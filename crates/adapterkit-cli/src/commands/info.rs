@@ -43,16 +43,16 @@ fn adapter_size(
             .map(|m| m.len());
         return Ok((count, file));
     }
-    let config = adapterkit::methods::bottleneck_config::BnConfig::preset(adapter)?;
+    let config = adapterkit::methods::adapter::AdapterConfig::preset(adapter)?;
     let mut rng = adapterkit::rng::SeededRng::new(0);
-    let adapters = adapterkit::methods::bottleneck::BottleneckAdapters::new(
+    let adapter = adapterkit::methods::adapter::Adapter::new(
         adapter,
         &config,
         &model.config,
         &mut rng,
         &Device::Cpu,
     )?;
-    Ok((adapters.params().count(), None))
+    Ok((adapter.params().count(), None))
 }
 
 pub fn run(args: Args) -> Result<()> {

@@ -5,6 +5,7 @@ pub mod export;
 pub mod fuse;
 pub mod fusion_weights;
 pub mod info;
+pub mod merge;
 pub mod predict;
 pub mod train;
 
@@ -91,24 +92,16 @@ pub struct DropArgs {
 }
 
 impl DropArgs {
-    /// The layers to skip, checked against a model of `layers` layers.
-    pub fn layers(&self, layers: usize) -> Result<BTreeSet<usize>> {
-        let skip: BTreeSet<usize> = match self.drop_lower {
+    /// The layers to skip (the model checks that it has them).
+    pub fn layers(&self) -> BTreeSet<usize> {
+        match self.drop_lower {
             Some(n) => (0..n).collect(),
             None => self.skip_layers.iter().copied().collect(),
-        };
-        if let Some(bad) = skip.iter().find(|l| **l >= layers) {
-            anyhow::bail!(
-                "cannot skip layer {bad}: the model has {layers} layers (0..{})",
-                layers - 1
-            );
         }
-        Ok(skip)
     }
 
     /// Applies the choice to `model`.
     pub fn apply(&self, model: &mut AdapterModel) -> Result<()> {
-        model.set_skip_layers(&self.layers(model.encoder.layers.len())?);
-        Ok(())
+        Ok(model.set_skip_layers(&self.layers())?)
     }
 }

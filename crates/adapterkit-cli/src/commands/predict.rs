@@ -45,7 +45,7 @@ pub fn run(args: Args) -> Result<()> {
         args.setup.as_deref(),
         &Device::Cpu,
     )?;
-    predictor.set_skip_layers(&args.drop.layers(predictor.layers())?)?;
+    predictor.set_skip_layers(&args.drop.layers())?;
     args.max_seq_len.apply(&mut predictor.tokenizer)?;
     // Every batch the setup cannot run (batch_split sizes) is an error before any output.
     let (full, rest) = (

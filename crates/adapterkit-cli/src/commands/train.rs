@@ -8,7 +8,7 @@ use adapterkit::adapter_model::{AdapterModel, Method};
 use adapterkit::data::Splits;
 use adapterkit::heads::HeadConfig;
 use adapterkit::io::atomic::write_json_atomic;
-use adapterkit::methods::bottleneck_config::BnConfig;
+use adapterkit::methods::adapter::AdapterConfig;
 use adapterkit::model::load::Pretrained;
 use adapterkit::tokenizer::TextTokenizer;
 use adapterkit::train::batches::EncodedDataset;
@@ -24,10 +24,11 @@ pub struct Args {
     model: String,
     #[command(flatten)]
     data: DataArgs,
-    /// houlsby, pfeiffer, parallel (or an AdapterHub preset name), head, full.
+    /// houlsby, pfeiffer, parallel, lora, ia3 (or an AdapterHub preset name), head, full.
     #[arg(long, default_value = "houlsby")]
     method: String,
-    /// An adapter config as JSON (AdapterHub's BnConfig fields), instead of the method's preset.
+    /// An adapter config as JSON (AdapterHub's BnConfig, LoRAConfig or a union), instead of
+    /// the method's preset.
     #[arg(long)]
     adapter_config: Option<PathBuf>,
     /// Overrides one adapter config field, e.g. `reduction_factor=32` or `leave_out=[0,1]`.
@@ -111,10 +112,14 @@ fn method(args: &Args) -> Result<Method> {
         let text = std::fs::read_to_string(path).with_context(|| format!("{}", path.display()))?;
         let json: serde_json::Value = serde_json::from_str(&text)
             .with_context(|| format!("{}: invalid JSON", path.display()))?;
-        // Either a bare BnConfig or AdapterHub's adapter_config.json envelope.
+        // Either a bare config or AdapterHub's adapter_config.json envelope.
+        let version = json
+            .get("version")
+            .and_then(|v| v.as_str())
+            .map(str::to_owned);
         let config = json.get("config").cloned().unwrap_or(json);
-        let config =
-            BnConfig::from_json(config).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+        let config = AdapterConfig::from_json(config, version.as_deref())
+            .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
         method = Method::Adapter(config);
     }
     if !args.adapter_options.is_empty() {

@@ -22,8 +22,8 @@ use crate::composed_model::ComposedModel;
 use crate::error::{Error, Result};
 use crate::heads::{Head, HeadConfig};
 use crate::io::atomic::{write_atomic, write_json_atomic};
+use crate::methods::adapter::{Adapter, AdapterConfig, Module};
 use crate::methods::bottleneck::BottleneckAdapters;
-use crate::methods::bottleneck_config::BnConfig;
 use crate::methods::composition::Setup;
 use crate::methods::fusion::{Fusion, FusionConfig};
 use crate::model::BertModel;
@@ -73,29 +73,16 @@ fn save_tensors(path: &Path, tensors: Vec<(String, Tensor)>) -> Result<()> {
 }
 
 /// Saves one adapter (`adapter_config.json` + `adapter.safetensors`) into `dir`.
-pub fn save_adapter(
-    dir: &Path,
-    adapter: &BottleneckAdapters,
-    hidden: usize,
-    model_name: &str,
-) -> Result<()> {
+pub fn save_adapter(dir: &Path, adapter: &Adapter, hidden: usize, model_name: &str) -> Result<()> {
     std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
-    let config = serde_json::to_value(&adapter.config)
-        .map_err(|e| Error::file(dir.join(ADAPTER_CONFIG), e))?;
+    let config = adapter.config().to_json();
     write_json_atomic(
         &dir.join(ADAPTER_CONFIG),
         &envelope(config, hidden, model_name, &adapter.name),
     )?;
-    let mut tensors = Vec::new();
-    for (name, tensor) in adapter.tensors() {
-        // AdapterHub registers an `ln_before` norm twice, and saves both names.
-        if adapter.config.ln_before && name.contains(".adapter_down.0.") {
-            let alias = name.replace(".adapter_down.0.", ".adapter_norm_before.");
-            tensors.push((format!("{MODEL_PREFIX}{alias}"), tensor.clone()));
-        }
-        tensors.push((format!("{MODEL_PREFIX}{name}"), tensor));
-    }
-    save_tensors(&dir.join(ADAPTER_WEIGHTS), tensors)
+    let tensors = adapter.tensors().into_iter();
+    let tensors = tensors.map(|(name, t)| (format!("{MODEL_PREFIX}{name}"), t));
+    save_tensors(&dir.join(ADAPTER_WEIGHTS), tensors.collect())
 }
 
 /// Saves `model`'s trained parts into `dir` (created if needed); every file is written
@@ -121,7 +108,8 @@ fn write_files(dir: &Path, model: &AdapterModel, model_name: &str) -> Result<()>
     }
     if let Some(fusion) = &model.fusion {
         for adapter in &fusion.adapters {
-            save_adapter(&dir.join(&adapter.name), adapter, hidden, model_name)?;
+            let adapter = Adapter::of_bottleneck(adapter.clone());
+            save_adapter(&dir.join(&adapter.name), &adapter, hidden, model_name)?;
         }
         let path = dir.join(FUSION_CONFIG);
         let config = serde_json::to_value(&fusion.config).map_err(|e| Error::file(&path, e))?;
@@ -519,11 +507,26 @@ pub fn load_adapter(
              cannot share; train it with --freeze-layer-norms to fuse it",
         ));
     }
-    read_adapter(dir, encoder, device)
+    read_bottleneck(dir, encoder, device)
+}
+
+/// The bottleneck adapter saved in `dir`, which must hold nothing else (a fusion's part).
+fn read_bottleneck(dir: &Path, encoder: &BertModel, device: &Device) -> Result<BottleneckAdapters> {
+    let adapter = read_adapter(dir, encoder, device)?;
+    match &adapter.modules[..] {
+        [Module::Bottleneck(bottleneck)] => Ok(bottleneck.clone()),
+        _ => Err(Error::file(
+            dir.join(ADAPTER_CONFIG),
+            format!(
+                "a fusion weighs bottleneck adapters only, and '{}' is not one alone",
+                adapter.name
+            ),
+        )),
+    }
 }
 
 /// Reads the adapter files of `dir` (ours or AdapterHub's `save_adapter`).
-fn read_adapter(dir: &Path, encoder: &BertModel, device: &Device) -> Result<BottleneckAdapters> {
+fn read_adapter(dir: &Path, encoder: &BertModel, device: &Device) -> Result<Adapter> {
     let path = dir.join(ADAPTER_CONFIG);
     if !path.exists() {
         return Err(Error::file(&path, "missing: not an adapter directory"));
@@ -531,18 +534,17 @@ fn read_adapter(dir: &Path, encoder: &BertModel, device: &Device) -> Result<Bott
     let json = read_json(&path)?;
     check_envelope(&path, &json, encoder)?;
     let mut raw = config_field(&path, &json)?;
+    let version = json.get("version").and_then(Value::as_str);
     // Configs older than AdapterHub's `version` key meant the tanh approximation by "gelu".
-    if json.get("version").is_none()
-        && raw.get("non_linearity").and_then(Value::as_str) == Some("gelu")
-    {
+    if version.is_none() && raw.get("non_linearity").and_then(Value::as_str) == Some("gelu") {
         raw["non_linearity"] = "gelu_new".into();
     }
-    let config = BnConfig::from_json(raw).map_err(|message| Error::Config {
+    let config = AdapterConfig::from_json(raw, version).map_err(|message| Error::Config {
         path: path.clone(),
         message,
     })?;
     // Weights are overwritten from the file; the generator only shapes the modules.
-    let adapter = BottleneckAdapters::new(
+    let adapter = Adapter::new(
         &name_field(&path, &json)?,
         &config,
         &encoder.config,
@@ -592,7 +594,7 @@ fn load_fusion(dir: &Path, encoder: &BertModel, device: &Device) -> Result<Fusio
                 ),
             ));
         }
-        adapters.push(read_adapter(&adapter_dir, encoder, device)?.frozen());
+        adapters.push(read_bottleneck(&adapter_dir, encoder, device)?.frozen());
     }
     let mut fusion = Fusion::new(
         adapters,

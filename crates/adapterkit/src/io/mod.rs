@@ -1,5 +1,6 @@
-//! Files: atomic writes and AdapterHub's adapter directories.
+//! Files: atomic writes, AdapterHub's adapter directories and merged model directories.
 
 pub mod adapter_dir;
 pub mod atomic;
 pub mod guard;
+pub mod model_dir;

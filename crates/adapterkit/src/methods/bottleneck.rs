@@ -383,6 +383,14 @@ impl BottleneckAdapters {
         }
     }
 
+    /// The layers with an adapter at either place.
+    pub fn layers(&self) -> BTreeSet<usize> {
+        let placed = |(i, places): (usize, &[Option<BottleneckAdapter>; 2])| {
+            places.iter().any(Option::is_some).then_some(i)
+        };
+        self.layers.iter().enumerate().filter_map(placed).collect()
+    }
+
     pub fn get(&self, layer: usize, position: Position) -> Option<&BottleneckAdapter> {
         self.layers.get(layer)?[position.index()].as_ref()
     }
@@ -398,15 +406,20 @@ impl BottleneckAdapters {
     }
 
     /// Every weight with its full name, frozen or not (what `adapter.safetensors` holds).
+    /// AdapterHub registers an `ln_before` norm twice (`adapter_down.0` and
+    /// `adapter_norm_before`) and saves both names, so this gives both.
     pub fn tensors(&self) -> Vec<(String, Tensor)> {
-        self.placed()
-            .flat_map(|(prefix, adapter)| {
-                adapter
-                    .tensors()
-                    .into_iter()
-                    .map(move |(n, t)| (format!("{prefix}.{n}"), t))
-            })
-            .collect()
+        let mut tensors = Vec::new();
+        for (prefix, adapter) in self.placed() {
+            for (name, tensor) in adapter.tensors() {
+                if self.config.ln_before && name.starts_with("adapter_down.0.") {
+                    let alias = name.replace("adapter_down.0.", "adapter_norm_before.");
+                    tensors.push((format!("{prefix}.{alias}"), tensor.clone()));
+                }
+                tensors.push((format!("{prefix}.{name}"), tensor));
+            }
+        }
+        tensors
     }
 
     /// Each adapter with the name prefix AdapterHub gives its place.

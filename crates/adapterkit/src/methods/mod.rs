@@ -2,7 +2,9 @@
 //!
 //! [`LayerHooks`]: crate::model::hooks::LayerHooks
 
+pub mod adapter;
 pub mod bottleneck;
 pub mod bottleneck_config;
 pub mod composition;
 pub mod fusion;
+pub mod lora;

@@ -11,7 +11,7 @@ use crate::model::dropout::Mode;
 use crate::model::layer_norm::LayerNorm;
 
 /// Which Linear of a transformer layer a [`LayerHooks::linear`] call is about.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum LinearSite {
     Query,
     Key,
@@ -34,6 +34,27 @@ impl LinearSite {
     ];
     /// The Linears of the feed-forward block.
     pub const FEED_FORWARD: [LinearSite; 2] = [LinearSite::Intermediate, LinearSite::Output];
+    /// Every Linear of a layer.
+    pub const ALL: [LinearSite; 6] = [
+        LinearSite::Query,
+        LinearSite::Key,
+        LinearSite::Value,
+        LinearSite::AttentionOutput,
+        LinearSite::Intermediate,
+        LinearSite::Output,
+    ];
+
+    /// The Linear's module path in a layer, as the checkpoint (and AdapterHub) name it.
+    pub fn module(self) -> &'static str {
+        match self {
+            LinearSite::Query => "attention.self.query",
+            LinearSite::Key => "attention.self.key",
+            LinearSite::Value => "attention.self.value",
+            LinearSite::AttentionOutput => "attention.output.dense",
+            LinearSite::Intermediate => "intermediate.dense",
+            LinearSite::Output => "output.dense",
+        }
+    }
 }
 
 /// Which sub-layer of a transformer layer a [`LayerHooks::sub_layer_output`] call ends.

@@ -83,7 +83,7 @@ pub fn evaluate(
     device: &Device,
 ) -> Result<Metrics> {
     // Frozen weights: no graph is recorded, so activations are freed as the pass goes.
-    let logits = predict_logits(&model.frozen(), data, batch_size, pad_id, device)?;
+    let logits = predict_logits(&model.frozen().merged()?, data, batch_size, pad_id, device)?;
     let config = &model.head.config;
     Ok(metrics_of(
         config.kind()?,

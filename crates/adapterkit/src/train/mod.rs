@@ -245,7 +245,7 @@ pub fn train(
             let (batch, targets) = train.batch(indices, pad_id, &device)?;
             if let Some(max) = config.robust_drop_max {
                 let dropped = drop_rng.below(max.min(layers) + 1);
-                model.set_skip_layers(&(0..dropped).collect());
+                model.set_skip_layers(&(0..dropped).collect())?;
             }
             if let Some(fusion) = &mut model.fusion {
                 fusion.set_schedule(step);
@@ -306,7 +306,7 @@ pub fn train(
         }
         let epoch_train_seconds = epoch_start.elapsed().as_secs_f64();
         if config.robust_drop_max.is_some() {
-            model.set_skip_layers(&Default::default()); // evaluate with every adapter
+            model.set_skip_layers(&Default::default())?; // evaluate with every adapter
         }
         train_seconds += epoch_train_seconds;
         if let Some(fusion) = &mut model.fusion {

@@ -14,6 +14,7 @@
 //! says how and why.
 
 mod channels;
+mod linear;
 mod setup;
 
 pub use channels::Channel;
@@ -24,9 +25,10 @@ use std::collections::BTreeMap;
 use candle_core::{Result as CandleResult, Tensor};
 
 use crate::error::{Error, Result};
-use crate::methods::bottleneck::{BottleneckAdapter, BottleneckAdapters};
+use crate::methods::adapter::Adapter;
+use crate::methods::bottleneck::BottleneckAdapter;
 use crate::methods::fusion::Fusion;
-use crate::model::hooks::{LayerHooks, Position};
+use crate::model::hooks::{LayerHooks, LinearChange, LinearSite, Position};
 use crate::model::layer_norm::LayerNorm;
 use crate::model::Mode;
 
@@ -34,7 +36,7 @@ use crate::model::Mode;
 #[derive(Debug, Clone)]
 pub struct Composition {
     pub setup: Setup,
-    pub adapters: BTreeMap<String, BottleneckAdapters>,
+    pub adapters: BTreeMap<String, Adapter>,
     /// Fusion layers by name (`a,b`), for the setup's `Fuse` blocks.
     pub fusions: BTreeMap<String, Fusion>,
 }
@@ -71,7 +73,7 @@ impl Composition {
     /// is given.
     pub fn new(
         setup: Setup,
-        adapters: BTreeMap<String, BottleneckAdapters>,
+        adapters: BTreeMap<String, Adapter>,
         fusions: BTreeMap<String, Fusion>,
     ) -> Result<Self> {
         setup.validate(0)?;
@@ -86,11 +88,23 @@ impl Composition {
             )));
         }
         let mut fuse_names = Vec::new();
+        let mut fused = Vec::new();
         setup.visit(&mut |s| {
             if let Setup::Fuse(children) = s {
                 fuse_names.push(Setup::fusion_name(children));
+                children.iter().for_each(|c| fused.extend(c.names()));
             }
         });
+        // AdapterHub fuses bottleneck adapters only (its LoRA layers refuse Fuse).
+        if let Some(name) = fused
+            .iter()
+            .find(|n| adapters[**n].bottleneck().is_none() || adapters[**n].lora().is_some())
+        {
+            return Err(Error::input(format!(
+                "the setup {setup} fuses '{name}', which is not a bottleneck adapter alone; \
+                 a fusion weighs bottleneck adapters only"
+            )));
+        }
         if let Some(missing) = fuse_names.iter().find(|n| !fusions.contains_key(*n)) {
             return Err(Error::input(format!(
                 "the setup {setup} fuses '{missing}', but no fusion of those adapters is loaded"
@@ -114,7 +128,7 @@ impl Composition {
 
     /// The adapter `name` at this place, unless absent there or skipped (AdapterDrop).
     fn adapter(&self, name: &str, layer: usize, position: Position) -> Option<&BottleneckAdapter> {
-        let adapters = self.adapters.get(name)?;
+        let adapters = self.adapters.get(name)?.bottleneck()?;
         if adapters.skip_layers.contains(&layer) {
             return None;
         }
@@ -125,11 +139,16 @@ impl Composition {
     /// model, which parallel channels can share.
     pub fn lowest_active_layer(&self, layers: usize) -> Option<usize> {
         let names = self.setup.names();
+        let lora_at = |name: &str, layer: usize| {
+            let lora = self.adapters.get(name).and_then(Adapter::lora);
+            lora.is_some_and(|l| LinearSite::ALL.iter().any(|s| l.get(layer, *s).is_some()))
+        };
         (0..layers).find(|&layer| {
             names.iter().any(|n| {
-                Position::BOTH
-                    .iter()
-                    .any(|p| self.adapter(n, layer, *p).is_some())
+                lora_at(n, layer)
+                    || Position::BOTH
+                        .iter()
+                        .any(|p| self.adapter(n, layer, *p).is_some())
             })
         })
     }
@@ -296,6 +315,36 @@ impl ChannelHooks<'_> {
 }
 
 impl LayerHooks for ChannelHooks<'_> {
+    fn linear(&self, layer: usize, site: LinearSite) -> Option<LinearChange<'_>> {
+        let composition = self.composition;
+        let changes = |c: &Channel| composition.changes_linear(&c.setup, layer, site);
+        if !self.channels.iter().any(changes) {
+            return None;
+        }
+        Some(Box::new(move |x: &Tensor, out: Tensor, mode: &mut Mode| {
+            let rows = out.dim(0)?;
+            if let [channel] = &self.channels[..] {
+                if channel.rows == (0..rows) {
+                    return composition.change_linear(&channel.setup, layer, site, x, out, mode);
+                }
+            }
+            let mut outputs = Vec::with_capacity(self.channels.len());
+            for channel in &self.channels {
+                let (start, len) = (channel.rows.start, channel.rows.len());
+                let (x, out) = (x.narrow(0, start, len)?, out.narrow(0, start, len)?);
+                outputs.push(composition.change_linear(
+                    &channel.setup,
+                    layer,
+                    site,
+                    &x,
+                    out,
+                    mode,
+                )?);
+            }
+            Tensor::cat(&outputs, 0)
+        }))
+    }
+
     fn sub_layer_output(
         &self,
         layer: usize,
