@@ -21,7 +21,8 @@ import statistics
 import time
 
 import torch
-from adapters import BertAdapterModel
+from adapters import BertAdapterModel, IA3Config, LoRAConfig
+from adapters.composition import Stack
 from transformers import BertConfig
 
 SHAPES = {
@@ -81,9 +82,23 @@ def main():
                     model(input_ids=ids, attention_mask=mask).logits.sum().item()
 
             step_flops = flops
-        elif what in ("adapter", "full"):
-            if what == "adapter":
-                model.add_adapter("bench", config="double_seq_bn")
+        elif what == "lora-stack":
+            # Two LoRAs composed unmerged, as adapterkit's `lora-stack`.
+            for name in ("a", "b"):
+                model.add_adapter(name, config=LoRAConfig(r=8, alpha=16))
+            model.set_active_adapters(Stack("a", "b"))
+            model.eval()
+
+            def step():
+                with torch.inference_mode():
+                    model(input_ids=ids, attention_mask=mask).logits.sum().item()
+
+            step_flops = flops
+        elif what in ("adapter", "full", "lora", "ia3"):
+            adapter_configs = {"adapter": "double_seq_bn", "lora": LoRAConfig(r=8, alpha=16),
+                               "ia3": IA3Config()}
+            if what in adapter_configs:
+                model.add_adapter("bench", config=adapter_configs[what])
                 model.train_adapter("bench")
             model.train()
             trainable = [p for p in model.parameters() if p.requires_grad]
@@ -99,7 +114,8 @@ def main():
             step_flops = flops * (3.0 if what == "full" else 2.0)
         else:
             raise SystemExit(
-                f"unknown measurement {what!r} (inference, inference-all-positions, adapter, full)")
+                f"unknown measurement {what!r} (inference, inference-all-positions, adapter, full, "
+                "lora, ia3, lora-stack)")
         seconds = time_per_step(args.steps, step)
         rows.append({
             "what": what,

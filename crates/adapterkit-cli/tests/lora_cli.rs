@@ -134,3 +134,82 @@ fn lora_mistakes_get_clear_errors() {
     assert_eq!(run.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&run.stderr).contains("nothing to merge"));
 }
+
+#[test]
+fn train_a_lora_in_peft_files() {
+    let dir = tempfile::tempdir().unwrap();
+    let train = write_csv(dir.path(), "train.csv", 8);
+    let model = tiny_bert();
+    let out = dir.path().join("peft");
+    let base = [
+        "train",
+        "--model",
+        s(&model),
+        "--train",
+        s(&train),
+        "--validation",
+        s(&train),
+    ];
+    let mut args = base.to_vec();
+    args.extend([
+        "--epochs",
+        "1",
+        "--quiet",
+        "--method",
+        "lora",
+        "--freeze-layer-norms",
+    ]);
+    args.extend(["--format", "peft", "--out", s(&out)]);
+    let trained = adapterkit(&args);
+    assert!(
+        trained.status.success(),
+        "{}",
+        String::from_utf8_lossy(&trained.stderr)
+    );
+    assert!(out.join("adapter_model.safetensors").exists());
+    assert!(!out.join("adapter.safetensors").exists());
+    let config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("adapter_config.json")).unwrap())
+            .unwrap();
+    assert_eq!(config["peft_type"], "LORA");
+    assert_eq!(predict(&model, &out).len(), 2);
+
+    let mut args = base.to_vec();
+    let refused = dir.path().join("refused");
+    args.extend([
+        "--method",
+        "houlsby",
+        "--format",
+        "peft",
+        "--out",
+        s(&refused),
+        "--quiet",
+    ]);
+    let run = adapterkit(&args);
+    assert_eq!(run.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&run.stderr).contains("PEFT's files hold a LoRA alone"));
+    assert!(!refused.exists());
+}
+
+/// Python's `adapters`, PEFT and `transformers` read what we write and get our numbers
+/// (`scripts/python_reads_ours.py`). Runs when ADAPTERKIT_PYTHON names a Python with them
+/// installed; CI has none, and says so.
+#[test]
+fn python_reads_our_lora_files() {
+    let Ok(python) = std::env::var("ADAPTERKIT_PYTHON") else {
+        eprintln!("ADAPTERKIT_PYTHON is not set: Python's side is not checked here");
+        return;
+    };
+    let script = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../../scripts/python_reads_ours.py");
+    let run = std::process::Command::new(python)
+        .arg(script)
+        .args(["--binary", env!("CARGO_BIN_EXE_adapterkit")])
+        .output()
+        .unwrap();
+    assert!(
+        run.status.success(),
+        "{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+}

@@ -41,6 +41,16 @@ impl Method {
     }
 }
 
+/// The files an adapter is saved in: AdapterHub's (`adapter_config.json` +
+/// `adapter.safetensors`), or Hugging Face PEFT's (`adapter_config.json` +
+/// `adapter_model.safetensors`; a LoRA only). The head is saved in AdapterHub's files either way.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum AdapterFormat {
+    #[default]
+    AdapterHub,
+    Peft,
+}
+
 #[derive(Debug, Clone)]
 pub struct AdapterModel {
     pub encoder: BertModel,
@@ -54,6 +64,8 @@ pub struct AdapterModel {
     /// Base-model tensors being trained: the LayerNorms beside an adapter, or every weight in
     /// full fine-tuning (named as in the checkpoint).
     pub base_trainable: Params,
+    /// How `io::adapter_dir::save` writes the adapter.
+    pub format: AdapterFormat,
 }
 
 /// Layers to skip must be layers of the model.
@@ -106,6 +118,7 @@ impl AdapterModel {
             train_fused_adapters: false,
             head,
             base_trainable,
+            format: AdapterFormat::AdapterHub,
         })
     }
 
@@ -139,6 +152,7 @@ impl AdapterModel {
             train_fused_adapters: train_adapters,
             head,
             base_trainable: Params::default(),
+            format: AdapterFormat::AdapterHub,
         })
     }
 
@@ -153,6 +167,7 @@ impl AdapterModel {
             head: self.head.frozen(),
             base_trainable: Params::default(),
             encoder: self.encoder.frozen(),
+            format: self.format,
         }
     }
 

@@ -13,8 +13,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::data::TaskKind;
 use crate::error::{Error, Result};
+use crate::model::bert::BertPooler;
 use crate::model::ops::Activation;
-use crate::model::Mode;
+use crate::model::{BertModel, Mode};
 use crate::params::{frozen_linear, init, new_linear, Params};
 use crate::rng::SeededRng;
 
@@ -151,6 +152,8 @@ pub struct Head {
     linears: Vec<Linear>,
     dropout: f32,
     params: Params,
+    /// The encoder's pooler (frozen), for a head that reads its output (`use_pooler`).
+    pooler: Option<BertPooler>,
 }
 
 impl Head {
@@ -163,9 +166,9 @@ impl Head {
         rng: &mut SeededRng,
         device: &Device,
     ) -> Result<Self> {
-        if config.layers == 0 || config.num_labels == 0 || config.use_pooler || !config.bias {
+        if config.layers == 0 || config.num_labels == 0 || !config.bias {
             return Err(Error::input(format!(
-                "head '{name}': layers and num_labels must be positive; use_pooler=true and bias=false are not supported"
+                "head '{name}': layers and num_labels must be positive; bias=false is not supported"
             )));
         }
         let mut params = Params::default();
@@ -190,7 +193,26 @@ impl Head {
             config,
             linears,
             params,
+            pooler: None,
         })
+    }
+
+    /// Gives a head that reads the pooler's output (`use_pooler`, as a Hugging Face
+    /// sequence-classification model's classifier does) the encoder's pooler, frozen.
+    pub fn read_pooler_of(&mut self, encoder: &BertModel) -> Result<()> {
+        if !self.config.use_pooler {
+            return Ok(());
+        }
+        let pooler = encoder.pooler.as_ref().ok_or_else(|| {
+            Error::input(format!(
+                "head '{}' reads the pooler's output (use_pooler), but the model has no pooler",
+                self.name
+            ))
+        })?;
+        self.pooler = Some(BertPooler {
+            dense: frozen_linear(&pooler.dense),
+        });
+        Ok(())
     }
 
     /// A copy with plain-tensor weights: it runs, takes no gradient and records no graph.
@@ -210,9 +232,13 @@ impl Head {
     }
 
     /// Logits `[batch, num_labels]` from the encoder's last hidden state `[batch, seq, hidden]`
-    /// (its first position; `[batch, 1, hidden]` is enough).
+    /// (its first position, or the pooler's output of it; `[batch, 1, hidden]` is enough).
     pub fn forward(&self, last_hidden_state: &Tensor, mode: &mut Mode) -> CandleResult<Tensor> {
-        let mut x = last_hidden_state.narrow(1, 0, 1)?.squeeze(1)?;
+        let mut x = match (&self.pooler, self.config.use_pooler) {
+            (Some(pooler), _) => pooler.forward(last_hidden_state)?,
+            (None, false) => last_hidden_state.narrow(1, 0, 1)?.squeeze(1)?,
+            (None, true) => candle_core::bail!("head '{}' has no pooler to read", self.name),
+        };
         let last = self.linears.len() - 1;
         for (i, linear) in self.linears.iter().enumerate() {
             x = crate::model::ops::linear(linear, &mode.dropout(&x, self.dropout)?)?;

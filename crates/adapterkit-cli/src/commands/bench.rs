@@ -28,7 +28,9 @@ pub struct Args {
     steps: usize,
     /// What to measure, in order: inference (the logits: the last layer computes the first
     /// token alone), inference-all-positions (every position, as `transformers` computes it),
-    /// adapter (Houlsby training), full (fine-tuning),
+    /// adapter (Houlsby training), full (fine-tuning), lora (LoRA r=8, alpha=16 on q and v,
+    /// training), ia3 ((IA)³ training), lora-stack (inference through two LoRAs composed
+    /// unmerged, `stack(a,b)`),
     /// ops (fused against composed LayerNorm and softmax, forward + backward, at this shape),
     /// multitask (--tasks adapters one by one, then in one Parallel pass with the adapters of
     /// the lowest k layers dropped, for every k), adapter-drop (adapter training with no
@@ -45,6 +47,15 @@ pub struct Args {
     /// Print one JSON object instead of a table.
     #[arg(long)]
     json: bool,
+}
+
+/// The LoRA measured: r=8, alpha=16 (the common choice; the preset's alpha is 8, which costs
+/// the same). (IA)³ as its preset.
+fn lora_options(what: &str) -> Vec<(String, String)> {
+    match what {
+        "lora" => vec![("alpha".into(), "16".into())],
+        _ => Vec::new(),
+    }
 }
 
 pub fn run(args: Args) -> Result<()> {
@@ -132,6 +143,33 @@ pub fn run(args: Args) -> Result<()> {
                 // fine-tuning also needs every weight gradient (another).
                 (seconds, flops * if what == "full" { 3.0 } else { 2.0 })
             }
+            "lora" | "ia3" => {
+                let method = Method::Adapter(
+                    AdapterConfig::preset(what)?
+                        .with_overrides(&lora_options(what))
+                        .map_err(anyhow::Error::msg)?,
+                );
+                (time_training(&method, args.train_layer_norms)?, flops * 2.0)
+            }
+            "lora-stack" => {
+                let method = Method::Adapter(
+                    AdapterConfig::preset("lora")?
+                        .with_overrides(&lora_options("lora"))
+                        .map_err(anyhow::Error::msg)?,
+                );
+                let parts = ["a", "b"]
+                    .iter()
+                    .map(|name| {
+                        AdapterModel::new(encoder.clone(), &method, name, head.clone(), false, 1, &device)
+                    })
+                    .collect::<adapterkit::Result<Vec<_>>>()?;
+                let setup = Setup::parse("stack(a,b)")?;
+                let model = ComposedModel::new(encoder.clone(), setup, parts)?;
+                (
+                    time_per_step(1, args.steps, || composed_step(&model, &batch))?,
+                    flops,
+                )
+            }
             "ops" => {
                 compare_ops(&config, &args)?;
                 continue;
@@ -156,7 +194,7 @@ pub fn run(args: Args) -> Result<()> {
                 continue;
             }
             other => anyhow::bail!(
-                "unknown measurement '{other}' (inference, inference-all-positions, adapter, full, ops, multitask, adapter-drop)"
+                "unknown measurement '{other}' (inference, inference-all-positions, adapter, full, lora, ia3, lora-stack, ops, multitask, adapter-drop)"
             ),
         };
         rows.push(row(what, seconds, step_flops));

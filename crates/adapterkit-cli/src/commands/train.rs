@@ -4,7 +4,7 @@ use anyhow::{Context, Result};
 use candle_core::Device;
 use indicatif::{ProgressBar, ProgressStyle};
 
-use adapterkit::adapter_model::{AdapterModel, Method};
+use adapterkit::adapter_model::{AdapterFormat, AdapterModel, Method};
 use adapterkit::data::Splits;
 use adapterkit::heads::HeadConfig;
 use adapterkit::io::atomic::write_json_atomic;
@@ -34,6 +34,10 @@ pub struct Args {
     /// Overrides one adapter config field, e.g. `reduction_factor=32` or `leave_out=[0,1]`.
     #[arg(long = "adapter-option", value_parser = parse_key_value)]
     adapter_options: Vec<(String, String)>,
+    /// The adapter's files: AdapterHub's (`adapterhub`), or Hugging Face PEFT's (`peft`, a
+    /// LoRA only); the head is in AdapterHub's files either way.
+    #[arg(long, default_value = "adapterhub", value_parser = ["adapterhub", "peft"])]
+    format: String,
     /// Keep the encoder's LayerNorms frozen beside the adapter (AdapterHub's `train_adapter`);
     /// by default they train, as in the Houlsby paper.
     #[arg(long)]
@@ -187,7 +191,7 @@ pub fn run(args: Args) -> Result<()> {
         .clone()
         .unwrap_or_else(|| args.data.data.clone().unwrap_or_else(|| "task".into()));
     let head = HeadConfig::new(splits.kind, &splits.train.labels())?;
-    let model = AdapterModel::new(
+    let mut model = AdapterModel::new(
         pretrained.model,
         &method,
         &name,
@@ -196,6 +200,10 @@ pub fn run(args: Args) -> Result<()> {
         args.training.seed,
         &device,
     )?;
+    if args.format == "peft" {
+        model.format = AdapterFormat::Peft;
+        adapterkit::io::peft::writable(&model)?;
+    }
     let default_lr = if matches!(method, Method::Full) {
         5e-5
     } else {

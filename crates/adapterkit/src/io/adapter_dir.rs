@@ -17,7 +17,7 @@ use std::path::{Path, PathBuf};
 use candle_core::{Device, Tensor};
 use serde_json::{json, Value};
 
-use crate::adapter_model::AdapterModel;
+use crate::adapter_model::{AdapterFormat, AdapterModel};
 use crate::composed_model::ComposedModel;
 use crate::error::{Error, Result};
 use crate::heads::{Head, HeadConfig};
@@ -47,9 +47,9 @@ pub const ADAPTERHUB_VERSION: &str = "adapters.1.3.0";
 /// [`load`] refuses it.
 pub const SAVING: &str = ".adapterkit-saving";
 
-/// Our settings that AdapterHub's files have no field for: `{"max_seq_len": N}` when the
-/// adapter was trained with `--max-seq-len`.
-pub const RUN_SETTINGS: &str = "adapterkit_settings.json";
+pub use crate::io::run_dir::{
+    check_output_dir, locate, record_max_seq_len, recorded_max_seq_len, RUN_SETTINGS,
+};
 /// Adapter tensors are saved under the model-with-head's `bert.` prefix, as AdapterHub does.
 const MODEL_PREFIX: &str = "bert.";
 
@@ -74,6 +74,14 @@ fn save_tensors(path: &Path, tensors: Vec<(String, Tensor)>) -> Result<()> {
 
 /// Saves one adapter (`adapter_config.json` + `adapter.safetensors`) into `dir`.
 pub fn save_adapter(dir: &Path, adapter: &Adapter, hidden: usize, model_name: &str) -> Result<()> {
+    if let Some(what) = adapter
+        .lora()
+        .and_then(|l| l.config.peft_only.beyond_adapterhub())
+    {
+        return Err(Error::input(format!(
+            "AdapterHub's files cannot hold {what}; save it in PEFT's format (--format peft)"
+        )));
+    }
     std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
     let config = adapter.config().to_json();
     write_json_atomic(
@@ -103,8 +111,12 @@ pub fn save(dir: &Path, model: &AdapterModel, model_name: &str) -> Result<()> {
 fn write_files(dir: &Path, model: &AdapterModel, model_name: &str) -> Result<()> {
     remove_stale(dir, model)?;
     let hidden = model.encoder.config.hidden_size;
-    if let Some(adapter) = &model.adapter {
-        save_adapter(dir, adapter, hidden, model_name)?;
+    match (&model.adapter, model.format) {
+        (Some(_), AdapterFormat::Peft) => crate::io::peft::save_adapter(dir, model, model_name)?,
+        (Some(adapter), AdapterFormat::AdapterHub) => {
+            save_adapter(dir, adapter, hidden, model_name)?
+        }
+        (None, _) => {}
     }
     if let Some(fusion) = &model.fusion {
         for adapter in &fusion.adapters {
@@ -172,9 +184,21 @@ fn remove_stale(dir: &Path, model: &AdapterModel) -> Result<()> {
         }
     }
     let mut stale = vec![HEAD_WEIGHTS_PICKLE];
-    if model.adapter.is_none() {
-        stale.extend([ADAPTER_CONFIG, ADAPTER_WEIGHTS, ADAPTER_WEIGHTS_PICKLE]);
+    let (peft, pickle) = (
+        crate::io::peft::PEFT_WEIGHTS,
+        crate::io::peft::PEFT_WEIGHTS_PICKLE,
+    );
+    match (&model.adapter, model.format) {
+        (None, _) => stale.extend([
+            ADAPTER_CONFIG,
+            ADAPTER_WEIGHTS,
+            ADAPTER_WEIGHTS_PICKLE,
+            peft,
+        ]),
+        (Some(_), AdapterFormat::AdapterHub) => stale.push(peft),
+        (Some(_), AdapterFormat::Peft) => stale.extend([ADAPTER_WEIGHTS, ADAPTER_WEIGHTS_PICKLE]),
     }
+    stale.push(pickle);
     if model.fusion.is_none() {
         stale.extend([FUSION_CONFIG, FUSION_WEIGHTS, FUSION_WEIGHTS_PICKLE]);
     }
@@ -201,7 +225,7 @@ fn to_pairs(params: &Params) -> Vec<(String, Tensor)> {
         .collect()
 }
 
-fn read_json(path: &Path) -> Result<Value> {
+pub(crate) fn read_json(path: &Path) -> Result<Value> {
     let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
     serde_json::from_str(&text).map_err(|e| Error::Config {
         path: path.into(),
@@ -211,7 +235,7 @@ fn read_json(path: &Path) -> Result<Value> {
 
 /// Tensors from `safetensors_name` in `dir`, or else from the pickle file (read without
 /// executing anything).
-fn read_tensors(
+pub(crate) fn read_tensors(
     dir: &Path,
     safetensors_name: &str,
     pickle_name: &str,
@@ -310,32 +334,10 @@ pub fn load(dir: &Path, mut encoder: BertModel, device: &Device) -> Result<Adapt
              two epochs; resume the run (train --resume) or train again",
         ));
     }
-    // Weights are overwritten from the files; the generator only shapes the modules.
-    let mut rng = SeededRng::new(0);
-
-    let head_path = dir.join(HEAD_CONFIG);
-    let head_json = read_json(&head_path)?;
-    check_envelope(&head_path, &head_json, &encoder)?;
-    let head_config: HeadConfig = serde_json::from_value(config_field(&head_path, &head_json)?)
-        .map_err(|e| Error::Config {
-            path: head_path.clone(),
-            message: e.to_string(),
-        })?;
-    head_config
-        .validate()
-        .map_err(|e| Error::file(&head_path, e))?;
-    let head = Head::new(
-        &name_field(&head_path, &head_json)?,
-        head_config,
-        encoder.config.hidden_size,
-        encoder.config.hidden_dropout_prob,
-        &mut rng,
-        device,
-    )
-    .map_err(|e| Error::file(&head_path, e))?;
-    let (path, tensors) = read_tensors(dir, HEAD_WEIGHTS, HEAD_WEIGHTS_PICKLE, device)?;
-    load_params(&path, &head.params(), &tensors)?;
-
+    if crate::io::peft::is_peft(dir) {
+        return crate::io::peft::load(dir, encoder, device);
+    }
+    let mut head = read_head(dir, &encoder, device)?;
     let adapter = if dir.join(ADAPTER_CONFIG).exists() {
         Some(read_adapter(dir, &encoder, device)?)
     } else {
@@ -368,6 +370,9 @@ pub fn load(dir: &Path, mut encoder: BertModel, device: &Device) -> Result<Adapt
             .set_tensors(&tensors)
             .map_err(|m| Error::file(&base_path, m))?;
     }
+    let head_path = dir.join(HEAD_CONFIG);
+    head.read_pooler_of(&encoder)
+        .map_err(|e| Error::file(&head_path, e))?;
     Ok(AdapterModel {
         encoder,
         adapter,
@@ -375,95 +380,37 @@ pub fn load(dir: &Path, mut encoder: BertModel, device: &Device) -> Result<Adapt
         train_fused_adapters: false,
         head,
         base_trainable: Params::default(),
+        format: AdapterFormat::AdapterHub,
     })
 }
 
-/// Records the sequence limit an adapter was trained with (`None`: the model's own; the
-/// file is removed), so that `eval` and `predict` use it again.
-pub fn record_max_seq_len(dir: &Path, max_seq_len: Option<usize>) -> Result<()> {
-    let path = dir.join(RUN_SETTINGS);
-    match max_seq_len {
-        Some(n) => {
-            crate::io::atomic::write_json_atomic(&path, &serde_json::json!({ "max_seq_len": n }))
-        }
-        None if path.exists() => std::fs::remove_file(&path).map_err(|e| Error::io(&path, e)),
-        None => Ok(()),
-    }
-}
-
-/// The sequence limit recorded by [`record_max_seq_len`], if any.
-pub fn recorded_max_seq_len(dir: &Path) -> Result<Option<usize>> {
-    let path = dir.join(RUN_SETTINGS);
-    if !path.exists() {
-        return Ok(None);
-    }
-    let json = read_json(&path)?;
-    match &json["max_seq_len"] {
-        serde_json::Value::Null => Ok(None),
-        n => n
-            .as_u64()
-            .map(|n| Some(n as usize))
-            .ok_or_else(|| Error::file(&path, "max_seq_len is not a whole number")),
-    }
-}
-
-/// Whether `dir` may receive a training run's files: absent, empty, or an earlier run's (its
-/// `training_log.jsonl` is there). Any other folder is refused unless `overwrite`, so that a
-/// mistyped output path never mixes a run's files into someone else's folder, nor has them
-/// replace files of the same names there.
-pub fn check_output_dir(dir: &Path, overwrite: bool) -> Result<()> {
-    let ours = [crate::train::TRAINING_LOG, SAVING].map(|f| dir.join(f).exists());
-    if overwrite || !dir.exists() || ours.contains(&true) {
-        return Ok(());
-    }
-    if !dir.is_dir() {
-        return Err(Error::file(
-            dir,
-            "the output path is a file, not a directory",
-        ));
-    }
-    let mut entries = std::fs::read_dir(dir).map_err(|e| Error::io(dir, e))?;
-    if entries.next().is_some() {
-        return Err(Error::file(
-            dir,
-            "the output directory holds files but no adapterkit run (no training_log.jsonl); \
-             choose another directory, or pass --overwrite to write ours among them",
-        ));
-    }
-    Ok(())
-}
-
-/// `dir_or_id` as a directory: itself, or the files of a Hub repository of that name (as
-/// AdapterHub publishes adapters, e.g. `AdapterHub/roberta-base-pf-imdb`) fetched into the
-/// Hub cache: the adapter's config and weights, and its head's.
-pub fn locate(dir_or_id: &Path) -> Result<PathBuf> {
-    if dir_or_id.is_dir() {
-        return Ok(dir_or_id.to_path_buf());
-    }
-    let id = dir_or_id.to_str().filter(|id| {
-        !dir_or_id.exists() && crate::model::load::looks_like_model_id(id) && id.contains('/')
-    });
-    let Some(id) = id else {
-        return Err(Error::file(dir_or_id, "no such adapter directory"));
-    };
-    let hub = crate::model::load::HubRepo::open(id)?;
-    let not_found = |e: Error| {
-        Error::file(
-            dir_or_id,
-            format!("no such adapter directory, nor a Hub repository with an adapter: {e}"),
-        )
-    };
-    let config = hub
-        .fetch(ADAPTER_CONFIG)
-        .ok_or_else(|| not_found(hub.missing(ADAPTER_CONFIG)))?;
-    hub.fetch(ADAPTER_WEIGHTS)
-        .or_else(|| hub.fetch(ADAPTER_WEIGHTS_PICKLE))
-        .ok_or_else(|| not_found(hub.missing(ADAPTER_WEIGHTS)))?;
-    hub.fetch(HEAD_CONFIG);
-    hub.fetch(HEAD_WEIGHTS)
-        .or_else(|| hub.fetch(HEAD_WEIGHTS_PICKLE));
-    let snapshot = config.parent().map(Path::to_path_buf);
-    snapshot.ok_or_else(|| Error::file(&config, "not in a snapshot folder of the hub cache"))
+/// The head saved in `dir` (`head_config.json` and its weights).
+pub(crate) fn read_head(dir: &Path, encoder: &BertModel, device: &Device) -> Result<Head> {
+    // Weights are overwritten from the files; the generator only shapes the modules.
+    let mut rng = SeededRng::new(0);
+    let head_path = dir.join(HEAD_CONFIG);
+    let head_json = read_json(&head_path)?;
+    check_envelope(&head_path, &head_json, encoder)?;
+    let head_config: HeadConfig = serde_json::from_value(config_field(&head_path, &head_json)?)
+        .map_err(|e| Error::Config {
+            path: head_path.clone(),
+            message: e.to_string(),
+        })?;
+    head_config
+        .validate()
+        .map_err(|e| Error::file(&head_path, e))?;
+    let head = Head::new(
+        &name_field(&head_path, &head_json)?,
+        head_config,
+        encoder.config.hidden_size,
+        encoder.config.hidden_dropout_prob,
+        &mut rng,
+        device,
+    )
+    .map_err(|e| Error::file(&head_path, e))?;
+    let (path, tensors) = read_tensors(dir, HEAD_WEIGHTS, HEAD_WEIGHTS_PICKLE, device)?;
+    load_params(&path, &head.params(), &tensors)?;
+    Ok(head)
 }
 
 /// Loads adapter (and fusion) directories onto `encoder` to run them under `setup`. With

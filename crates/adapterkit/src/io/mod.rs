@@ -4,3 +4,5 @@ pub mod adapter_dir;
 pub mod atomic;
 pub mod guard;
 pub mod model_dir;
+pub mod peft;
+pub mod run_dir;

@@ -68,6 +68,29 @@ pub struct LoraConfig {
     /// that a saved config round-trips; [`validate`](Self::validate) rejects what we lack.
     #[serde(flatten)]
     pub other: BTreeMap<String, Value>,
+    /// What Hugging Face PEFT's LoRA can be and AdapterHub's cannot (never in AdapterHub's
+    /// JSON): set when read from a PEFT file.
+    #[serde(skip)]
+    pub peft_only: PeftOnly,
+}
+
+/// PEFT's LoRA options beyond AdapterHub's: `attention.output.dense` among the targets, and
+/// rank-stabilised scaling (`use_rslora`: `alpha / √r`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PeftOnly {
+    pub attention_output: bool,
+    pub rslora: bool,
+}
+
+impl PeftOnly {
+    /// Why AdapterHub's files cannot hold a LoRA with these options, if they cannot.
+    pub fn beyond_adapterhub(&self) -> Option<&'static str> {
+        match (self.attention_output, self.rslora) {
+            (true, _) => Some("a LoRA on attention.output.dense"),
+            (_, true) => Some("rank-stabilised scaling (use_rslora)"),
+            _ => None,
+        }
+    }
 }
 
 fn yes() -> bool {
@@ -135,6 +158,7 @@ impl LoraConfig {
             composition_mode: CompositionMode::Add,
             init_weights: LoraInit::Lora,
             other,
+            peft_only: PeftOnly::default(),
         };
         match name {
             "lora" => Some(lora),
@@ -176,6 +200,9 @@ impl LoraConfig {
                 }
             }
         }
+        if self.peft_only.attention_output {
+            sites.push(LinearSite::AttentionOutput);
+        }
         if self.intermediate_lora {
             sites.push(LinearSite::Intermediate);
         }
@@ -185,9 +212,11 @@ impl LoraConfig {
         sites
     }
 
-    /// The factor on the module's output: `alpha / r` for LoRA, `alpha` for (IA)³.
+    /// The factor on the module's output: `alpha / r` for LoRA (`alpha / √r` rank-stabilised),
+    /// `alpha` for (IA)³.
     pub fn scaling(&self) -> f64 {
         match self.composition_mode {
+            CompositionMode::Add if self.peft_only.rslora => self.alpha / (self.r as f64).sqrt(),
             CompositionMode::Add => self.alpha / self.r as f64,
             CompositionMode::Scale => self.alpha,
         }
@@ -428,6 +457,7 @@ impl Lora {
             }
             for site in config.sites() {
                 let (inputs, outputs) = match site {
+                    // attention.output.dense is hidden -> hidden, as q, k and v.
                     LinearSite::Intermediate => (hidden, intermediate),
                     LinearSite::Output => (intermediate, hidden),
                     _ => (hidden, hidden),
