@@ -115,6 +115,24 @@ fn pickled_adapter_in(dir: &Path) {
     std::fs::remove_file(dir.join("model_head.safetensors")).unwrap();
 }
 
+/// A LoRA and a bottleneck adapter in one union (adapters 1.3's files).
+fn union_in(dir: &Path) {
+    copy_dir(&repo().join("tests/fixtures/lora/union"), dir);
+    for file in [
+        "pytorch_adapter.bin",
+        "pytorch_model_head.bin",
+        "expected.safetensors",
+    ] {
+        std::fs::remove_file(dir.join(file)).unwrap();
+    }
+}
+
+/// A PEFT sequence-classification LoRA (PEFT 0.21's files).
+fn peft_in(dir: &Path) {
+    copy_dir(&repo().join("tests/fixtures/peft/lora"), dir);
+    std::fs::remove_file(dir.join("expected.safetensors")).unwrap();
+}
+
 /// A fusion saved as `fuse` saves it: its layer and head, the fused adapters in sub-folders.
 fn fusion_in(dir: &Path) {
     let fusion = repo().join("tests/fixtures/fusion");
@@ -258,6 +276,30 @@ fn targets() -> Vec<Target> {
             name: "model_adapter_fusion.safetensors",
             lay_out: fusion_in,
             file: "model_adapter_fusion.safetensors",
+            args: predict,
+        },
+        Target {
+            name: "union adapter_config.json (LoRA + bottleneck)",
+            lay_out: union_in,
+            file: "adapter_config.json",
+            args: predict,
+        },
+        Target {
+            name: "union adapter.safetensors (LoRA + bottleneck)",
+            lay_out: union_in,
+            file: "adapter.safetensors",
+            args: predict,
+        },
+        Target {
+            name: "PEFT adapter_config.json",
+            lay_out: peft_in,
+            file: "adapter_config.json",
+            args: predict,
+        },
+        Target {
+            name: "PEFT adapter_model.safetensors",
+            lay_out: peft_in,
+            file: "adapter_model.safetensors",
             args: predict,
         },
         Target {

@@ -360,3 +360,33 @@ fn a_merged_directory_runs_as_the_model_with_its_adapter() {
         adapterkit::io::model_dir::save_merged(out.path(), &files, &houlsby, "x").unwrap_err();
     assert!(error.to_string().contains("nothing to merge"), "{error}");
 }
+
+#[test]
+fn a_fusion_over_loras_and_a_directory_of_both_kinds_are_refused() {
+    let dir = lora_dir("composition");
+    let adapters = ["a", "b"]
+        .iter()
+        .map(|n| {
+            let model = adapter_dir::load(&dir.join(n), tiny_encoder(), &Device::Cpu).unwrap();
+            (n.to_string(), model.adapter.unwrap())
+        })
+        .collect();
+    let setup = Setup::parse("fuse(a,b)").unwrap();
+    let error =
+        adapterkit::methods::composition::Composition::new(setup, adapters, BTreeMap::new())
+            .unwrap_err()
+            .to_string();
+    assert!(
+        error.contains("fuses 'a', which is not a bottleneck adapter alone"),
+        "{error}"
+    );
+
+    let both = fusion_laid_out("dynamic");
+    for file in ["adapter_config.json", "adapter.safetensors"] {
+        std::fs::copy(lora_dir("lora_qv").join(file), both.path().join(file)).unwrap();
+    }
+    let error = adapter_dir::load(both.path(), tiny_encoder(), &Device::Cpu)
+        .unwrap_err()
+        .to_string();
+    assert!(error.contains("holds both an adapter"), "{error}");
+}

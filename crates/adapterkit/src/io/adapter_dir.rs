@@ -2,9 +2,9 @@
 //!
 //! | file | content |
 //! |---|---|
-//! | `adapter_config.json` + `adapter.safetensors` | the bottleneck adapter (absent for head-only and full fine-tuning) |
+//! | `adapter_config.json` + `adapter.safetensors` | the adapter: a bottleneck adapter, a LoRA, (IA)³, or a union of them (absent for head-only and full fine-tuning; a LoRA may be in PEFT's files instead, `io/peft.rs`) |
 //! | `head_config.json` + `model_head.safetensors` | the prediction head and its label map |
-//! | `adapter_fusion_config.json` + `model_adapter_fusion.safetensors` | an AdapterFusion layer (its `adapter_names` name the fused adapters, saved in sub-directories of the same names) |
+//! | `adapter_fusion_config.json` + `model_adapter_fusion.safetensors` | an AdapterFusion layer (`io/fusion_dir.rs`; its `adapter_names` name the fused adapters, saved in sub-directories of the same names) |
 //! | `base_weights.safetensors` | ours: base-model tensors that training changed (the LayerNorms trained beside an adapter, or every weight after full fine-tuning) |
 //!
 //! Python's `adapters` reads the first two pairs (`load_adapter(dir, use_safetensors=True)`);
@@ -22,10 +22,10 @@ use crate::composed_model::ComposedModel;
 use crate::error::{Error, Result};
 use crate::heads::{Head, HeadConfig};
 use crate::io::atomic::{write_atomic, write_json_atomic};
+use crate::io::fusion_dir;
 use crate::methods::adapter::{Adapter, AdapterConfig, Module};
 use crate::methods::bottleneck::BottleneckAdapters;
 use crate::methods::composition::Setup;
-use crate::methods::fusion::{Fusion, FusionConfig};
 use crate::model::BertModel;
 use crate::params::Params;
 use crate::rng::SeededRng;
@@ -51,10 +51,10 @@ pub use crate::io::run_dir::{
     check_output_dir, locate, record_max_seq_len, recorded_max_seq_len, RUN_SETTINGS,
 };
 /// Adapter tensors are saved under the model-with-head's `bert.` prefix, as AdapterHub does.
-const MODEL_PREFIX: &str = "bert.";
+pub(crate) const MODEL_PREFIX: &str = "bert.";
 
 /// AdapterHub's envelope around a method's `config`.
-fn envelope(config: Value, hidden_size: usize, model_name: &str, name: &str) -> Value {
+pub(crate) fn envelope(config: Value, hidden_size: usize, model_name: &str, name: &str) -> Value {
     json!({
         "config": config,
         "hidden_size": hidden_size,
@@ -66,7 +66,7 @@ fn envelope(config: Value, hidden_size: usize, model_name: &str, name: &str) -> 
     })
 }
 
-fn save_tensors(path: &Path, tensors: Vec<(String, Tensor)>) -> Result<()> {
+pub(crate) fn save_tensors(path: &Path, tensors: Vec<(String, Tensor)>) -> Result<()> {
     let bytes = safetensors::serialize(tensors.iter().map(|(n, t)| (n.as_str(), t)), None)
         .map_err(|e| Error::file(path, e))?;
     write_atomic(path, &bytes)
@@ -119,26 +119,7 @@ fn write_files(dir: &Path, model: &AdapterModel, model_name: &str) -> Result<()>
         (None, _) => {}
     }
     if let Some(fusion) = &model.fusion {
-        for adapter in &fusion.adapters {
-            let adapter = Adapter::of_bottleneck(adapter.clone());
-            save_adapter(&dir.join(&adapter.name), &adapter, hidden, model_name)?;
-        }
-        let path = dir.join(FUSION_CONFIG);
-        let config = serde_json::to_value(&fusion.config).map_err(|e| Error::file(&path, e))?;
-        let mut json = envelope(config, hidden, model_name, &fusion.name());
-        json["adapter_names"] = fusion
-            .adapters
-            .iter()
-            .map(|a| a.name.clone())
-            .collect::<Vec<_>>()
-            .into();
-        write_json_atomic(&path, &json)?;
-        let tensors = fusion
-            .params()
-            .iter()
-            .map(|(n, v)| (format!("{MODEL_PREFIX}{n}"), v.as_tensor().clone()))
-            .collect();
-        save_tensors(&dir.join(FUSION_WEIGHTS), tensors)?;
+        fusion_dir::save(dir, fusion, hidden, model_name)?;
     }
     let head = &model.head;
     let config =
@@ -212,7 +193,7 @@ fn remove_stale(dir: &Path, model: &AdapterModel) -> Result<()> {
 }
 
 /// A tensor name as our modules know it: without the model-with-head's `bert.` prefix.
-fn without_model_prefix(name: String) -> String {
+pub(crate) fn without_model_prefix(name: String) -> String {
     name.strip_prefix(MODEL_PREFIX)
         .map(str::to_owned)
         .unwrap_or(name)
@@ -270,7 +251,7 @@ pub(crate) fn read_tensors(
 }
 
 /// Checks an envelope's `hidden_size` and `model_type` against the encoder's.
-fn check_envelope(path: &Path, value: &Value, encoder: &BertModel) -> Result<()> {
+pub(crate) fn check_envelope(path: &Path, value: &Value, encoder: &BertModel) -> Result<()> {
     let hidden = encoder.config.hidden_size;
     if let Some(h) = value.get("hidden_size").and_then(Value::as_u64) {
         if h as usize != hidden {
@@ -294,14 +275,14 @@ fn check_envelope(path: &Path, value: &Value, encoder: &BertModel) -> Result<()>
     Ok(())
 }
 
-fn config_field(path: &Path, value: &Value) -> Result<Value> {
+pub(crate) fn config_field(path: &Path, value: &Value) -> Result<Value> {
     value.get("config").cloned().ok_or_else(|| Error::Config {
         path: path.into(),
         message: "no \"config\" object".into(),
     })
 }
 
-fn name_field(path: &Path, value: &Value) -> Result<String> {
+pub(crate) fn name_field(path: &Path, value: &Value) -> Result<String> {
     value
         .get("name")
         .and_then(Value::as_str)
@@ -313,7 +294,11 @@ fn name_field(path: &Path, value: &Value) -> Result<String> {
 }
 
 /// Sets `params` from `tensors`, naming `path` in any missing, misshapen or unexpected tensor.
-fn load_params(path: &Path, params: &Params, tensors: &HashMap<String, Tensor>) -> Result<()> {
+pub(crate) fn load_params(
+    path: &Path,
+    params: &Params,
+    tensors: &HashMap<String, Tensor>,
+) -> Result<()> {
     let unexpected = params.load(tensors).map_err(|m| Error::file(path, m))?;
     if !unexpected.is_empty() {
         return Err(Error::file(
@@ -356,8 +341,17 @@ pub fn load(dir: &Path, mut encoder: BertModel, device: &Device) -> Result<Adapt
         None
     };
     let fusion_path = dir.join(FUSION_CONFIG);
+    if adapter.is_some() && fusion_path.exists() {
+        return Err(Error::file(
+            dir,
+            format!(
+                "holds both an adapter ({ADAPTER_CONFIG}) and a fusion ({FUSION_CONFIG}); a \
+                 directory is one or the other (a fusion's adapters are in its sub-directories)"
+            ),
+        ));
+    }
     let fusion = if fusion_path.exists() {
-        Some(load_fusion(dir, &encoder, device)?)
+        Some(fusion_dir::load(dir, &encoder, device)?)
     } else {
         None
     };
@@ -458,7 +452,11 @@ pub fn load_adapter(
 }
 
 /// The bottleneck adapter saved in `dir`, which must hold nothing else (a fusion's part).
-fn read_bottleneck(dir: &Path, encoder: &BertModel, device: &Device) -> Result<BottleneckAdapters> {
+pub(crate) fn read_bottleneck(
+    dir: &Path,
+    encoder: &BertModel,
+    device: &Device,
+) -> Result<BottleneckAdapters> {
     let adapter = read_adapter(dir, encoder, device)?;
     match &adapter.modules[..] {
         [Module::Bottleneck(bottleneck)] => Ok(bottleneck.clone()),
@@ -507,56 +505,4 @@ fn read_adapter(dir: &Path, encoder: &BertModel, device: &Device) -> Result<Adap
         .collect();
     load_params(&weights, &adapter.params(), &tensors)?;
     Ok(adapter)
-}
-
-/// Loads a fusion layer saved in `dir` with the adapters its config names, from `dir/{name}/`.
-fn load_fusion(dir: &Path, encoder: &BertModel, device: &Device) -> Result<Fusion> {
-    let path = dir.join(FUSION_CONFIG);
-    let json = read_json(&path)?;
-    check_envelope(&path, &json, encoder)?;
-    let config: FusionConfig =
-        serde_json::from_value(config_field(&path, &json)?).map_err(|e| Error::Config {
-            path: path.clone(),
-            message: e.to_string(),
-        })?;
-    let names: Vec<String> = match json.get("adapter_names") {
-        Some(names) => serde_json::from_value(names.clone()).map_err(|e| Error::Config {
-            path: path.clone(),
-            message: format!("adapter_names: {e}"),
-        })?,
-        None => name_field(&path, &json)?
-            .split(',')
-            .map(str::to_owned)
-            .collect(),
-    };
-    let mut adapters = Vec::new();
-    for name in &names {
-        let adapter_dir = dir.join(name);
-        if !adapter_dir.is_dir() {
-            return Err(Error::file(
-                &path,
-                format!(
-                    "names adapter '{name}', but {} is missing",
-                    adapter_dir.display()
-                ),
-            ));
-        }
-        adapters.push(read_bottleneck(&adapter_dir, encoder, device)?.frozen());
-    }
-    let mut fusion = Fusion::new(
-        adapters,
-        &config,
-        &encoder.config,
-        &mut SeededRng::new(0),
-        device,
-    )
-    .map_err(|e| Error::file(&path, e))?;
-    fusion.set_schedule(crate::methods::fusion::SCHEDULE_END);
-    let (weights, tensors) = read_tensors(dir, FUSION_WEIGHTS, FUSION_WEIGHTS_PICKLE, device)?;
-    let tensors: HashMap<String, Tensor> = tensors
-        .into_iter()
-        .map(|(n, t)| (without_model_prefix(n), t))
-        .collect();
-    load_params(&weights, &fusion.params(), &tensors)?;
-    Ok(fusion)
 }

@@ -2,6 +2,7 @@
 
 pub mod adapter_dir;
 pub mod atomic;
+pub mod fusion_dir;
 pub mod guard;
 pub mod model_dir;
 pub mod peft;

@@ -8,3 +8,4 @@ pub mod bottleneck_config;
 pub mod composition;
 pub mod fusion;
 pub mod lora;
+pub mod lora_config;
