@@ -1,10 +1,12 @@
 //! The encoder cannot skip a hook: whatever path a block takes (one fused op for frozen
 //! weights, node by node otherwise), a change the hooks make to a Linear or to the keys and
-//! values reaches the output, and a change that changes nothing gives the fused path's output.
+//! values reaches the output, given as weights or applied to the output alike, and a change that
+//! changes nothing gives the fused path's output.
 
 mod common;
 
 use candle_core::{Device, Result, Tensor};
+use candle_nn::Linear;
 
 use adapterkit::batch::Batch;
 use adapterkit::model::hooks::{KeyValue, KeyValueChange, LayerHooks, LinearChange, LinearSite};
@@ -13,21 +15,29 @@ use adapterkit::model::{BertModel, Mode, NoHooks};
 use common::{max_abs_diff, tiny_encoder};
 
 /// Scales one Linear's output (or the keys and values) of one layer by `1 + shift` (a shift
-/// alone would be lost on the keys: softmax ignores what every score gains).
+/// alone would be lost on the keys: softmax ignores what every score gains), as a change
+/// applied to the output or (`as_weights`) as the Linear's weights scaled.
 struct Shift {
     layer: usize,
     site: Option<LinearSite>,
     shift: f64,
+    as_weights: bool,
 }
 
 impl LayerHooks for Shift {
-    fn linear(&self, layer: usize, site: LinearSite) -> Option<LinearChange<'_>> {
+    fn linear(&self, layer: usize, site: LinearSite, base: &Linear) -> Option<LinearChange<'_>> {
         if layer != self.layer || Some(site) != self.site {
             return None;
         }
-        Some(Box::new(|_x: &Tensor, out: Tensor, _mode: &mut Mode| {
-            out * (1.0 + self.shift)
-        }))
+        let factor = 1.0 + self.shift;
+        if self.as_weights {
+            let weight = (base.weight() * factor).unwrap();
+            let bias = base.bias().map(|b| (b * factor).unwrap());
+            return Some(LinearChange::Weights(Linear::new(weight, bias)));
+        }
+        Some(LinearChange::Apply(Box::new(
+            move |_x: &Tensor, out: Tensor, _mode: &mut Mode| out * factor,
+        )))
     }
 
     fn key_value(&self, layer: usize) -> Option<KeyValueChange<'_>> {
@@ -81,13 +91,28 @@ fn every_change_reaches_the_output_on_the_fused_and_the_plain_path() -> Result<(
                 for train in [false, true] {
                     for positions in [Positions::All, Positions::First] {
                         let base = run(encoder, &NoHooks, positions, train);
-                        let shift = |shift| Shift { layer, site, shift };
+                        let shift = |shift| Shift {
+                            layer,
+                            site,
+                            shift,
+                            as_weights: false,
+                        };
                         let changed = run(encoder, &shift(3.0), positions, train);
+                        // The same change as weights runs fused where the block is frozen.
+                        let as_weights = Shift {
+                            as_weights: true,
+                            ..shift(3.0)
+                        };
+                        let by_weights = run(encoder, &as_weights, positions, train);
+                        let paths = max_abs_diff(&changed, &by_weights);
                         let case = format!(
                             "{site:?} in layer {layer}, {path} path, train {train}, {positions:?}"
                         );
                         let moved = max_abs_diff(&base, &changed);
                         assert!(moved > 1e-4, "{case}: the change was skipped");
+                        if site.is_some() {
+                            assert!(paths < 1e-5, "{case}: as weights, {paths} off");
+                        }
                         // No change: the node-by-node path gives what the fused op gives.
                         let unchanged = run(encoder, &shift(0.0), positions, train);
                         let diff = max_abs_diff(&base, &unchanged);

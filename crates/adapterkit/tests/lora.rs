@@ -390,3 +390,57 @@ fn a_fusion_over_loras_and_a_directory_of_both_kinds_are_refused() {
         .to_string();
     assert!(error.contains("holds both an adapter"), "{error}");
 }
+
+/// A single channel of frozen modules folds them into the weights for the pass (and runs
+/// fused); trainable ones are applied to each Linear's output node by node. Both give the same.
+#[test]
+fn folded_and_applied_compositions_agree() {
+    let dir = lora_dir("composition");
+    let expected = load_expected("lora/composition/expected.safetensors");
+    let batch = batch_of(
+        &expected["input_ids"],
+        &expected["token_type_ids"],
+        Some(&expected["attention_mask"]),
+    );
+    let adapters: BTreeMap<String, Adapter> = ["a", "b", "c"]
+        .iter()
+        .map(|n| {
+            let model = adapter_dir::load(&dir.join(n), tiny_encoder(), &Device::Cpu).unwrap();
+            (n.to_string(), model.adapter.unwrap())
+        })
+        .collect();
+    let frozen: BTreeMap<String, Adapter> = adapters
+        .iter()
+        .map(|(n, a)| (n.clone(), a.frozen()))
+        .collect();
+    for text in [
+        "stack(a,b)",
+        "stack(c,a)",
+        "stack(a,c)",
+        "stack(c,c)",
+        "average(a,b)[0.3,0.7]",
+        "average(c,stack(c,c))[0.5,0.5]",
+        "stack(a,average(b,a)[0.2,0.8])",
+    ] {
+        let run = |adapters: &BTreeMap<String, Adapter>| {
+            let setup = Setup::parse(text).unwrap();
+            let composition = adapterkit::methods::composition::Composition::new(
+                setup,
+                adapters.clone(),
+                BTreeMap::new(),
+            )
+            .unwrap();
+            let model = ComposedModel {
+                encoder: tiny_encoder(),
+                composition,
+                heads: vec![],
+                share_base_layers: true,
+            };
+            model
+                .hidden(&batch, Positions::All, &mut Mode::Eval)
+                .unwrap()
+        };
+        let diff = max_abs_diff(&run(&frozen), &run(&adapters));
+        assert!(diff < 1e-5, "{text}: {diff}");
+    }
+}

@@ -8,6 +8,7 @@
 use std::collections::BTreeSet;
 
 use candle_core::{Device, Result as CandleResult, Tensor};
+use candle_nn::Linear;
 use serde_json::{json, Value};
 
 use crate::error::{Error, Result};
@@ -303,8 +304,8 @@ impl Adapter {
 }
 
 impl LayerHooks for Adapter {
-    fn linear(&self, layer: usize, site: LinearSite) -> Option<LinearChange<'_>> {
-        self.lora()?.linear(layer, site)
+    fn linear(&self, layer: usize, site: LinearSite, base: &Linear) -> Option<LinearChange<'_>> {
+        self.lora()?.linear(layer, site, base)
     }
 
     fn sub_layer_output(

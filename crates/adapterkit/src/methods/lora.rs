@@ -9,6 +9,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use candle_core::{Device, Result as CandleResult, Tensor, Var};
+use candle_nn::Linear;
 
 use crate::error::{Error, Result};
 use crate::model::hooks::{LayerHooks, LinearChange, LinearSite};
@@ -65,6 +66,16 @@ impl LoraLinear {
             b: b.as_tensor().clone(),
             params,
         })
+    }
+
+    /// Whether its weights are plain tensors (no gradient to take).
+    pub fn is_frozen(&self) -> bool {
+        !self.b.track_op() && self.a.as_ref().is_none_or(|a| !a.track_op())
+    }
+
+    /// `lora_A` (LoRA only) and `lora_B`.
+    pub fn matrices(&self) -> (Option<&Tensor>, &Tensor) {
+        (self.a.as_ref(), &self.b)
     }
 
     fn frozen(&self) -> Self {
@@ -245,11 +256,20 @@ impl Lora {
 }
 
 impl LayerHooks for Lora {
-    fn linear(&self, layer: usize, site: LinearSite) -> Option<LinearChange<'_>> {
+    fn linear(&self, layer: usize, site: LinearSite, base: &Linear) -> Option<LinearChange<'_>> {
         let module = self.get(layer, site)?;
-        Some(Box::new(move |x: &Tensor, out: Tensor, mode: &mut Mode| {
-            let hidden = module.forward(&self.config, x, None, mode)?;
-            compose(out, &hidden, self.config.composition_mode)
-        }))
+        // A frozen module without dropout folds into the weights for the pass (and so runs
+        // in the fused block ops).
+        if module.is_frozen() && self.config.dropout == 0.0 {
+            if let Ok((weight, bias)) = module.merge(&self.config, base.weight(), base.bias()) {
+                return Some(LinearChange::Weights(Linear::new(weight, bias)));
+            }
+        }
+        Some(LinearChange::Apply(Box::new(
+            move |x: &Tensor, out: Tensor, mode: &mut Mode| {
+                let hidden = module.forward(&self.config, x, None, mode)?;
+                compose(out, &hidden, self.config.composition_mode)
+            },
+        )))
     }
 }

@@ -5,7 +5,6 @@ use candle_core::{Result, Tensor};
 use candle_nn::{Linear, VarBuilder};
 
 use crate::kernels::attention::{AttentionBlockOp, AttentionOp};
-use crate::kernels::fused::FrozenLinear;
 use crate::model::config::BertConfig;
 use crate::model::dropout::Mode;
 use crate::model::hooks::{KeyValue, LayerHooks, LinearSite, Position};
@@ -150,9 +149,9 @@ impl BertAttention {
     }
 
     /// Self-attention and the output projection with its dropout as one op
-    /// (`kernels::attention::AttentionBlockOp`) when all four Linears are frozen, the hooks
-    /// leave them and the keys and values alone, and `hidden` is f32 on CPU; `None` otherwise. Same values, same
-    /// dropout draws.
+    /// (`kernels::attention::AttentionBlockOp`) when all four Linears are frozen (as the hooks
+    /// give them: see [`ops::frozen_linears`]), the hooks leave the keys and values alone, and
+    /// `hidden` is f32 on CPU; `None` otherwise. Same values, same dropout draws.
     fn frozen_block(
         &self,
         layer: usize,
@@ -163,21 +162,23 @@ impl BertAttention {
         mode: &mut Mode,
     ) -> Result<Option<Tensor>> {
         let s = &self.self_attention;
-        let linears = [&s.query, &s.key, &s.value, &self.output.dense].map(FrozenLinear::of);
-        let [Some(q), Some(k), Some(v), Some(o)] = linears else {
-            return Ok(None);
-        };
+        let linears = [
+            (LinearSite::Query, &s.query),
+            (LinearSite::Key, &s.key),
+            (LinearSite::Value, &s.value),
+            (LinearSite::AttentionOutput, &self.output.dense),
+        ];
         let (batch, seq, hidden_size) = hidden.dims3()?;
         if !ops::fused_applies(hidden)
-            || !LinearSite::ATTENTION
-                .iter()
-                .all(|s| hooks.linear(layer, *s).is_none())
             || hooks.key_value(layer).is_some()
             || bias.dims() != [batch, 1, 1, seq]
             || bias.track_op()
         {
             return Ok(None);
         }
+        let Some([q, k, v, o]) = ops::frozen_linears(hooks, layer, linears) else {
+            return Ok(None);
+        };
         let first_only = positions == Positions::First;
         let queries = if first_only { 1 } else { seq };
         let mask = ops::attention_dropout(mode, s.num_heads, queries, bias, s.dropout)?;

@@ -6,6 +6,7 @@
 //! is `model.forward(&batch, &hooks, &mut mode)`.
 
 use candle_core::{Result, Tensor};
+use candle_nn::Linear;
 
 use crate::model::dropout::Mode;
 use crate::model::layer_norm::LayerNorm;
@@ -91,20 +92,27 @@ pub struct KeyValue {
     pub bias: Tensor,
 }
 
-/// A method's change to one Linear: from the Linear's input `x` and output `W x + b` to the
-/// output the layer goes on with (LoRA adds its low-rank update, (IA)³ scales).
-pub type LinearChange<'a> = Box<dyn Fn(&Tensor, Tensor, &mut Mode) -> Result<Tensor> + 'a>;
+/// A method's change to one Linear.
+pub enum LinearChange<'a> {
+    /// From the Linear's input `x` and output `W x + b` to the output the layer goes on with
+    /// (LoRA adds its low-rank update, (IA)³ scales).
+    Apply(Box<dyn Fn(&Tensor, Tensor, &mut Mode) -> Result<Tensor> + 'a>),
+    /// The same Linear with other weights for this pass: frozen LoRA and (IA)³ modules folded
+    /// in (plain tensors), which the fused block ops run as they run the bare model.
+    Weights(Linear),
+}
 
 /// A method's change to one layer's keys and values before attention scores are taken
 /// (prefix tuning prepends its own).
 pub type KeyValueChange<'a> = Box<dyn Fn(KeyValue) -> Result<KeyValue> + 'a>;
 
 pub trait LayerHooks {
-    /// What the hooks do to `site`'s Linear in `layer`; `None` leaves it alone. The encoder
-    /// asks before it picks a path: a block whose Linears are all left alone may run as one
-    /// fused op, any change sends it node by node through the change. So a change cannot be
-    /// skipped, and there is nothing else to keep in step with it.
-    fn linear(&self, _layer: usize, _site: LinearSite) -> Option<LinearChange<'_>> {
+    /// What the hooks do to `site`'s Linear in `layer` (`base`: its weights); `None` leaves it
+    /// alone. The encoder asks before it picks a path: a block whose Linears are left alone or
+    /// given other weights may run as one fused op, an `Apply` change sends it node by node
+    /// through the change. So a change cannot be skipped, and there is nothing else to keep in
+    /// step with it.
+    fn linear(&self, _layer: usize, _site: LinearSite, _base: &Linear) -> Option<LinearChange<'_>> {
         None
     }
 

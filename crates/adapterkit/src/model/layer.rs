@@ -4,7 +4,6 @@ use candle_core::{Result, Tensor};
 use candle_nn::{Linear, VarBuilder};
 
 use crate::kernels::feed_forward::FeedForwardOp;
-use crate::kernels::fused::FrozenLinear;
 use crate::model::attention::BertAttention;
 use crate::model::config::BertConfig;
 use crate::model::dropout::Mode;
@@ -107,27 +106,24 @@ impl BertLayer {
     }
 
     /// [`feed_forward`](Self::feed_forward) as one op (`kernels::feed_forward`) when its
-    /// weights are frozen, its activation is GELU, the hooks leave its Linears alone and `x`
-    /// is f32 on CPU; `None` otherwise. Same values, same dropout draws.
+    /// weights are frozen (as the hooks give them: see [`ops::frozen_linears`]), its activation
+    /// is GELU and `x` is f32 on CPU; `None` otherwise. Same values, same dropout draws.
     fn frozen_feed_forward(
         &self,
         x: &Tensor,
         hooks: &dyn LayerHooks,
         mode: &mut Mode,
     ) -> Result<Option<Tensor>> {
-        let expand = FrozenLinear::of(&self.intermediate.dense);
-        let project = FrozenLinear::of(&self.output.dense);
-        let (Some(expand), Some(project)) = (expand, project) else {
-            return Ok(None);
-        };
-        if self.intermediate.activation != Activation::Gelu
-            || !ops::fused_applies(x)
-            || !LinearSite::FEED_FORWARD
-                .iter()
-                .all(|s| hooks.linear(self.index, *s).is_none())
-        {
+        if self.intermediate.activation != Activation::Gelu || !ops::fused_applies(x) {
             return Ok(None);
         }
+        let linears = [
+            (LinearSite::Intermediate, &self.intermediate.dense),
+            (LinearSite::Output, &self.output.dense),
+        ];
+        let Some([expand, project]) = ops::frozen_linears(hooks, self.index, linears) else {
+            return Ok(None);
+        };
         let dropout = mode.dropout_mask(x.elem_count(), self.output.dropout);
         let op = FeedForwardOp::new(expand, project, dropout, x.track_op());
         x.contiguous()?.apply_op1(op).map(Some)

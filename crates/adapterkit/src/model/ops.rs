@@ -5,7 +5,8 @@ use candle_core::{DType, Result, Tensor, D};
 use serde::{Deserialize, Serialize};
 
 use crate::kernels::attention::AttentionOp;
-use crate::model::hooks::{LayerHooks, LinearSite};
+use crate::kernels::fused::FrozenLinear;
+use crate::model::hooks::{LayerHooks, LinearChange, LinearSite};
 use crate::model::Mode;
 
 /// A non-linearity, by the names `transformers` (`hidden_act`) and AdapterHub (`non_linearity`) use.
@@ -169,11 +170,29 @@ pub fn hooked_linear(
     x: &Tensor,
     mode: &mut Mode,
 ) -> Result<Tensor> {
-    let out = linear(weights, x)?;
-    match hooks.linear(layer, site) {
-        Some(change) => change(x, out, mode),
-        None => Ok(out),
+    match hooks.linear(layer, site, weights) {
+        None => linear(weights, x),
+        Some(LinearChange::Weights(changed)) => linear(&changed, x),
+        Some(LinearChange::Apply(change)) => change(x, linear(weights, x)?, mode),
     }
+}
+
+/// A block's Linears as the fused ops take them (frozen, with the hooks' weights where they
+/// give some), or `None` when one is trainable or the hooks change one otherwise.
+pub fn frozen_linears<const N: usize>(
+    hooks: &dyn LayerHooks,
+    layer: usize,
+    linears: [(LinearSite, &candle_nn::Linear); N],
+) -> Option<[FrozenLinear; N]> {
+    let frozen: Vec<FrozenLinear> = linears
+        .into_iter()
+        .map(|(site, base)| match hooks.linear(layer, site, base) {
+            None => FrozenLinear::of(base),
+            Some(LinearChange::Weights(changed)) => FrozenLinear::of(&changed),
+            Some(LinearChange::Apply(_)) => None,
+        })
+        .collect::<Option<_>>()?;
+    frozen.try_into().ok()
 }
 
 /// The dropout mask over the attention probabilities `[batch, heads, queries, keys]` (`bias`

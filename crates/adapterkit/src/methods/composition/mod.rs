@@ -23,6 +23,7 @@ pub use setup::Setup;
 use std::collections::BTreeMap;
 
 use candle_core::{Result as CandleResult, Tensor};
+use candle_nn::Linear;
 
 use crate::error::{Error, Result};
 use crate::methods::adapter::Adapter;
@@ -315,34 +316,50 @@ impl ChannelHooks<'_> {
 }
 
 impl LayerHooks for ChannelHooks<'_> {
-    fn linear(&self, layer: usize, site: LinearSite) -> Option<LinearChange<'_>> {
+    fn linear(&self, layer: usize, site: LinearSite, base: &Linear) -> Option<LinearChange<'_>> {
         let composition = self.composition;
         let changes = |c: &Channel| composition.changes_linear(&c.setup, layer, site);
         if !self.channels.iter().any(changes) {
             return None;
         }
-        Some(Box::new(move |x: &Tensor, out: Tensor, mode: &mut Mode| {
-            let rows = out.dim(0)?;
-            if let [channel] = &self.channels[..] {
-                if channel.rows == (0..rows) {
-                    return composition.change_linear(&channel.setup, layer, site, x, out, mode);
+        // One channel over the whole batch: its frozen modules may fold into the weights for
+        // the pass, which then runs as fast as the bare model's.
+        if let [channel] = &self.channels[..] {
+            if let Some(merged) = composition.merged_linear(&channel.setup, layer, site, base) {
+                return Some(LinearChange::Weights(merged));
+            }
+        }
+        Some(LinearChange::Apply(Box::new(
+            move |x: &Tensor, out: Tensor, mode: &mut Mode| {
+                let rows = out.dim(0)?;
+                if let [channel] = &self.channels[..] {
+                    if channel.rows == (0..rows) {
+                        return composition.change_linear(
+                            &channel.setup,
+                            layer,
+                            site,
+                            x,
+                            out,
+                            mode,
+                        );
+                    }
                 }
-            }
-            let mut outputs = Vec::with_capacity(self.channels.len());
-            for channel in &self.channels {
-                let (start, len) = (channel.rows.start, channel.rows.len());
-                let (x, out) = (x.narrow(0, start, len)?, out.narrow(0, start, len)?);
-                outputs.push(composition.change_linear(
-                    &channel.setup,
-                    layer,
-                    site,
-                    &x,
-                    out,
-                    mode,
-                )?);
-            }
-            Tensor::cat(&outputs, 0)
-        }))
+                let mut outputs = Vec::with_capacity(self.channels.len());
+                for channel in &self.channels {
+                    let (start, len) = (channel.rows.start, channel.rows.len());
+                    let (x, out) = (x.narrow(0, start, len)?, out.narrow(0, start, len)?);
+                    outputs.push(composition.change_linear(
+                        &channel.setup,
+                        layer,
+                        site,
+                        &x,
+                        out,
+                        mode,
+                    )?);
+                }
+                Tensor::cat(&outputs, 0)
+            },
+        )))
     }
 
     fn sub_layer_output(
