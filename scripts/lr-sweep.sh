@@ -4,6 +4,8 @@
 # accuracy wins, then seeds 1-3 (seed 1 is the sweep's run at that rate). The encoder's
 # LayerNorms stay frozen (--freeze-layer-norms): the methods as defined, files Python reads alike.
 # Usage: scripts/lr-sweep.sh DATASET METHOD...   (runs go to runs/DATASET/)
+# OPTIONS="--adapter-option alpha=16" LABEL=lora-alpha16 scripts/lr-sweep.sh DATASET lora
+#   passes options to every run and names its runs LABEL-... instead of METHOD-...
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -14,26 +16,28 @@ bin=${ADAPTERKIT_BIN:-target/release/adapterkit}  # set it to run a fixed build
 [ -n "${ADAPTERKIT_BIN:-}" ] || cargo build --release -q -p adapterkit-cli
 train() {  # train METHOD LR SEED OUT
   [ -f "$4/results.json" ] && return
+  # shellcheck disable=SC2086 # OPTIONS holds several words
   "$bin" train --model assets/all-MiniLM-L6-v2 --data "$dataset" --method "$1" --lr "$2" \
-    --seed "$3" --epochs 3 --freeze-layer-norms --out "$4" --quiet >/dev/null
+    --seed "$3" --epochs 3 --freeze-layer-norms --out "$4" --quiet ${OPTIONS:-} >/dev/null
 }
 validation() { python3 -c "import json, sys; print(json.load(open(sys.argv[1]))['validation'])" "$1/results.json"; }
 for method in "$@"; do
+  label=${LABEL:-$method}
   best="" best_value=-1
   for lr in 1e-4 5e-4 1e-3 3e-3; do
-    out="runs/$dataset/sweep/$method-lr$lr"
+    out="runs/$dataset/sweep/$label-lr$lr"
     train "$method" "$lr" 1 "$out"
     value=$(validation "$out")
-    echo "$dataset $method lr $lr: validation $value"
+    echo "$dataset $label lr $lr: validation $value"
     if python3 -c "import sys; sys.exit(0 if float(sys.argv[1]) > float(sys.argv[2]) else 1)" "$value" "$best_value"; then
       best=$lr best_value=$value
     fi
   done
-  echo "$dataset $method: learning rate $best (validation $best_value)"
+  echo "$dataset $label: learning rate $best (validation $best_value)"
   mkdir -p "runs/$dataset"
-  [ -d "runs/$dataset/$method-seed1" ] || cp -r "runs/$dataset/sweep/$method-lr$best" "runs/$dataset/$method-seed1"
+  [ -d "runs/$dataset/$label-seed1" ] || cp -r "runs/$dataset/sweep/$label-lr$best" "runs/$dataset/$label-seed1"
   for seed in 2 3; do
-    train "$method" "$best" "$seed" "runs/$dataset/$method-seed$seed"
+    train "$method" "$best" "$seed" "runs/$dataset/$label-seed$seed"
   done
 done
 python3 scripts/summarize_results.py "runs/$dataset"

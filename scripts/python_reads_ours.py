@@ -1,10 +1,11 @@
 """Python reads the LoRA files adapterkit writes, and gets our scores.
 
-    V/bin/python scripts/python_reads_ours.py [--binary target/release/adapterkit]
+    V/bin/python scripts/python_reads_ours.py [--binary target/release/adapterkit] [--model DIR]
 
 Needs torch, transformers, adapters 1.3 and peft (tests/fixtures/lora/make_lora_fixtures.py
 and tests/fixtures/peft/make_peft_fixtures.py pin them). On the tiny BERT of
-tests/fixtures/tiny-bert, with a small CSV, it trains with the binary:
+tests/fixtures/tiny-bert (or `--model`, e.g. assets/all-MiniLM-L6-v2), with a small CSV, it
+trains with the binary:
 
   * a LoRA and an (IA)^3 adapter in AdapterHub's files: `adapters` loads each with its head
     (`load_adapter`) and its class probabilities must equal `adapterkit predict`'s;
@@ -30,7 +31,7 @@ from peft import PeftModel
 from transformers import AutoTokenizer, BertModel
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = ROOT / "tests/fixtures/tiny-bert"
+MODEL = ROOT / "tests/fixtures/tiny-bert"  # --model replaces it
 TEXTS = ["the cat sat on the mat", "a dog"]
 
 
@@ -40,13 +41,13 @@ def run(binary, *args):
 
 
 def train(binary, data, out, *options):
-    run(binary, "train", "--model", TINY, "--train", data, "--validation", data, "--epochs", "4",
+    run(binary, "train", "--model", MODEL, "--train", data, "--validation", data, "--epochs", "4",
         "--batch-size", "4", "--lr", "3e-2", "--quiet", "--freeze-layer-norms", "--seed", "3",
         "--out", out, *options)
 
 
 def our_probabilities(binary, adapter):
-    lines = run(binary, "predict", "--model", TINY, "--adapter", adapter, *TEXTS).splitlines()
+    lines = run(binary, "predict", "--model", MODEL, "--adapter", adapter, *TEXTS).splitlines()
     return [json.loads(line)["scores"] for line in lines]
 
 
@@ -54,7 +55,7 @@ def merged_hidden(binary, adapter):
     """The last hidden state of the model `adapterkit merge` writes, loaded by `transformers`
     as a plain model."""
     merged = Path(str(adapter) + "-merged")
-    run(binary, "merge", "--model", TINY, "--adapter", adapter, "--out", merged)
+    run(binary, "merge", "--model", MODEL, "--adapter", adapter, "--out", merged)
     tokenizer = AutoTokenizer.from_pretrained(merged)
     batch = tokenizer(TEXTS, padding=True, return_tensors="pt")
     with torch.no_grad():
@@ -65,10 +66,10 @@ def merged_hidden(binary, adapter):
 def check_hidden(what, theirs, merged):
     """`theirs` (Python's, unmerged) must equal our merged model's, and differ from the bare
     model's (else the adapter changes nothing and the comparison proves nothing)."""
-    tokenizer = AutoTokenizer.from_pretrained(TINY)
+    tokenizer = AutoTokenizer.from_pretrained(MODEL)
     batch = tokenizer(TEXTS, padding=True, return_tensors="pt")
     with torch.no_grad():
-        bare = BertModel.from_pretrained(TINY, attn_implementation="eager").eval()(**batch)
+        bare = BertModel.from_pretrained(MODEL, attn_implementation="eager").eval()(**batch)
     effect = float((theirs - bare.last_hidden_state).abs().max())
     diff = float((theirs - merged).abs().max())
     print(f"{what}: max |dh| {diff:.2e} against our merged model (the adapter moves it {effect:.2e})")
@@ -77,11 +78,14 @@ def check_hidden(what, theirs, merged):
 
 
 def main():
+    global MODEL
     parser = argparse.ArgumentParser()
     parser.add_argument("--binary", default=str(ROOT / "target/release/adapterkit"))
+    parser.add_argument("--model", default=None)
     args = parser.parse_args()
+    MODEL = Path(args.model) if args.model else MODEL
     torch.set_num_threads(2)
-    tokenizer = AutoTokenizer.from_pretrained(TINY)
+    tokenizer = AutoTokenizer.from_pretrained(MODEL)
     batch = tokenizer(TEXTS, padding=True, return_tensors="pt")
     worst = 0.0
     with tempfile.TemporaryDirectory() as tmp:
@@ -93,7 +97,7 @@ def main():
             out = tmp / method
             train(args.binary, data, out, "--method", method, "--name", method)
             ours = our_probabilities(args.binary, out)
-            model = BertAdapterModel.from_pretrained(TINY, attn_implementation="eager")
+            model = BertAdapterModel.from_pretrained(MODEL, attn_implementation="eager")
             name = model.load_adapter(str(out), set_active=True, use_safetensors=True)
             model.eval()
             with torch.no_grad():
@@ -110,7 +114,7 @@ def main():
         out = tmp / "peft"
         train(args.binary, data, out, "--method", "lora", "--format", "peft", "--adapter-option",
               "alpha=16")
-        base = BertModel.from_pretrained(TINY, attn_implementation="eager")
+        base = BertModel.from_pretrained(MODEL, attn_implementation="eager")
         peft_model = PeftModel.from_pretrained(base, str(out)).eval()
         with torch.no_grad():
             hidden = peft_model(**batch).last_hidden_state
