@@ -45,68 +45,87 @@ fn targets(expected: &std::collections::HashMap<String, Tensor>) -> Tensor {
 #[test]
 fn logits_loss_and_gradients_match_adapters_library() {
     for case in CASES {
-        let dir = case_dir(case);
-        let expected =
-            candle_core::safetensors::load(dir.join("expected.safetensors"), &Device::Cpu).unwrap();
-        let batch = batch_of(
-            &expected["input_ids"],
-            &expected["token_type_ids"],
-            Some(&expected["attention_mask"]),
-        );
-        let model = load_case(&dir);
-
-        let hidden = model
-            .encoder
-            .forward(&batch, model.hooks(), &mut Mode::Eval)
-            .unwrap();
-        let hidden_diff = max_abs_diff(&hidden, &expected["last_hidden_state"]);
-        // Logits and gradients by the path training and evaluation take, whose last layer
-        // computes the first token alone.
-        let logits = model.logits(&batch, &mut Mode::Eval).unwrap();
-        let logits_diff = max_abs_diff(&logits, &expected["logits"]);
-        let loss = model.head.loss(&logits, &targets(&expected)).unwrap();
-        let loss_diff =
-            (loss.to_scalar::<f32>().unwrap() - expected["loss"].to_scalar::<f32>().unwrap()).abs();
-
-        let grads = loss.backward().unwrap();
-        let mut grad_diff = 0f32;
-        let trainable = model.trainable();
-        for (name, var) in trainable.iter() {
-            // Adapter tensors carry the model-with-head's `bert.` prefix in PyTorch; an
-            // `ln_before` norm is registered there as `adapter_norm_before`.
-            let mut torch_name = if name.starts_with("heads.") {
-                name.clone()
-            } else {
-                format!("bert.{name}")
-            };
-            if model
-                .adapter
-                .as_ref()
-                .and_then(|a| a.bottleneck())
-                .is_some_and(|a| a.config.ln_before)
-            {
-                torch_name = torch_name.replace(".adapter_down.0.", ".adapter_norm_before.");
-            }
-            let want = expected
-                .get(&format!("grad.{torch_name}"))
-                .unwrap_or_else(|| panic!("{case}: no reference gradient for {torch_name}"));
-            let got = grads
-                .get(var.as_tensor())
-                .unwrap_or_else(|| panic!("{case}: no gradient for {name}"));
-            grad_diff = grad_diff.max(max_abs_diff(got, want));
-        }
-        let reference_count = expected.keys().filter(|k| k.starts_with("grad.")).count();
-        assert_eq!(
-            trainable.0.len(),
-            reference_count,
-            "{case}: trainable tensors"
-        );
-        eprintln!("{case}: max |diff| hidden {hidden_diff:e}, logits {logits_diff:e}, loss {loss_diff:e}, gradients {grad_diff:e}");
-        assert!(
-            hidden_diff < 1e-5 && logits_diff < 1e-5 && loss_diff < 1e-5 && grad_diff < 1e-5,
-            "{case}"
-        );
+        matches_adapters_library(case, tiny_encoder());
     }
+}
+
+/// LoRA and (IA)³ on the real all-MiniLM-L6-v2 (layers 0 and 5, a one-layer head; fixtures by
+/// `tests/fixtures/lora/make_minilm_lora_fixture.py`).
+#[test]
+fn lora_and_ia3_on_minilm_match_adapters_library() {
+    let Some(dir) = minilm_dir() else { return };
+    let files = adapterkit::model::load::ModelFiles::in_dir(&dir).unwrap();
+    let encoder = files
+        .load_model(&files.load_config().unwrap(), &Device::Cpu)
+        .unwrap();
+    for case in ["lora/minilm/lora", "lora/minilm/ia3"] {
+        matches_adapters_library(case, encoder.clone());
+    }
+}
+
+/// Hidden states, logits, loss and every trainable gradient within 1e-5 of the fixture's.
+fn matches_adapters_library(case: &str, encoder: adapterkit::model::BertModel) {
+    let dir = case_dir(case);
+    let expected =
+        candle_core::safetensors::load(dir.join("expected.safetensors"), &Device::Cpu).unwrap();
+    let batch = batch_of(
+        &expected["input_ids"],
+        &expected["token_type_ids"],
+        Some(&expected["attention_mask"]),
+    );
+    let model = adapter_dir::load(&dir, encoder, &Device::Cpu).unwrap();
+
+    let hidden = model
+        .encoder
+        .forward(&batch, model.hooks(), &mut Mode::Eval)
+        .unwrap();
+    let hidden_diff = max_abs_diff(&hidden, &expected["last_hidden_state"]);
+    // Logits and gradients by the path training and evaluation take, whose last layer
+    // computes the first token alone.
+    let logits = model.logits(&batch, &mut Mode::Eval).unwrap();
+    let logits_diff = max_abs_diff(&logits, &expected["logits"]);
+    let loss = model.head.loss(&logits, &targets(&expected)).unwrap();
+    let loss_diff =
+        (loss.to_scalar::<f32>().unwrap() - expected["loss"].to_scalar::<f32>().unwrap()).abs();
+
+    let grads = loss.backward().unwrap();
+    let mut grad_diff = 0f32;
+    let trainable = model.trainable();
+    for (name, var) in trainable.iter() {
+        // Adapter tensors carry the model-with-head's `bert.` prefix in PyTorch; an
+        // `ln_before` norm is registered there as `adapter_norm_before`.
+        let mut torch_name = if name.starts_with("heads.") {
+            name.clone()
+        } else {
+            format!("bert.{name}")
+        };
+        if model
+            .adapter
+            .as_ref()
+            .and_then(|a| a.bottleneck())
+            .is_some_and(|a| a.config.ln_before)
+        {
+            torch_name = torch_name.replace(".adapter_down.0.", ".adapter_norm_before.");
+        }
+        let want = expected
+            .get(&format!("grad.{torch_name}"))
+            .unwrap_or_else(|| panic!("{case}: no reference gradient for {torch_name}"));
+        let got = grads
+            .get(var.as_tensor())
+            .unwrap_or_else(|| panic!("{case}: no gradient for {name}"));
+        grad_diff = grad_diff.max(max_abs_diff(got, want));
+    }
+    let reference_count = expected.keys().filter(|k| k.starts_with("grad.")).count();
+    assert_eq!(
+        trainable.0.len(),
+        reference_count,
+        "{case}: trainable tensors"
+    );
+    eprintln!("{case}: max |diff| hidden {hidden_diff:e}, logits {logits_diff:e}, loss {loss_diff:e}, gradients {grad_diff:e}");
+    assert!(
+        hidden_diff < 1e-5 && logits_diff < 1e-5 && loss_diff < 1e-5 && grad_diff < 1e-5,
+        "{case}"
+    );
 }
 
 #[test]
