@@ -92,11 +92,13 @@ pub struct KeyValue {
     pub bias: Tensor,
 }
 
+/// From a Linear's input `x` and output `W x + b` to the output the layer goes on with.
+pub type OutputChange<'a> = Box<dyn Fn(&Tensor, Tensor, &mut Mode) -> Result<Tensor> + 'a>;
+
 /// A method's change to one Linear.
 pub enum LinearChange<'a> {
-    /// From the Linear's input `x` and output `W x + b` to the output the layer goes on with
-    /// (LoRA adds its low-rank update, (IA)³ scales).
-    Apply(Box<dyn Fn(&Tensor, Tensor, &mut Mode) -> Result<Tensor> + 'a>),
+    /// Applied to the Linear's output (LoRA adds its low-rank update, (IA)³ scales).
+    Apply(OutputChange<'a>),
     /// The same Linear with other weights for this pass: frozen LoRA and (IA)³ modules folded
     /// in (plain tensors), which the fused block ops run as they run the bare model.
     Weights(Linear),
