@@ -6,6 +6,7 @@
 # Usage: scripts/lr-sweep.sh DATASET METHOD...   (runs go to runs/DATASET/)
 # OPTIONS="--adapter-option alpha=16" LABEL=lora-alpha16 scripts/lr-sweep.sh DATASET lora
 #   passes options to every run and names its runs LABEL-... instead of METHOD-...
+# GRID="3e-3" scripts/lr-sweep.sh DATASET METHOD   takes the rate as given (a grid of one)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -24,7 +25,7 @@ validation() { python3 -c "import json, sys; print(json.load(open(sys.argv[1]))[
 for method in "$@"; do
   label=${LABEL:-$method}
   best="" best_value=-1
-  for lr in 1e-4 5e-4 1e-3 3e-3; do
+  for lr in ${GRID:-1e-4 5e-4 1e-3 3e-3}; do
     out="runs/$dataset/sweep/$label-lr$lr"
     train "$method" "$lr" 1 "$out"
     value=$(validation "$out")
