@@ -230,6 +230,11 @@ fn bad_configs_are_refused_with_the_reason() {
     };
     for (preset, options, reason) in [
         ("lora", vec![("r", "0")], "r must be at least 1"),
+        (
+            "lora",
+            vec![("r", "999999999998")],
+            "more than the model's widest Linear",
+        ),
         ("lora", vec![("alpha", "-1")], "alpha must be"),
         (
             "lora",

@@ -170,7 +170,10 @@ impl Lora {
     ) -> Result<Self> {
         let invalid = |message: String| Error::input(format!("adapter '{name}': {message}"));
         crate::methods::bottleneck::check_name(name).map_err(invalid)?;
-        config.validate(model.num_hidden_layers).map_err(invalid)?;
+        let widest = model.hidden_size.max(model.intermediate_size);
+        config
+            .validate(model.num_hidden_layers, widest)
+            .map_err(invalid)?;
         let (hidden, intermediate) = (model.hidden_size, model.intermediate_size);
         let mut modules = BTreeMap::new();
         for layer in 0..model.num_hidden_layers {

@@ -212,8 +212,10 @@ impl LoraConfig {
         }
     }
 
-    /// Checks the config against a model's layer count and the features we implement.
-    pub fn validate(&self, num_layers: usize) -> std::result::Result<(), String> {
+    /// Checks the config against a model's shape and the features we implement.
+    /// `widest`: the largest dimension of the model's Linears; a rank above it adds nothing
+    /// (and a file claiming a huge one must not allocate it).
+    pub fn validate(&self, num_layers: usize, widest: usize) -> std::result::Result<(), String> {
         if self.architecture != "lora" {
             return Err(format!(
                 "architecture \"{}\" is not a LoRA",
@@ -222,6 +224,12 @@ impl LoraConfig {
         }
         if self.r == 0 {
             return Err("r must be at least 1, got 0".into());
+        }
+        if self.r > widest {
+            return Err(format!(
+                "r is {}, more than the model's widest Linear ({widest}): a larger rank adds nothing",
+                self.r
+            ));
         }
         if !(self.alpha.is_finite() && self.alpha >= 0.0) {
             return Err(format!(
