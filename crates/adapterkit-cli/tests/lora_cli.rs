@@ -6,25 +6,14 @@ mod common;
 use common::*;
 
 fn predict(model: &std::path::Path, adapter: &std::path::Path) -> Vec<serde_json::Value> {
-    let run = adapterkit(&[
-        "predict",
-        "--model",
-        s(model),
-        "--adapter",
-        s(adapter),
-        "the cat sat",
-        "a dog",
-    ]);
-    assert!(
-        run.status.success(),
-        "{}",
-        String::from_utf8_lossy(&run.stderr)
-    );
-    String::from_utf8(run.stdout)
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect()
+    let texts = ["the cat sat", "a dog"];
+    json_lines(&adapterkit(
+        &[
+            &["predict", "--model", s(model), "--adapter", s(adapter)],
+            &texts[..],
+        ]
+        .concat(),
+    ))
 }
 
 fn scores(line: &serde_json::Value) -> Vec<f64> {

@@ -327,17 +327,7 @@ fn fuse_two_adapters_then_eval_and_plot_the_fusion_weights() {
             args.extend(["--setup", setup]);
         }
         args.extend(["the cat sat", "a dog"]);
-        let run = adapterkit(&args);
-        assert!(
-            run.status.success(),
-            "{}",
-            String::from_utf8_lossy(&run.stderr)
-        );
-        String::from_utf8(run.stdout)
-            .unwrap()
-            .lines()
-            .map(|l| serde_json::from_str(l).unwrap())
-            .collect()
+        json_lines(&adapterkit(&args))
     };
     let together = predict(
         &[&adapters[0], &adapters[1]],

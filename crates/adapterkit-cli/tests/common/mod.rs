@@ -68,3 +68,16 @@ pub fn assert_fails_with(out: &Output, needles: &[&str]) {
         assert!(stderr.contains(n), "{n:?} not in {stderr:?}");
     }
 }
+
+/// A successful run's stdout as JSON lines (`predict`'s output).
+pub fn json_lines(run: &Output) -> Vec<serde_json::Value> {
+    assert!(
+        run.status.success(),
+        "{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    String::from_utf8_lossy(&run.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}

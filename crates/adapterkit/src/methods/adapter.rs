@@ -186,14 +186,6 @@ impl Module {
             Module::Lora(m) => ModuleConfig::Lora(m.config.clone()),
         }
     }
-
-    /// The layers where the module runs anything.
-    fn layers(&self) -> BTreeSet<usize> {
-        match self {
-            Module::Bottleneck(m) => m.layers(),
-            Module::Lora(m) => m.layers(),
-        }
-    }
 }
 
 /// A named adapter: its modules, at most one of each kind.
@@ -295,11 +287,6 @@ impl Adapter {
                 Module::Lora(m) => m.skip_layers = layers.clone(),
             }
         }
-    }
-
-    /// The layers where some module of the adapter runs (skipped ones included).
-    pub fn layers(&self) -> BTreeSet<usize> {
-        self.modules.iter().flat_map(Module::layers).collect()
     }
 }
 

@@ -383,14 +383,6 @@ impl BottleneckAdapters {
         }
     }
 
-    /// The layers with an adapter at either place.
-    pub fn layers(&self) -> BTreeSet<usize> {
-        let placed = |(i, places): (usize, &[Option<BottleneckAdapter>; 2])| {
-            places.iter().any(Option::is_some).then_some(i)
-        };
-        self.layers.iter().enumerate().filter_map(placed).collect()
-    }
-
     pub fn get(&self, layer: usize, position: Position) -> Option<&BottleneckAdapter> {
         self.layers.get(layer)?[position.index()].as_ref()
     }

@@ -23,13 +23,7 @@ impl Serialize for ReductionFactor {
         &self,
         serializer: S,
     ) -> std::result::Result<S::Ok, S::Error> {
-        fn number(f: f64) -> Value {
-            if f.fract() == 0.0 && f.abs() < 9.0e15 {
-                Value::from(f as i64)
-            } else {
-                Value::from(f)
-            }
-        }
+        let number = crate::methods::whole_as_int;
         let value = match self {
             ReductionFactor::Uniform(f) => number(*f),
             ReductionFactor::PerLayer(map) => {
@@ -298,11 +292,8 @@ impl BnConfig {
         &self,
         overrides: &[(String, String)],
     ) -> std::result::Result<Self, String> {
-        let mut value = serde_json::to_value(self).map_err(|e| e.to_string())?;
-        for (key, raw) in overrides {
-            let parsed = serde_json::from_str(raw).unwrap_or_else(|_| Value::from(raw.as_str()));
-            value[key.as_str()] = parsed;
-        }
+        let value = serde_json::to_value(self).map_err(|e| e.to_string())?;
+        let value = crate::methods::with_overrides(value, overrides);
         Self::from_json(value).map_err(|e| format!("after overrides: {e}"))
     }
 }

@@ -215,11 +215,6 @@ impl Lora {
         self.modules.get(&(layer, site))
     }
 
-    /// The layers the module reaches.
-    pub fn layers(&self) -> BTreeSet<usize> {
-        self.modules.keys().map(|(layer, _)| *layer).collect()
-    }
-
     /// Every parameter under AdapterHub's name, without the model prefix:
     /// `encoder.layer.{i}.attention.self.query.loras.{name}.lora_A`, ...
     pub fn params(&self) -> Params {

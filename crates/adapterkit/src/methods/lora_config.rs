@@ -103,11 +103,7 @@ fn lora_init() -> LoraInit {
 }
 
 fn whole_as_int<S: serde::Serializer>(x: &f64, s: S) -> std::result::Result<S::Ok, S::Error> {
-    if x.fract() == 0.0 && x.abs() < 9.0e15 {
-        s.serialize_i64(*x as i64)
-    } else {
-        s.serialize_f64(*x)
-    }
+    crate::methods::whole_as_int(*x).serialize(s)
 }
 
 /// Fields of AdapterHub's `LoRAConfig` that we do not implement, with the only value we accept.
@@ -287,11 +283,8 @@ impl LoraConfig {
         &self,
         overrides: &[(String, String)],
     ) -> std::result::Result<Self, String> {
-        let mut value = serde_json::to_value(self).map_err(|e| e.to_string())?;
-        for (key, raw) in overrides {
-            let parsed = serde_json::from_str(raw).unwrap_or_else(|_| Value::from(raw.as_str()));
-            value[key.as_str()] = parsed;
-        }
+        let value = serde_json::to_value(self).map_err(|e| e.to_string())?;
+        let value = crate::methods::with_overrides(value, overrides);
         Self::from_json(value, None).map_err(|e| format!("after overrides: {e}"))
     }
 }

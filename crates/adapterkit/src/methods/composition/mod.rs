@@ -140,17 +140,16 @@ impl Composition {
     /// model, which parallel channels can share.
     pub fn lowest_active_layer(&self, layers: usize) -> Option<usize> {
         let names = self.setup.names();
-        let lora_at = |name: &str, layer: usize| {
-            let lora = self.adapters.get(name).and_then(Adapter::lora);
-            lora.is_some_and(|l| LinearSite::ALL.iter().any(|s| l.get(layer, *s).is_some()))
-        };
         (0..layers).find(|&layer| {
-            names.iter().any(|n| {
-                lora_at(n, layer)
-                    || Position::BOTH
+            let linears = LinearSite::ALL.iter();
+            linears
+                .clone()
+                .any(|s| self.changes_linear(&self.setup, layer, *s))
+                || names.iter().any(|n| {
+                    Position::BOTH
                         .iter()
                         .any(|p| self.adapter(n, layer, *p).is_some())
-            })
+                })
         })
     }
 
