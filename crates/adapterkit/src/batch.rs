@@ -52,6 +52,15 @@ impl Batch {
         })
     }
 
+    /// `len` rows from `start`.
+    pub fn rows(&self, start: usize, len: usize) -> Result<Self> {
+        Ok(Self {
+            input_ids: self.input_ids.narrow(0, start, len)?,
+            token_type_ids: self.token_type_ids.narrow(0, start, len)?,
+            attention_mask: self.attention_mask.narrow(0, start, len)?,
+        })
+    }
+
     pub fn len(&self) -> usize {
         self.input_ids.dims().first().copied().unwrap_or(0)
     }

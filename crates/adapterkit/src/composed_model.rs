@@ -52,11 +52,17 @@ impl ComposedModel {
     /// weights are taken as plain tensors ([`AdapterModel::frozen`]).
     pub fn new(encoder: BertModel, setup: Setup, parts: Vec<AdapterModel>) -> Result<Self> {
         let parts = parts.iter().map(AdapterModel::frozen);
+        let base_layer_norms = encoder.layer_norms();
         let mut adapters = BTreeMap::new();
         let mut fusions = BTreeMap::new();
         let mut loaded = BTreeMap::new();
+        let mut layer_norms = BTreeMap::new();
         for part in parts {
             if let Some(adapter) = part.adapter {
+                let own = part.encoder.layer_norms();
+                if !own.same_as(&base_layer_norms)? {
+                    layer_norms.entry(adapter.name.clone()).or_insert(own);
+                }
                 adapters.entry(adapter.name.clone()).or_insert(adapter);
             }
             if let Some(fusion) = part.fusion {
@@ -84,8 +90,12 @@ impl ComposedModel {
             })?;
             heads.push(head);
         }
+        let mut composition = Composition::new(setup, adapters, fusions)?;
+        composition.layer_norms = layer_norms;
+        // Adapters with LayerNorms of their own must run alone in their channels.
+        composition.on_rows(routes.iter().map(|r| r.rows.end).max().unwrap_or(1))?;
         Ok(Self {
-            composition: Composition::new(setup, adapters, fusions)?,
+            composition,
             encoder,
             heads,
             share_base_layers: true,
@@ -100,8 +110,21 @@ impl ComposedModel {
         let channels = self.composition.setup.parallel_channels();
         let rows = batch.input_ids.dim(0)? * channels;
         let hooks = self.composition.on_rows(rows)?;
-        let mut hidden = self.encoder.embed(batch, mode)?;
         let mut mask = batch.attention_mask.clone();
+        if hooks.has_own_layer_norms() {
+            // Each channel's embeddings with its own LayerNorm; no layer is shared.
+            let mut summed = self.encoder.embed_summed(batch)?;
+            if channels > 1 {
+                summed = Tensor::cat(&vec![summed; channels], 0)?;
+                mask = Tensor::cat(&vec![mask; channels], 0)?;
+            }
+            let hidden = hooks.embeddings(&self.encoder, &summed, mode)?;
+            let layers = 0..self.encoder.layers.len();
+            return Ok(self
+                .encoder
+                .run_layers(hidden, &mask, layers, positions, &hooks, mode)?);
+        }
+        let mut hidden = self.encoder.embed(batch, mode)?;
         let layers = self.encoder.layers.len();
         let encoder = &self.encoder;
         let shared = match self.composition.lowest_active_layer(layers) {

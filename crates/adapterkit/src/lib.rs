@@ -12,6 +12,7 @@
 //! ```
 
 pub mod adapter_model;
+pub mod adapter_set;
 pub mod batch;
 pub mod bench;
 pub mod composed_model;

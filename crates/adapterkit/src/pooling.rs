@@ -27,3 +27,13 @@ impl Pooling {
         }
     }
 }
+
+/// Each row of `pooled` (`[batch, hidden]`) scaled to unit length (a zero row stays zero).
+pub fn normalize(pooled: &Tensor) -> Result<Tensor> {
+    let norm = pooled
+        .sqr()?
+        .sum_keepdim(D::Minus1)?
+        .sqrt()?
+        .clamp(1e-12, f64::MAX)?;
+    pooled.broadcast_div(&norm)
+}

@@ -217,6 +217,73 @@ fn parallel_gives_each_task_what_its_adapter_gives_alone() {
     }
 }
 
+/// [`task`] trained together with the encoder's LayerNorms: those are its own (and differ).
+fn task_with_layer_norms(name: &str, seed: u64) -> AdapterModel {
+    let config = BnConfig::preset("pfeiffer").unwrap();
+    let labels: Vec<String> = ["x", "y", "z"].map(String::from).to_vec();
+    let head = HeadConfig::new(TaskKind::Classification, &labels).unwrap();
+    let model = AdapterModel::new(
+        tiny_encoder(),
+        &Method::Adapter(config.into()),
+        name,
+        head,
+        true,
+        seed,
+        &Device::Cpu,
+    )
+    .unwrap();
+    let mut rng = adapterkit::rng::SeededRng::new(seed);
+    for (_, var) in model.trainable().iter() {
+        let noise = rng.normal_tensor(var.dims(), 0.0, 0.5, &Device::Cpu).unwrap();
+        var.set(&(var.as_tensor() + noise).unwrap()).unwrap();
+    }
+    model.frozen()
+}
+
+#[test]
+fn adapters_with_their_own_layer_norms_keep_them_in_their_channels() {
+    // a and c bring LayerNorms of their own, b uses the encoder's.
+    let tasks = [
+        task_with_layer_norms("a", 1),
+        task("b", "[]", 2),
+        task_with_layer_norms("c", 3),
+    ];
+    // The fixture's two texts, twice.
+    let two = batch();
+    let twice = |t: &candle_core::Tensor| candle_core::Tensor::cat(&[t, t], 0).unwrap();
+    let batch = || adapterkit::batch::Batch {
+        input_ids: twice(&two.input_ids),
+        token_type_ids: twice(&two.token_type_ids),
+        attention_mask: twice(&two.attention_mask),
+    };
+    let rows = batch().input_ids.dim(0).unwrap();
+    let alone: Vec<_> = tasks
+        .iter()
+        .map(|t| t.logits(&batch(), &mut Mode::Eval).unwrap())
+        .collect();
+    let split = format!("batch_split(a,b,c)[1,{},1]", rows - 2);
+    for text in ["parallel(a,b,c)", &split] {
+        let setup = Setup::parse(text).unwrap();
+        let model = ComposedModel::new(tiny_encoder(), setup, tasks.to_vec()).unwrap();
+        assert_eq!(model.composition.layer_norms.len(), 2, "{text}");
+        for task in model.logits(&batch(), &mut Mode::Eval).unwrap() {
+            let i = task.head;
+            let expected = alone[i].narrow(0, task.rows.start, task.rows.len()).unwrap();
+            let diff = max_abs_diff(&expected, &task.logits);
+            assert!(diff < 1e-6, "{text}, task {i}: {diff}");
+        }
+    }
+    // Without its own LayerNorms, a gives other logits: the comparison above is not vacuous.
+    let mut without = tasks[0].clone();
+    without.encoder = tiny_encoder();
+    let diff = max_abs_diff(&alone[0], &without.logits(&batch(), &mut Mode::Eval).unwrap());
+    assert!(diff > 1e-3, "{diff}");
+    // Stacked with another adapter, whose LayerNorms would run is not defined: refused.
+    let setup = Setup::parse("stack(a,b)").unwrap();
+    let refused = ComposedModel::new(tiny_encoder(), setup, tasks.to_vec()).unwrap_err();
+    assert!(refused.to_string().contains("LayerNorms"), "{refused}");
+}
+
 #[test]
 fn adapter_drop_applies_under_parallel() {
     // Skipping both layers leaves no adapter active: the whole encoder is shared.

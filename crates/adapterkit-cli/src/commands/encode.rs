@@ -1,11 +1,12 @@
 use std::ffi::OsString;
 use std::io::Write;
 
-use anyhow::Result;
-use candle_core::{Device, D};
+use std::path::PathBuf;
 
-use adapterkit::model::load::Pretrained;
-use adapterkit::model::{Mode, NoHooks};
+use anyhow::Result;
+use candle_core::Device;
+
+use adapterkit::adapter_set::AdapterSet;
 use adapterkit::pooling::Pooling;
 
 #[derive(clap::Args)]
@@ -13,6 +14,9 @@ pub struct Args {
     /// A local model directory or a Hugging Face model id.
     #[arg(long)]
     model: String,
+    /// Embed with the states an adapter (a directory saved by `train`) makes of the model's.
+    #[arg(long)]
+    adapter: Option<PathBuf>,
     /// How token states become one vector per text.
     #[arg(long, value_enum, default_value = "mean")]
     pooling: PoolingArg,
@@ -41,8 +45,12 @@ pub fn run(args: Args) -> Result<()> {
     anyhow::ensure!(args.batch_size > 0, "--batch-size must be positive");
     let texts = crate::input::texts(&args.texts)?;
     let device = Device::Cpu;
-    let mut pretrained = Pretrained::load(&args.model, &device)?;
-    args.max_seq_len.apply(&mut pretrained.tokenizer)?;
+    let mut set = AdapterSet::load(&args.model, &device)?;
+    args.max_seq_len.apply(&mut set.tokenizer)?;
+    let adapter = match &args.adapter {
+        Some(dir) => Some(set.load_adapter("adapter", dir)?),
+        None => None,
+    };
     let pooling = match args.pooling {
         PoolingArg::Cls => Pooling::Cls,
         PoolingArg::Mean => Pooling::Mean,
@@ -50,20 +58,9 @@ pub fn run(args: Args) -> Result<()> {
     let mut out = std::io::stdout().lock();
     for chunk in texts.chunks(args.batch_size) {
         let refs: Vec<&str> = chunk.iter().map(String::as_str).collect();
-        let batch = pretrained.tokenizer.batch(&refs, &device)?;
-        let hidden = pretrained
-            .model
-            .forward(&batch, &NoHooks, &mut Mode::Eval)?;
-        let mut pooled = pooling.pool(&hidden, &batch.attention_mask)?;
-        if args.normalize {
-            let norm = pooled
-                .sqr()?
-                .sum_keepdim(D::Minus1)?
-                .sqrt()?
-                .clamp(1e-12, f64::MAX)?;
-            pooled = pooled.broadcast_div(&norm)?;
-        }
-        for (text, embedding) in chunk.iter().zip(pooled.to_vec2::<f32>()?) {
+        let batch = set.tokenizer.batch(&refs, &device)?;
+        let pooled = set.embed(adapter.as_ref(), &batch, pooling, args.normalize)?;
+        for (text, embedding) in chunk.iter().zip(pooled) {
             if args.json {
                 let line = serde_json::json!({ "text": text, "embedding": embedding });
                 writeln!(out, "{line}")?;

@@ -407,8 +407,9 @@ pub(crate) fn read_head(dir: &Path, encoder: &BertModel, device: &Device) -> Res
     Ok(head)
 }
 
-/// Loads adapter (and fusion) directories onto `encoder` to run them under `setup`. With
-/// several directories, one holding trained LayerNorms is refused: they would share the encoder.
+/// Loads adapter (and fusion) directories onto `encoder` to run them under `setup`. An adapter
+/// trained with the encoder's LayerNorms keeps them in its channels; with several directories,
+/// one trained with more of the encoder (full fine-tuning) is refused: they would share it.
 pub fn load_composed(
     dirs: &[PathBuf],
     setup: Setup,
@@ -416,21 +417,39 @@ pub fn load_composed(
     device: &Device,
 ) -> Result<ComposedModel> {
     if dirs.len() > 1 {
-        if let Some(dir) = dirs.iter().find(|d| d.join(BASE_WEIGHTS).exists()) {
-            return Err(Error::file(
-                dir.join(BASE_WEIGHTS),
-                "this adapter was trained together with the encoder's LayerNorms, which composed \
-                 adapters cannot share; train it with --freeze-layer-norms to compose it",
-            ));
+        for dir in dirs {
+            let names = trained_base_tensors(&locate(dir)?)?;
+            if names.iter().any(|n| !n.contains("LayerNorm")) {
+                return Err(Error::file(
+                    dir.join(BASE_WEIGHTS),
+                    "this model was trained with the whole encoder (full fine-tuning), which \
+                     composed models cannot share; only adapters compose",
+                ));
+            }
         }
     }
     let parts = dirs
         .iter()
         .map(|dir| load(dir, encoder.clone(), device))
         .collect::<Result<Vec<_>>>()?;
-    // One directory may carry LayerNorms of its own: its encoder is the one to run.
-    let encoder = parts.first().map_or(encoder, |p| p.encoder.clone());
+    // One directory runs on its own encoder, whatever it changed in it.
+    let encoder = match &parts[..] {
+        [one] => one.encoder.clone(),
+        _ => encoder,
+    };
     ComposedModel::new(encoder, setup, parts)
+}
+
+/// The names of the base-model tensors training changed (`base_weights.safetensors`), if any.
+pub fn trained_base_tensors(dir: &Path) -> Result<Vec<String>> {
+    let path = dir.join(BASE_WEIGHTS);
+    if !path.exists() {
+        return Ok(Vec::new());
+    }
+    let bytes = std::fs::read(&path).map_err(|e| Error::file(&path, e.to_string()))?;
+    let tensors = safetensors::SafeTensors::deserialize(&bytes)
+        .map_err(|e| Error::file(&path, e.to_string()))?;
+    Ok(tensors.names().into_iter().map(String::from).collect())
 }
 
 /// Loads one adapter saved in `dir` to use apart from the rest of its directory (to fuse it),

@@ -11,7 +11,7 @@ use crate::model::dropout::Mode;
 use crate::model::embeddings::BertEmbeddings;
 use crate::model::hooks::LayerHooks;
 use crate::model::layer::{BertLayer, Positions};
-use crate::model::layer_norm::LayerNorm;
+use crate::model::layer_norm::{EncoderLayerNorms, LayerNorm};
 use crate::model::ops;
 
 /// `pooler`: tanh of a projection of the first (`[CLS]`) token.
@@ -112,6 +112,27 @@ impl BertModel {
         let embeds = self.embeddings.word_embeds(&batch.input_ids)?;
         self.embeddings
             .forward_embeds(&embeds, &batch.token_type_ids, mode)
+    }
+
+    /// The embeddings for `batch` before their LayerNorm ([`BertEmbeddings::summed`]).
+    pub fn embed_summed(&self, batch: &Batch) -> Result<Tensor> {
+        let embeds = self.embeddings.word_embeds(&batch.input_ids)?;
+        self.embeddings.summed(&embeds, &batch.token_type_ids)
+    }
+
+    /// Its LayerNorms (see [`EncoderLayerNorms`]).
+    pub fn layer_norms(&self) -> EncoderLayerNorms {
+        EncoderLayerNorms {
+            embeddings: self.embeddings.layer_norm.clone(),
+            layers: (self.layers.iter())
+                .map(|l| {
+                    [
+                        l.attention.output.layer_norm.clone(),
+                        l.output.layer_norm.clone(),
+                    ]
+                })
+                .collect(),
+        }
     }
 
     /// Runs `layers` on `hidden` (what the first of them reads), `[batch, seq, hidden]`, with

@@ -51,13 +51,20 @@ impl BertEmbeddings {
         self.word_embeddings.forward(input_ids)
     }
 
-    /// Adds positions and token types to already embedded words (`[batch, seq, hidden]`).
+    /// Adds positions and token types to already embedded words (`[batch, seq, hidden]`), then
+    /// the LayerNorm and dropout.
     pub fn forward_embeds(
         &self,
         inputs_embeds: &Tensor,
         token_type_ids: &Tensor,
         mode: &mut Mode,
     ) -> Result<Tensor> {
+        let embeds = self.summed(inputs_embeds, token_type_ids)?;
+        self.finish(&embeds, &self.layer_norm, mode)
+    }
+
+    /// Words + positions + token types, before the LayerNorm.
+    pub fn summed(&self, inputs_embeds: &Tensor, token_type_ids: &Tensor) -> Result<Tensor> {
         let (_, seq, _) = inputs_embeds.dims3()?;
         let max = self.max_positions();
         if seq > max {
@@ -70,7 +77,12 @@ impl BertEmbeddings {
         let embeds = inputs_embeds
             .broadcast_add(&self.position_embeddings.forward(&positions)?)?
             .add(&self.token_type_embeddings.forward(token_type_ids)?)?;
-        let embeds = self.layer_norm.forward(&embeds)?;
-        mode.dropout(&embeds, self.dropout)
+        Ok(embeds)
+    }
+
+    /// `layer_norm` (this one's, or one trained beside an adapter) and dropout on
+    /// [`summed`](Self::summed) embeddings.
+    pub fn finish(&self, summed: &Tensor, layer_norm: &LayerNorm, mode: &mut Mode) -> Result<Tensor> {
+        mode.dropout(&layer_norm.forward(summed)?, self.dropout)
     }
 }

@@ -62,6 +62,42 @@ impl LayerNorm {
     }
 }
 
+impl LayerNorm {
+    /// Whether both hold the same numbers.
+    pub fn same_as(&self, other: &LayerNorm) -> Result<bool> {
+        let values = |t: &Tensor| t.flatten_all()?.to_vec1::<f32>();
+        Ok(self.eps == other.eps
+            && values(&self.weight)? == values(&other.weight)?
+            && values(&self.bias)? == values(&other.bias)?)
+    }
+}
+
+/// Every LayerNorm of an encoder: the embeddings' and, per layer, the one after attention and
+/// the one after the feed-forward block (indexed by [`Position::index`]). An adapter trained
+/// together with them brings its own.
+///
+/// [`Position::index`]: crate::model::hooks::Position::index
+#[derive(Debug, Clone)]
+pub struct EncoderLayerNorms {
+    pub embeddings: LayerNorm,
+    pub layers: Vec<[LayerNorm; 2]>,
+}
+
+impl EncoderLayerNorms {
+    /// Whether every LayerNorm holds the same numbers in both.
+    pub fn same_as(&self, other: &EncoderLayerNorms) -> Result<bool> {
+        if self.layers.len() != other.layers.len() || !self.embeddings.same_as(&other.embeddings)? {
+            return Ok(false);
+        }
+        for (a, b) in self.layers.iter().zip(&other.layers) {
+            if !a[0].same_as(&b[0])? || !a[1].same_as(&b[1])? {
+                return Ok(false);
+            }
+        }
+        Ok(true)
+    }
+}
+
 impl Module for LayerNorm {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         ops::layer_norm(x, &self.weight, &self.bias, self.eps)

@@ -30,7 +30,7 @@ use crate::methods::adapter::Adapter;
 use crate::methods::bottleneck::BottleneckAdapter;
 use crate::methods::fusion::Fusion;
 use crate::model::hooks::{LayerHooks, LinearChange, LinearSite, Position};
-use crate::model::layer_norm::LayerNorm;
+use crate::model::layer_norm::{EncoderLayerNorms, LayerNorm};
 use crate::model::Mode;
 
 /// A setup with the adapters and fusion layers it names.
@@ -40,6 +40,10 @@ pub struct Composition {
     pub adapters: BTreeMap<String, Adapter>,
     /// Fusion layers by name (`a,b`), for the setup's `Fuse` blocks.
     pub fusions: BTreeMap<String, Fusion>,
+    /// The encoder's LayerNorms as trained beside these adapters (by name), for adapters that
+    /// were trained with them: a channel running such an adapter alone uses them (LayerNorm is
+    /// row-wise, so each channel can have its own).
+    pub layer_norms: BTreeMap<String, EncoderLayerNorms>,
 }
 
 /// Where a channel runs: one adapter place of one layer, with the sub-layer's input and the
@@ -115,16 +119,39 @@ impl Composition {
             setup,
             adapters,
             fusions,
+            layer_norms: BTreeMap::new(),
         })
     }
 
     /// The hooks that run the setup on a batch of `rows` rows (the batch replicated once per
     /// parallel channel).
     pub fn on_rows(&self, rows: usize) -> Result<ChannelHooks<'_>> {
+        let channels = self.setup.channels(0..rows)?;
+        let layer_norms = (channels.iter())
+            .map(|c| self.channel_layer_norms(&c.setup))
+            .collect::<Result<_>>()?;
         Ok(ChannelHooks {
             composition: self,
-            channels: self.setup.channels(0..rows)?,
+            channels,
+            layer_norms,
         })
+    }
+
+    /// The LayerNorms a channel runs with, when not the encoder's: those of the adapter it runs
+    /// alone. Adapters that bring LayerNorms of their own cannot share a channel with others:
+    /// which LayerNorms would then be the right ones is not defined.
+    fn channel_layer_norms(&self, setup: &Setup) -> Result<Option<&EncoderLayerNorms>> {
+        if let Some(name) = setup.single_adapter() {
+            return Ok(self.layer_norms.get(name));
+        }
+        match setup.names().into_iter().find(|n| self.layer_norms.contains_key(*n)) {
+            Some(name) => Err(Error::input(format!(
+                "the setup {setup} runs '{name}' together with other adapters, but '{name}' was \
+                 trained with the encoder's LayerNorms, which it cannot share; run it alone (in \
+                 its own parallel or batch_split channel), or train it with --freeze-layer-norms"
+            ))),
+            None => Ok(None),
+        }
     }
 
     /// The adapter `name` at this place, unless absent there or skipped (AdapterDrop).
@@ -140,6 +167,10 @@ impl Composition {
     /// model, which parallel channels can share.
     pub fn lowest_active_layer(&self, layers: usize) -> Option<usize> {
         let names = self.setup.names();
+        // LayerNorms of an adapter's own differ from the base from the embeddings on.
+        if names.iter().any(|n| self.layer_norms.contains_key(*n)) {
+            return Some(0).filter(|_| layers > 0);
+        }
         (0..layers).find(|&layer| {
             let linears = LinearSite::ALL.iter();
             linears
@@ -306,11 +337,37 @@ impl Composition {
 pub struct ChannelHooks<'a> {
     composition: &'a Composition,
     channels: Vec<Channel>,
+    /// Per channel: its adapter's own LayerNorms, if it brings them.
+    layer_norms: Vec<Option<&'a EncoderLayerNorms>>,
 }
 
 impl ChannelHooks<'_> {
     pub fn channels(&self) -> &[Channel] {
         &self.channels
+    }
+
+    /// Whether some channel runs with LayerNorms of its own (see
+    /// [`Composition::layer_norms`]).
+    pub fn has_own_layer_norms(&self) -> bool {
+        self.layer_norms.iter().any(Option::is_some)
+    }
+
+    /// The embeddings' LayerNorm and dropout on `summed` embeddings (`[rows, seq, hidden]`),
+    /// each channel's rows with its own LayerNorm or `base`.
+    pub fn embeddings(
+        &self,
+        encoder: &crate::model::BertModel,
+        summed: &Tensor,
+        mode: &mut Mode,
+    ) -> CandleResult<Tensor> {
+        let base = &encoder.embeddings.layer_norm;
+        let mut outputs = Vec::with_capacity(self.channels.len());
+        for (channel, own) in self.channels.iter().zip(&self.layer_norms) {
+            let rows = summed.narrow(0, channel.rows.start, channel.rows.len())?;
+            let layer_norm = own.map_or(base, |n| &n.embeddings);
+            outputs.push(encoder.embeddings.finish(&rows, layer_norm, mode)?);
+        }
+        Tensor::cat(&outputs, 0)
     }
 }
 
@@ -372,26 +429,30 @@ impl LayerHooks for ChannelHooks<'_> {
     ) -> CandleResult<Tensor> {
         let composition = self.composition;
         let rows = hidden.dim(0)?;
+        let own = |i: usize| {
+            let own: Option<&EncoderLayerNorms> = self.layer_norms[i];
+            own.map_or(layer_norm, |n| &n.layers[layer][position.index()])
+        };
         if let [channel] = &self.channels[..] {
             if channel.rows == (0..rows) {
                 let place = Place {
                     layer,
                     position,
                     input,
-                    layer_norm,
+                    layer_norm: own(0),
                 };
                 return composition.run_channel(&channel.setup, hidden, &place, mode);
             }
         }
         let mut outputs = Vec::with_capacity(self.channels.len());
-        for channel in &self.channels {
+        for (i, channel) in self.channels.iter().enumerate() {
             let (start, len) = (channel.rows.start, channel.rows.len());
             let input = input.narrow(0, start, len)?;
             let place = Place {
                 layer,
                 position,
                 input: &input,
-                layer_norm,
+                layer_norm: own(i),
             };
             let hidden = hidden.narrow(0, start, len)?;
             outputs.push(composition.run_channel(&channel.setup, &hidden, &place, mode)?);
