@@ -4,6 +4,7 @@ mod commands;
 mod curves;
 mod data_args;
 mod input;
+mod serve;
 
 use std::process::ExitCode;
 
@@ -71,6 +72,9 @@ enum Command {
     Export(commands::export::Args),
     /// Fold a LoRA or (IA)³ adapter into the model's weights: a plain model directory.
     Merge(commands::merge::Args),
+    /// Serve many adapters on one model over HTTP, requests of different adapters batched
+    /// together.
+    Serve(serve::Args),
 }
 
 fn main() -> ExitCode {
@@ -92,6 +96,7 @@ fn main() -> ExitCode {
         Command::Eval(args) => commands::eval::run(args),
         Command::Export(args) => commands::export::run(args),
         Command::Merge(args) => commands::merge::run(args),
+        Command::Serve(args) => serve::run(args),
         Command::Predict(args) => commands::predict::run(args),
         Command::Fuse(args) => commands::fuse::run(args),
         Command::Bench(args) => commands::bench::run(args),

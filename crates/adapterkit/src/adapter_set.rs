@@ -266,7 +266,9 @@ impl AdapterSet {
         normalize: bool,
     ) -> Result<Vec<Vec<f32>>> {
         let hidden = match adapter {
-            None => self.encoder.forward(batch, &crate::model::NoHooks, &mut Mode::Eval)?,
+            None => self
+                .encoder
+                .forward(batch, &crate::model::NoHooks, &mut Mode::Eval)?,
             Some(a) => {
                 let parts = vec![a.model.clone()];
                 let model = ComposedModel::new(self.encoder.clone(), a.setup.clone(), parts)?;

@@ -143,9 +143,13 @@ fn a_mixed_batch_gives_each_text_what_its_adapter_gives_alone() {
     let mut row = 0;
     for ((name, dir), (adapter, n)) in dirs.iter().zip(&groups) {
         let mine = &texts[row..row + n];
-        let predictor =
-            Predictor::load(tiny_bert_dir().to_str().unwrap(), &[dir.clone()], None, &Device::Cpu)
-                .unwrap();
+        let predictor = Predictor::load(
+            tiny_bert_dir().to_str().unwrap(),
+            std::slice::from_ref(dir),
+            None,
+            &Device::Cpu,
+        )
+        .unwrap();
         let alone: Vec<Prediction> = (predictor.predict(mine).unwrap().into_iter())
             .map(|tasks| tasks.into_values().next().unwrap())
             .collect();
@@ -203,7 +207,10 @@ fn embeddings_pool_the_states_the_adapter_makes() {
     let model = adapter_dir::load(&dir, tiny_encoder(), &Device::Cpu).unwrap();
     for (adapter, hooks) in [(None, None), (Some(&served), Some(model.hooks()))] {
         let hooks = hooks.unwrap_or(&adapterkit::model::NoHooks);
-        let hidden = model.encoder.forward(&batch, hooks, &mut Mode::Eval).unwrap();
+        let hidden = model
+            .encoder
+            .forward(&batch, hooks, &mut Mode::Eval)
+            .unwrap();
         let pooled = Pooling::Mean.pool(&hidden, &batch.attention_mask).unwrap();
         let want = adapterkit::pooling::normalize(&pooled).unwrap();
         let got = set.embed(adapter, &batch, Pooling::Mean, true).unwrap();

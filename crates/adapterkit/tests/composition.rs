@@ -234,7 +234,9 @@ fn task_with_layer_norms(name: &str, seed: u64) -> AdapterModel {
     .unwrap();
     let mut rng = adapterkit::rng::SeededRng::new(seed);
     for (_, var) in model.trainable().iter() {
-        let noise = rng.normal_tensor(var.dims(), 0.0, 0.5, &Device::Cpu).unwrap();
+        let noise = rng
+            .normal_tensor(var.dims(), 0.0, 0.5, &Device::Cpu)
+            .unwrap();
         var.set(&(var.as_tensor() + noise).unwrap()).unwrap();
     }
     model.frozen()
@@ -268,7 +270,9 @@ fn adapters_with_their_own_layer_norms_keep_them_in_their_channels() {
         assert_eq!(model.composition.layer_norms.len(), 2, "{text}");
         for task in model.logits(&batch(), &mut Mode::Eval).unwrap() {
             let i = task.head;
-            let expected = alone[i].narrow(0, task.rows.start, task.rows.len()).unwrap();
+            let expected = alone[i]
+                .narrow(0, task.rows.start, task.rows.len())
+                .unwrap();
             let diff = max_abs_diff(&expected, &task.logits);
             assert!(diff < 1e-6, "{text}, task {i}: {diff}");
         }
@@ -276,7 +280,10 @@ fn adapters_with_their_own_layer_norms_keep_them_in_their_channels() {
     // Without its own LayerNorms, a gives other logits: the comparison above is not vacuous.
     let mut without = tasks[0].clone();
     without.encoder = tiny_encoder();
-    let diff = max_abs_diff(&alone[0], &without.logits(&batch(), &mut Mode::Eval).unwrap());
+    let diff = max_abs_diff(
+        &alone[0],
+        &without.logits(&batch(), &mut Mode::Eval).unwrap(),
+    );
     assert!(diff > 1e-3, "{diff}");
     // Stacked with another adapter, whose LayerNorms would run is not defined: refused.
     let setup = Setup::parse("stack(a,b)").unwrap();

@@ -82,7 +82,12 @@ impl BertEmbeddings {
 
     /// `layer_norm` (this one's, or one trained beside an adapter) and dropout on
     /// [`summed`](Self::summed) embeddings.
-    pub fn finish(&self, summed: &Tensor, layer_norm: &LayerNorm, mode: &mut Mode) -> Result<Tensor> {
+    pub fn finish(
+        &self,
+        summed: &Tensor,
+        layer_norm: &LayerNorm,
+        mode: &mut Mode,
+    ) -> Result<Tensor> {
         mode.dropout(&layer_norm.forward(summed)?, self.dropout)
     }
 }

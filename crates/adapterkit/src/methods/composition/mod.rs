@@ -144,7 +144,11 @@ impl Composition {
         if let Some(name) = setup.single_adapter() {
             return Ok(self.layer_norms.get(name));
         }
-        match setup.names().into_iter().find(|n| self.layer_norms.contains_key(*n)) {
+        match setup
+            .names()
+            .into_iter()
+            .find(|n| self.layer_norms.contains_key(*n))
+        {
             Some(name) => Err(Error::input(format!(
                 "the setup {setup} runs '{name}' together with other adapters, but '{name}' was \
                  trained with the encoder's LayerNorms, which it cannot share; run it alone (in \
