@@ -205,6 +205,45 @@ fn predictions_and_embeddings_equal_the_commands() {
 }
 
 #[test]
+fn concurrent_requests_each_get_their_own_answers() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = adapter_dir(tmp.path());
+    let server = Server::start(&["--adapter-dir", s(&dir)]);
+    // Requests of every kind, each with its own text, answered one at a time first.
+    let mut requests = Vec::new();
+    for (i, text) in TEXTS.iter().enumerate() {
+        let adapter = ["houlsby", "lora", "trained"][i];
+        requests.push(("/v1/predict", json!({"adapter": adapter, "inputs": [text]})));
+        let setup = json!({"setup": "parallel(houlsby,lora)", "inputs": [text, "and another"]});
+        requests.push(("/v1/predict", setup));
+        requests.push(("/v1/embed", json!({"inputs": [text], "adapter": "lora"})));
+    }
+    let alone: Vec<Value> = (requests.iter())
+        .map(|(path, body)| server.post(path, body.clone()).1)
+        .collect();
+    // Then all at once, several rounds: batched together, each must get its own.
+    let url = server.url.clone();
+    let threads: Vec<_> = (requests.into_iter().zip(alone))
+        .map(|((path, body), want)| {
+            let url = url.clone();
+            std::thread::spawn(move || {
+                for _ in 0..20 {
+                    let response = ureq::post(&format!("{url}{path}"))
+                        .send_string(&body.to_string())
+                        .unwrap();
+                    let got: Value =
+                        serde_json::from_str(&response.into_string().unwrap()).unwrap();
+                    scores_close(&got, &want);
+                }
+            })
+        })
+        .collect();
+    for thread in threads {
+        thread.join().unwrap();
+    }
+}
+
+#[test]
 fn every_error_has_its_code_and_says_why() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = adapter_dir(tmp.path());

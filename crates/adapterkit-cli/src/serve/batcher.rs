@@ -1,6 +1,7 @@
-//! One queue of requests and the thread that runs them: it takes requests for single adapters
-//! from the queue, up to `--max-batch-tokens` padded tokens, whatever their adapters, and runs
-//! them in one forward pass ([`AdapterSet::predict`]); setups and embeddings run on their own.
+//! One queue of requests and the thread that runs them: it takes requests from the queue, up
+//! to `--max-batch-tokens` padded tokens, and runs them in one forward pass: predictions
+//! whatever their adapters ([`AdapterSet::predict`](adapterkit::adapter_set::AdapterSet::predict)), requests of one setup, embeddings of one
+//! kind.
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicI64, Ordering};
@@ -48,6 +49,36 @@ impl Job {
     fn longest(&self) -> usize {
         self.rows.iter().map(|r| r.ids.len()).max().unwrap_or(0)
     }
+
+    /// Whether `other` can run in one pass with this job: predictions through single adapters
+    /// always; the same setup (unless it splits the batch by absolute sizes); embeddings of
+    /// the same kind.
+    fn joins(&self, other: &Job) -> bool {
+        match (&self.work, &other.work) {
+            (Work::Predict { .. }, Work::Predict { .. }) => true,
+            (Work::Setup { setup: a }, Work::Setup { setup: b }) => a == b && !splits(a),
+            (
+                Work::Embed {
+                    adapter: a,
+                    pooling: p,
+                    normalize: n,
+                },
+                Work::Embed {
+                    adapter: b,
+                    pooling: q,
+                    normalize: m,
+                },
+            ) => a == b && p == q && n == m,
+            _ => false,
+        }
+    }
+}
+
+/// Whether a setup holds a BatchSplit, whose sizes fit one request's texts only.
+fn splits(setup: &Setup) -> bool {
+    let mut found = false;
+    setup.visit(&mut |s| found |= matches!(s, Setup::BatchSplit { .. }));
+    found
 }
 
 /// The sending end: full means 429.
@@ -113,23 +144,20 @@ impl Taker {
         job
     }
 
-    /// The next batch: one job that runs alone, or single-adapter predictions up to
+    /// The next batch: jobs that run in one pass ([`Job::joins`]), in queue order, up to
     /// `max_tokens` padded tokens. `None` once every sender is gone and the queue is empty.
     fn next_batch(&mut self, max_tokens: usize) -> Option<Vec<Job>> {
         let first = match self.held.take() {
             Some(job) => job,
             None => self.took(self.receiver.recv().ok()?),
         };
-        if !matches!(first.work, Work::Predict { .. }) {
-            return Some(vec![first]);
-        }
         let (mut rows, mut longest) = (first.rows.len(), first.longest());
         let mut batch = vec![first];
         while let Ok(job) = self.receiver.try_recv() {
             let job = self.took(job);
             let longest_with = longest.max(job.longest());
             let fits = (rows + job.rows.len()) * longest_with <= max_tokens;
-            if !matches!(job.work, Work::Predict { .. }) || !fits {
+            if !batch[0].joins(&job) || !fits {
                 self.held = Some(job);
                 break;
             }
@@ -153,10 +181,7 @@ pub fn run(mut taker: Taker, registry: Arc<Registry>, max_tokens: usize) {
         if matches!(jobs[0].work, Work::Predict { .. }) {
             predict_mixed(jobs, &registry);
         } else {
-            for job in jobs {
-                let answer = run_alone(&job, &registry);
-                let _ = job.reply.send(answer);
-            }
+            run_together(jobs, &registry);
         }
         metrics
             .batch_seconds
@@ -221,14 +246,41 @@ fn predict_mixed(jobs: Vec<Job>, registry: &Registry) {
     }
 }
 
-fn run_alone(job: &Job, registry: &Registry) -> Result<Answer, ApiError> {
-    let batch = padded(registry, &job.rows)?;
+/// Jobs of one setup, or embeddings of one kind, in one pass: each gets its rows' answers.
+fn run_together(jobs: Vec<Job>, registry: &Registry) {
+    let rows: Vec<Encoded> = jobs.iter().flat_map(|j| j.rows.iter().cloned()).collect();
+    match run_rows(&jobs[0].work, &rows, registry) {
+        Ok(mut answer) => {
+            for job in jobs {
+                let n = job.rows.len();
+                let _ = job.reply.send(Ok(answer.take_first(n)));
+            }
+        }
+        Err(e) => jobs.into_iter().for_each(|j| {
+            let _ = j.reply.send(Err(e.clone()));
+        }),
+    }
+}
+
+impl Answer {
+    /// The answers for the first `n` rows, taken out.
+    fn take_first(&mut self, n: usize) -> Answer {
+        match self {
+            Answer::Predictions(p) => Answer::Predictions(p.drain(..n).collect()),
+            Answer::Tasks(t) => Answer::Tasks(t.drain(..n).collect()),
+            Answer::Embeddings(e) => Answer::Embeddings(e.drain(..n).collect()),
+        }
+    }
+}
+
+/// `work` on `rows` in one pass.
+fn run_rows(work: &Work, rows: &[Encoded], registry: &Registry) -> Result<Answer, ApiError> {
+    let batch = padded(registry, rows)?;
     let set = &registry.set;
-    match &job.work {
+    match work {
         Work::Predict { adapter: name } => {
             let served = adapter(registry, name)?;
-            let rows = job.rows.len();
-            let predictions = set.predict(&batch, &[(&served, rows)]);
+            let predictions = set.predict(&batch, &[(&served, rows.len())]);
             Ok(Answer::Predictions(
                 predictions.map_err(ApiError::internal)?,
             ))

@@ -276,7 +276,7 @@ impl Setup {
         out
     }
 
-    pub(crate) fn visit<'a>(&'a self, f: &mut impl FnMut(&'a Setup)) {
+    pub fn visit<'a>(&'a self, f: &mut impl FnMut(&'a Setup)) {
         f(self);
         for child in self.children() {
             child.visit(f);
