@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::mpsc::{self, Receiver, SyncSender, TrySendError};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use adapterkit::adapter_set::ServedAdapter;
 use adapterkit::batch::{Batch, Encoded};
@@ -120,6 +120,7 @@ pub fn queue(capacity: usize, metrics: Arc<Metrics>) -> (Queue, Taker) {
         depth: depth.clone(),
         metrics: metrics.clone(),
         held: None,
+        last_jobs: 0,
     };
     let queue = Queue {
         sender,
@@ -135,7 +136,17 @@ pub struct Taker {
     metrics: Arc<Metrics>,
     /// A job taken that did not fit the last batch: the first of the next.
     held: Option<Job>,
+    /// Requests in the last batch: more than one means clients are waiting side by side.
+    last_jobs: usize,
 }
+
+/// With clients side by side, the answers to one batch go out together and their next
+/// requests arrive over the next millisecond or two; a batch started on the first of them
+/// would run half-empty, and the one after it too. So while more keep coming, within this gap
+/// of each other, the batch waits for them, up to [`MOST_WAIT`] in all. A lone client (one
+/// request a batch) never waits.
+const ARRIVAL_GAP: Duration = Duration::from_micros(1000);
+const MOST_WAIT: Duration = Duration::from_millis(5);
 
 impl Taker {
     fn took(&self, job: Job) -> Job {
@@ -153,7 +164,17 @@ impl Taker {
         };
         let (mut rows, mut longest) = (first.rows.len(), first.longest());
         let mut batch = vec![first];
-        while let Ok(job) = self.receiver.try_recv() {
+        let wait_until = Instant::now() + MOST_WAIT;
+        loop {
+            let next = match self.receiver.try_recv() {
+                Ok(job) => Ok(job),
+                Err(_) if self.last_jobs > 1 => {
+                    let gap = ARRIVAL_GAP.min(wait_until.saturating_duration_since(Instant::now()));
+                    self.receiver.recv_timeout(gap).map_err(|_| ())
+                }
+                Err(_) => Err(()),
+            };
+            let Ok(job) = next else { break };
             let job = self.took(job);
             let longest_with = longest.max(job.longest());
             let fits = (rows + job.rows.len()) * longest_with <= max_tokens;
@@ -165,6 +186,7 @@ impl Taker {
             longest = longest_with;
             batch.push(job);
         }
+        self.last_jobs = batch.len();
         Some(batch)
     }
 }
