@@ -111,8 +111,9 @@ fn adapter_dir(root: &Path) -> PathBuf {
         copy_dir(&fixture(from), &dir.join(name));
     }
     let train = write_csv(root, "train.csv", 16);
-    // No warm-up: the one step changes the LayerNorms.
-    let options = ["--warmup-ratio", "0", "--lr", "0.01"];
+    // No warm-up: the one step changes the LayerNorms. Its token limit is recorded, and
+    // `predict` (and so `serve`) truncates its texts to it.
+    let options = ["--warmup-ratio", "0", "--lr", "0.01", "--max-seq-len", "8"];
     train_quick(&tiny_bert(), &train, &dir.join("trained"), &options);
     assert!(dir.join("trained/base_weights.safetensors").exists());
     dir
@@ -128,7 +129,12 @@ fn copy_dir(from: &Path, to: &Path) {
     }
 }
 
-const TEXTS: [&str; 3] = ["the cat sat on the mat", "a dog", "who wrote this text"];
+const TEXTS: [&str; 4] = [
+    "the cat sat on the mat",
+    "a dog",
+    "who wrote this text",
+    "a text longer than the eight tokens one adapter was trained with",
+];
 
 fn scores_close(a: &Value, b: &Value) {
     match (a, b) {
@@ -171,14 +177,16 @@ fn predictions_and_embeddings_equal_the_commands() {
         assert_eq!(status, 200);
         scores_close(&in_path, &got);
     }
-    // A setup: each task as its adapter alone.
+    // A setup: each task as its adapter alone (on texts within every adapter's limit: a
+    // setup's texts are truncated to its first adapter's, as `predict --setup` does).
+    let short = ["a dog", "the cat"];
     let (status, tasks) = server.post(
         "/v1/predict",
-        json!({"setup": "parallel(houlsby,trained)", "inputs": TEXTS}),
+        json!({"setup": "parallel(houlsby,trained)", "inputs": short}),
     );
     assert_eq!(status, 200, "{tasks}");
     for name in ["houlsby", "trained"] {
-        let (_, alone) = server.post("/v1/predict", json!({"adapter": name, "inputs": TEXTS}));
+        let (_, alone) = server.post("/v1/predict", json!({"adapter": name, "inputs": short}));
         for (i, p) in alone["predictions"].as_array().unwrap().iter().enumerate() {
             scores_close(&tasks["predictions"][i]["tasks"][name], p);
         }
@@ -212,7 +220,7 @@ fn concurrent_requests_each_get_their_own_answers() {
     // Requests of every kind, each with its own text, answered one at a time first.
     let mut requests = Vec::new();
     for (i, text) in TEXTS.iter().enumerate() {
-        let adapter = ["houlsby", "lora", "trained"][i];
+        let adapter = ["houlsby", "lora", "trained"][i % 3];
         requests.push(("/v1/predict", json!({"adapter": adapter, "inputs": [text]})));
         let setup = json!({"setup": "parallel(houlsby,lora)", "inputs": [text, "and another"]});
         requests.push(("/v1/predict", setup));

@@ -20,7 +20,7 @@ use candle_core::{Device, Tensor};
 use serde::Serialize;
 
 use crate::adapter_model::AdapterModel;
-use crate::batch::Batch;
+use crate::batch::{Batch, Encoded};
 use crate::composed_model::ComposedModel;
 use crate::data::TaskKind;
 use crate::error::{Error, Result};
@@ -49,6 +49,9 @@ pub struct AdapterInfo {
     pub labels: Vec<String>,
     /// Whether it was trained with the encoder's LayerNorms, which it brings along.
     pub own_layer_norms: bool,
+    /// The token limit it was trained with (`--max-seq-len`), which its texts are truncated
+    /// to, as `adapterkit predict` does.
+    pub max_seq_len: Option<usize>,
     pub path: PathBuf,
 }
 
@@ -83,6 +86,24 @@ impl AdapterSet {
 
     pub fn device(&self) -> &Device {
         &self.device
+    }
+
+    /// `text` tokenized for `adapter`: truncated to the limit it was trained with, if lower
+    /// than the tokenizer's (the tokenizer's own truncation to that limit: the text's tokens
+    /// cut, the closing special token kept).
+    pub fn encode(&self, text: &str, adapter: Option<&AdapterInfo>) -> Result<Encoded> {
+        let mut row = self.tokenizer.encode(text, None)?;
+        if let Some(limit) = adapter.and_then(|a| a.max_seq_len) {
+            if row.ids.len() > limit && limit >= 2 {
+                let last = row.ids.len() - 1;
+                let (id, kind) = (row.ids[last], row.type_ids[last]);
+                row.ids.truncate(limit - 1);
+                row.type_ids.truncate(limit - 1);
+                row.ids.push(id);
+                row.type_ids.push(kind);
+            }
+        }
+        Ok(row)
     }
 
     /// The adapter (or fusion) and head saved in `dir`, served as `name`. Its base-model
@@ -160,6 +181,7 @@ impl AdapterSet {
             task: model.head.config.kind()?,
             labels: model.head.config.labels(),
             own_layer_norms: !trained.is_empty(),
+            max_seq_len: adapter_dir::recorded_max_seq_len(&dir)?,
             path: dir,
         };
         Ok(ServedAdapter { info, model, setup })

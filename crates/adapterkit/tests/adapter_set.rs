@@ -221,6 +221,28 @@ fn embeddings_pool_the_states_the_adapter_makes() {
 }
 
 #[test]
+fn texts_are_truncated_to_the_limit_an_adapter_was_trained_with() {
+    let mut set = set();
+    let served = set
+        .load_adapter("a", &fixtures().join("adapters/houlsby"))
+        .unwrap();
+    let text = TEXTS[1];
+    for limit in [None, Some(3), Some(5), Some(100)] {
+        let info = adapterkit::adapter_set::AdapterInfo {
+            max_seq_len: limit,
+            ..served.info.clone()
+        };
+        let ours = set.encode(text, Some(&info)).unwrap();
+        let full = set.tokenizer.max_length();
+        set.tokenizer
+            .set_max_length(limit.unwrap_or(full).min(full))
+            .unwrap();
+        assert_eq!(ours, set.tokenizer.encode(text, None).unwrap(), "{limit:?}");
+        set.tokenizer.set_max_length(full).unwrap();
+    }
+}
+
+#[test]
 fn what_cannot_share_the_model_is_refused_with_the_reason() {
     let set = set();
     let error = set

@@ -7,6 +7,7 @@ use anyhow::Result;
 use candle_core::Device;
 
 use adapterkit::adapter_set::AdapterSet;
+use adapterkit::batch::Batch;
 use adapterkit::pooling::Pooling;
 
 #[derive(clap::Args)]
@@ -58,7 +59,15 @@ pub fn run(args: Args) -> Result<()> {
     let mut out = std::io::stdout().lock();
     for chunk in texts.chunks(args.batch_size) {
         let refs: Vec<&str> = chunk.iter().map(String::as_str).collect();
-        let batch = set.tokenizer.batch(&refs, &device)?;
+        // An adapter's texts are truncated to the limit it was trained with, unless
+        // --max-seq-len gives another (as `predict`).
+        let limit = adapter
+            .as_ref()
+            .filter(|_| args.max_seq_len.max_seq_len.is_none());
+        let rows = (refs.iter())
+            .map(|t| set.encode(t, limit.map(|a| &a.info)))
+            .collect::<adapterkit::Result<Vec<_>>>()?;
+        let batch = Batch::pad(&rows, set.tokenizer.pad_id(), &device)?;
         let pooled = set.embed(adapter.as_ref(), &batch, pooling, args.normalize)?;
         for (text, embedding) in chunk.iter().zip(pooled) {
             if args.json {

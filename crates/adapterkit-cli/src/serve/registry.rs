@@ -69,6 +69,10 @@ impl Registry {
         self.lock().known.contains_key(name)
     }
 
+    pub fn info(&self, name: &str) -> Option<AdapterInfo> {
+        self.lock().known.get(name).cloned()
+    }
+
     /// The adapter `name`, loaded again from its path if the LRU had let it go.
     pub fn get(&self, name: &str) -> Result<Arc<ServedAdapter>, Missing> {
         let path = {

@@ -133,8 +133,12 @@ fn object(body: Body, allowed: &[&str]) -> Result<Map<String, Value>, ApiError> 
     Ok(object)
 }
 
-/// `inputs`: 1 to `--max-client-batch` strings, tokenized.
-fn inputs(state: &AppState, body: &Map<String, Value>) -> Result<Vec<Encoded>, ApiError> {
+/// `inputs`: 1 to `--max-client-batch` strings, tokenized for `adapter` (its token limit).
+fn inputs(
+    state: &AppState,
+    body: &Map<String, Value>,
+    adapter: Option<&str>,
+) -> Result<Vec<Encoded>, ApiError> {
     let Some(Value::Array(inputs)) = body.get("inputs") else {
         return Err(ApiError::unprocessable(
             "'inputs' must be a list of strings",
@@ -150,13 +154,13 @@ fn inputs(state: &AppState, body: &Map<String, Value>) -> Result<Vec<Encoded>, A
             state.max_client_batch
         )));
     }
-    let tokenizer = &state.registry.set.tokenizer;
+    let info = adapter.and_then(|a| state.registry.info(a));
     (inputs.iter().enumerate())
         .map(|(i, text)| {
             let text = text
                 .as_str()
                 .ok_or_else(|| ApiError::unprocessable(format!("inputs[{i}] is not a string")))?;
-            (tokenizer.encode(text, None))
+            (state.registry.set.encode(text, info.as_ref()))
                 .map_err(|e| ApiError::unprocessable(format!("inputs[{i}]: {e}")))
         })
         .collect()
@@ -218,7 +222,6 @@ async fn predict_body(
         Some(a) => Some(a),
         None => string_field(&body, "adapter")?.map(String::from),
     };
-    let rows = inputs(state, &body)?;
     let (adapter, setup) = match (adapter, setup) {
         (Some(adapter), None) => (adapter, None),
         (None, Some(text)) => {
@@ -234,6 +237,7 @@ async fn predict_body(
     match setup {
         None => {
             known(state, &adapter)?;
+            let rows = inputs(state, &body, Some(&adapter))?;
             let Answer::Predictions(p) = submit(state, Work::Predict { adapter }, rows).await?
             else {
                 return Err(ApiError::internal("a prediction got another answer"));
@@ -244,6 +248,8 @@ async fn predict_body(
             for name in setup.names() {
                 known(state, name)?;
             }
+            // The first adapter's token limit, as `predict --setup` takes the first directory's.
+            let rows = inputs(state, &body, setup.names().first().copied())?;
             let Answer::Tasks(tasks) = submit(state, Work::Setup { setup }, rows).await? else {
                 return Err(ApiError::internal("a setup got another answer"));
             };
@@ -308,10 +314,10 @@ async fn embed(State(state): Shared, body: Body) -> Response {
             Some(Value::Bool(b)) => *b,
             Some(_) => return Err(ApiError::unprocessable("'normalize' must be true or false")),
         };
-        let rows = inputs(&state, &body)?;
         if let Some(name) = &adapter {
             known(&state, name)?;
         }
+        let rows = inputs(&state, &body, adapter.as_deref())?;
         let work = Work::Embed {
             adapter: adapter.clone(),
             pooling,

@@ -448,6 +448,14 @@ impl LayerHooks for ChannelHooks<'_> {
                 return composition.run_channel(&channel.setup, hidden, &place, mode);
             }
         }
+        // No adapter of any channel here and no LayerNorms of their own: the base model's
+        // sub-layer, once for all rows (layers that every adapter drops are shared so).
+        let names = || self.channels.iter().flat_map(|c| c.setup.names());
+        if self.layer_norms.iter().all(Option::is_none)
+            && names().all(|n| composition.adapter(n, layer, position).is_none())
+        {
+            return layer_norm.of_sum(&[hidden, input]);
+        }
         let mut outputs = Vec::with_capacity(self.channels.len());
         for (i, channel) in self.channels.iter().enumerate() {
             let (start, len) = (channel.rows.start, channel.rows.len());
