@@ -292,6 +292,107 @@ fn adapters_with_their_own_layer_norms_keep_them_in_their_channels() {
 }
 
 #[test]
+fn plain_adapters_side_by_side_run_as_one_op_with_the_same_result() {
+    use adapterkit::model::hooks::Position;
+    // A Houlsby adapter with LayerNorms of its own (another task's), and one with a non-unit
+    // scaling.
+    let houlsby_with_norms = AdapterModel {
+        adapter: task("c", "[]", 9).adapter,
+        ..task_with_layer_norms("c", 9)
+    };
+    let scaled = {
+        let config = BnConfig::preset("houlsby")
+            .unwrap()
+            .with_overrides(&[("scaling".into(), "2.5".into())])
+            .unwrap();
+        let labels: Vec<String> = ["x", "y", "z"].map(String::from).to_vec();
+        let head = HeadConfig::new(TaskKind::Classification, &labels).unwrap();
+        let model = AdapterModel::new(
+            tiny_encoder(),
+            &Method::Adapter(config.into()),
+            "d",
+            head,
+            false,
+            4,
+            &Device::Cpu,
+        )
+        .unwrap();
+        for (_, var) in model.trainable().iter() {
+            var.set(&(var.as_tensor() * 20.0).unwrap()).unwrap();
+        }
+        model.frozen()
+    };
+    // Houlsby adapters placed differently (b leaves layer 0 out), one with its own
+    // LayerNorms; then Pfeiffer adapters (the original LayerNorm before the adapter), each
+    // with its own LayerNorms.
+    let sets = [
+        vec![
+            task("a", "[]", 1),
+            task("b", "[0]", 2),
+            houlsby_with_norms,
+            scaled,
+        ],
+        vec![
+            task_with_layer_norms("a", 4),
+            task_with_layer_norms("b", 5),
+            task_with_layer_norms("c", 6),
+            task_with_layer_norms("d", 7),
+        ],
+    ];
+    let two = batch();
+    let pick = |t: &candle_core::Tensor| {
+        let idx = candle_core::Tensor::new(&[0u32, 1, 0, 1, 1, 0], &Device::Cpu).unwrap();
+        t.index_select(&idx, 0).unwrap()
+    };
+    let batch = || adapterkit::batch::Batch {
+        input_ids: pick(&two.input_ids),
+        token_type_ids: pick(&two.token_type_ids),
+        attention_mask: pick(&two.attention_mask),
+    };
+    let rows = 6;
+    for (s, tasks) in sets.iter().enumerate() {
+        let alone: Vec<_> = tasks
+            .iter()
+            .map(|t| t.logits(&batch(), &mut Mode::Eval).unwrap())
+            .collect();
+        for text in ["batch_split(a,b,c,d)[2,1,2,1]", "parallel(a,b,c,d)"] {
+            let setup = Setup::parse(text).unwrap();
+            let mut model = ComposedModel::new(tiny_encoder(), setup, tasks.to_vec()).unwrap();
+            let replicated = rows * model.composition.setup.parallel_channels();
+            for layer in [0, 1] {
+                let grouped = model
+                    .composition
+                    .grouped_at(replicated, layer, Position::Output);
+                assert!(
+                    grouped.unwrap(),
+                    "set {s}, {text}, layer {layer}: not grouped"
+                );
+            }
+            for group in [true, false] {
+                model.composition.group_adapters = group;
+                for task in model.logits(&batch(), &mut Mode::Eval).unwrap() {
+                    let i = task.head;
+                    let want = alone[i]
+                        .narrow(0, task.rows.start, task.rows.len())
+                        .unwrap();
+                    let diff = max_abs_diff(&want, &task.logits);
+                    assert!(
+                        diff < 1e-6,
+                        "set {s}, {text}, grouped {group}, task {i}: {diff}"
+                    );
+                }
+            }
+        }
+    }
+    // Adapters that read their input differently run one by one.
+    let mixed = vec![task("a", "[]", 1), task_with_layer_norms("b", 2)];
+    let setup = Setup::parse("parallel(a,b)").unwrap();
+    let model = ComposedModel::new(tiny_encoder(), setup, mixed).unwrap();
+    let grouped = model.composition.grouped_at(4, 1, Position::Output);
+    assert!(!grouped.unwrap());
+}
+
+#[test]
 fn adapter_drop_applies_under_parallel() {
     // Skipping both layers leaves no adapter active: the whole encoder is shared.
     for (skip, lowest) in [(vec![0], Some(1)), (vec![0, 1], None)] {

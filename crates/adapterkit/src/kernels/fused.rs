@@ -301,7 +301,7 @@ impl CustomOp1 for SoftmaxOp {
 pub struct GeluOp;
 
 #[inline(always)]
-fn gelu(x: f32) -> f32 {
+pub(crate) fn gelu(x: f32) -> f32 {
     0.5 * x * (1.0 + erf(x * std::f32::consts::FRAC_1_SQRT_2))
 }
 

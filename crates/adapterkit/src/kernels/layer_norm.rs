@@ -14,7 +14,7 @@ pub struct LayerNormOp {
 
 impl LayerNormOp {
     /// Per row: mean and 1/std.
-    fn stats(row: &[f32], eps: f64) -> (f32, f32) {
+    pub(crate) fn stats(row: &[f32], eps: f64) -> (f32, f32) {
         let n = row.len() as f32;
         let mean = sum(row) / n;
         let var = lanes(row, row, 0.0, |a, x, _| a + (x - mean) * (x - mean))

@@ -1,6 +1,7 @@
 //! The CPU kernels under the encoder's ops, in f32: custom candle ops with hand-written backward
 //! passes for Linear, GELU, softmax, LayerNorm (`fused`, `layer_norm`), whole frozen attention
-//! and feed-forward blocks (`attention`, `feed_forward`), the strided matrix products they call
+//! and feed-forward blocks (`attention`, `feed_forward`), many plain bottleneck adapters side by
+//! side (`grouped_bottleneck`), the strided matrix products they call
 //! (`matmul`), the vectorised maths (`simd`), dropout masks (`dropout`) and how the work is
 //! split over threads (`parallel`). `model/` builds BERT from them; elsewhere (other devices and
 //! dtypes) its ops are composed from candle's.
@@ -9,6 +10,7 @@ pub mod attention;
 pub mod dropout;
 pub mod feed_forward;
 pub mod fused;
+pub mod grouped_bottleneck;
 pub mod layer_norm;
 mod matmul;
 pub(crate) mod parallel;

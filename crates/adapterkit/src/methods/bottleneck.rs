@@ -294,6 +294,19 @@ impl BottleneckAdapter {
         &self.config
     }
 
+    /// `(down, up)` when the adapter adds nothing but `up(act(down(x))) * scaling` before the
+    /// original residual and LayerNorm: sequential, no LayerNorm of its own, ending in the
+    /// original LayerNorm (Houlsby's and Pfeiffer's case). Many such adapters side by side run
+    /// as one op (`composition/grouped.rs`).
+    pub(crate) fn plain_parts(&self) -> Option<(&Linear, &Linear)> {
+        let c = &self.config;
+        let plain = !c.is_parallel
+            && c.original_ln_after
+            && self.norm_before.is_none()
+            && self.norm_after.is_none();
+        plain.then_some((&self.down, &self.up))
+    }
+
     /// A copy whose weights are plain tensors: it runs, but takes no gradient (a frozen
     /// adapter under AdapterFusion).
     pub fn frozen(&self) -> Self {

@@ -14,6 +14,7 @@
 //! says how and why.
 
 mod channels;
+mod grouped;
 mod linear;
 mod setup;
 
@@ -44,6 +45,10 @@ pub struct Composition {
     /// were trained with them: a channel running such an adapter alone uses them (LayerNorm is
     /// row-wise, so each channel can have its own).
     pub layer_norms: BTreeMap<String, EncoderLayerNorms>,
+    /// Run channels that each hold one plain adapter as one op per place (the default;
+    /// `grouped.rs`). Off, each channel runs on its own: the same result, slower for many
+    /// channels; tests compare the two.
+    pub group_adapters: bool,
 }
 
 /// Where a channel runs: one adapter place of one layer, with the sub-layer's input and the
@@ -120,6 +125,7 @@ impl Composition {
             adapters,
             fusions,
             layer_norms: BTreeMap::new(),
+            group_adapters: true,
         })
     }
 
@@ -455,6 +461,18 @@ impl LayerHooks for ChannelHooks<'_> {
             && names().all(|n| composition.adapter(n, layer, position).is_none())
         {
             return layer_norm.of_sum(&[hidden, input]);
+        }
+        if let Some(out) = composition.grouped_output(
+            &self.channels,
+            &self.layer_norms,
+            layer,
+            position,
+            hidden,
+            input,
+            layer_norm,
+            mode,
+        ) {
+            return out;
         }
         let mut outputs = Vec::with_capacity(self.channels.len());
         for (i, channel) in self.channels.iter().enumerate() {
