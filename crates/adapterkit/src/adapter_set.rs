@@ -121,6 +121,17 @@ impl AdapterSet {
             ));
         }
         let loaded = adapter_dir::load(&dir, self.encoder.clone(), &self.device)?;
+        if loaded
+            .adapter
+            .as_ref()
+            .is_some_and(|a| a.prefix_tuning().is_some())
+        {
+            return Err(Error::file(
+                &dir,
+                "holds prefix tuning, which runs alone for now (predict, eval), not beside \
+                 other adapters in one batch",
+            ));
+        }
         let mut parameters = loaded.head.params().count();
         let kind = match (&loaded.adapter, &loaded.fusion) {
             (_, Some(fusion)) => {
@@ -138,6 +149,7 @@ impl AdapterSet {
                         "ia3"
                     }
                     [Module::Lora(_)] => "lora",
+                    [Module::PrefixTuning(_)] => "prefix_tuning",
                     _ => "union",
                 }
             }
@@ -161,6 +173,7 @@ impl AdapterSet {
                     match module {
                         Module::Bottleneck(m) => m.name = name.into(),
                         Module::Lora(m) => m.name = name.into(),
+                        Module::PrefixTuning(m) => m.name = name.into(),
                     }
                 }
                 model.head.name = name.into();

@@ -1,6 +1,7 @@
 //! Adapters and heads against PyTorch + AdapterHub's `adapters` 1.3: bottleneck adapters
 //! (fixtures made by `tests/fixtures/adapters/make_adapter_fixtures.py`), LoRA, (IA)³ and a
-//! union of a LoRA and a bottleneck adapter (`tests/fixtures/lora/make_lora_fixtures.py`). The
+//! union of a LoRA and a bottleneck adapter (`tests/fixtures/lora/make_lora_fixtures.py`), prefix
+//! tuning (`tests/fixtures/prefix/make_prefix_fixtures.py`). The
 //! saved directories load, logits, loss and every trainable gradient agree within 1e-5, and
 //! what we save is what Python saved.
 
@@ -24,6 +25,9 @@ const CASES: &[&str] = &[
     "lora/lora_all",
     "lora/ia3",
     "lora/union",
+    "prefix/prefix",
+    "prefix/prefix_flat",
+    "prefix/prefix_leave",
 ];
 
 fn case_dir(case: &str) -> PathBuf {
@@ -107,8 +111,13 @@ fn matches_adapters_library(case: &str, encoder: adapterkit::model::BertModel) {
         {
             torch_name = torch_name.replace(".adapter_down.0.", ".adapter_norm_before.");
         }
-        let want = expected
-            .get(&format!("grad.{torch_name}"))
+        // PyTorch names a prefix's parameters after the first layer's view of its pool.
+        let layer_view = torch_name.replace(
+            "bert.prefix_tuning.",
+            "bert.encoder.layer.0.attention.self.prefix_tuning.pool.",
+        );
+        let want = (expected.get(&format!("grad.{torch_name}")))
+            .or_else(|| expected.get(&format!("grad.{layer_view}")))
             .unwrap_or_else(|| panic!("{case}: no reference gradient for {torch_name}"));
         let got = grads
             .get(var.as_tensor())
@@ -136,6 +145,8 @@ fn pickle_files_load_like_safetensors() {
         "lora/lora_all",
         "lora/ia3",
         "lora/union",
+        "prefix/prefix",
+        "prefix/prefix_leave",
     ] {
         let copy = tempfile::tempdir().unwrap();
         for name in [

@@ -44,7 +44,7 @@ impl LayerHooks for Shift {
         if layer != self.layer || self.site.is_some() {
             return None;
         }
-        Some(Box::new(|kv: KeyValue| {
+        Some(Box::new(|kv: KeyValue, _: &mut Mode| {
             Ok(KeyValue {
                 key: (kv.key * (1.0 + self.shift))?,
                 value: (kv.value * (1.0 + self.shift))?,

@@ -266,10 +266,10 @@ fn bad_configs_are_refused_with_the_reason() {
     let union = serde_json::json!({"architecture": "union", "configs": [lora, ia3]});
     let error = AdapterConfig::from_json(union, None).unwrap_err();
     assert!(error.contains("two lora modules"), "{error}");
-    let prefix = serde_json::json!({"architecture": "prefix_tuning"});
-    let error = AdapterConfig::from_json(prefix, None).unwrap_err();
+    let prompt = serde_json::json!({"architecture": "prompt_tuning"});
+    let error = AdapterConfig::from_json(prompt, None).unwrap_err();
     assert!(
-        error.contains("\"prefix_tuning\" are not supported"),
+        error.contains("\"prompt_tuning\" are not supported"),
         "{error}"
     );
 }

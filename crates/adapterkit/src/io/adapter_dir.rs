@@ -520,6 +520,8 @@ fn read_adapter(dir: &Path, encoder: &BertModel, device: &Device) -> Result<Adap
     let tensors: HashMap<String, Tensor> = tensors
         .into_iter()
         .filter(|(n, _)| !n.contains(".adapter_norm_before.")) // the alias of adapter_down.0
+        // Python's .bin files repeat a prefix's tensors under every layer's pool.
+        .filter(|(n, _)| !n.contains(".prefix_tuning.pool."))
         .map(|(n, t)| (without_model_prefix(n), t))
         .collect();
     load_params(&weights, &adapter.params(), &tensors)?;

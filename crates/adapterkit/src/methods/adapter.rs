@@ -15,7 +15,8 @@ use crate::error::{Error, Result};
 use crate::methods::bottleneck::BottleneckAdapters;
 use crate::methods::bottleneck_config::{self, BnConfig};
 use crate::methods::lora::{self, Lora, LoraConfig};
-use crate::model::hooks::{LayerHooks, LinearChange, LinearSite, Position};
+use crate::methods::prefix_tuning::{PrefixTuning, PrefixTuningConfig};
+use crate::model::hooks::{KeyValueChange, LayerHooks, LinearChange, LinearSite, Position};
 use crate::model::layer_norm::LayerNorm;
 use crate::model::{BertConfig, Mode};
 use crate::params::Params;
@@ -27,6 +28,7 @@ pub enum ModuleConfig {
     Bottleneck(BnConfig),
     /// A LoRA, or (with `composition_mode: "scale"`) an (IA)³ vector.
     Lora(LoraConfig),
+    PrefixTuning(PrefixTuningConfig),
 }
 
 impl ModuleConfig {
@@ -35,6 +37,7 @@ impl ModuleConfig {
         match self {
             ModuleConfig::Bottleneck(_) => "bottleneck",
             ModuleConfig::Lora(_) => "lora",
+            ModuleConfig::PrefixTuning(_) => "prefix_tuning",
         }
     }
 
@@ -42,6 +45,7 @@ impl ModuleConfig {
         match self {
             ModuleConfig::Bottleneck(c) => serde_json::to_value(c),
             ModuleConfig::Lora(c) => serde_json::to_value(c),
+            ModuleConfig::PrefixTuning(c) => serde_json::to_value(c),
         }
         .expect("configs serialize")
     }
@@ -50,9 +54,12 @@ impl ModuleConfig {
         match value.get("architecture").and_then(Value::as_str) {
             None | Some("bottleneck") => BnConfig::from_json(value).map(ModuleConfig::Bottleneck),
             Some("lora") => LoraConfig::from_json(value, version).map(ModuleConfig::Lora),
+            Some("prefix_tuning") => {
+                PrefixTuningConfig::from_json(value).map(ModuleConfig::PrefixTuning)
+            }
             Some(other) => Err(format!(
                 "adapters of architecture \"{other}\" are not supported by adapterkit \
-                 (bottleneck, lora and unions of them are)"
+                 (bottleneck, lora, prefix_tuning and unions of them are)"
             )),
         }
     }
@@ -77,15 +84,19 @@ impl From<LoraConfig> for AdapterConfig {
 /// Every preset name [`AdapterConfig::preset`] takes.
 pub fn preset_names() -> Vec<&'static str> {
     let bottleneck = bottleneck_config::PRESETS.iter();
-    bottleneck.chain(lora::PRESETS).copied().collect()
+    let others = lora::PRESETS.iter().chain(&["prefix_tuning"]);
+    bottleneck.chain(others).copied().collect()
 }
 
 impl AdapterConfig {
     /// A preset by AdapterHub's name: `seq_bn` (`pfeiffer`), `double_seq_bn` (`houlsby`),
-    /// `par_bn` (`parallel`), `lora`, `ia3`.
+    /// `par_bn` (`parallel`), `lora`, `ia3`, `prefix_tuning`.
     pub fn preset(name: &str) -> Result<Self> {
         if let Some(config) = LoraConfig::preset(name) {
             return Ok(Self(vec![ModuleConfig::Lora(config)]));
+        }
+        if let Some(config) = PrefixTuningConfig::preset(name) {
+            return Ok(Self(vec![ModuleConfig::PrefixTuning(config)]));
         }
         match BnConfig::preset(name) {
             Ok(config) => Ok(Self(vec![ModuleConfig::Bottleneck(config)])),
@@ -154,6 +165,9 @@ impl AdapterConfig {
         Ok(Self(vec![match module {
             ModuleConfig::Bottleneck(c) => ModuleConfig::Bottleneck(c.with_overrides(overrides)?),
             ModuleConfig::Lora(c) => ModuleConfig::Lora(c.with_overrides(overrides)?),
+            ModuleConfig::PrefixTuning(c) => {
+                ModuleConfig::PrefixTuning(c.with_overrides(overrides)?)
+            }
         }]))
     }
 }
@@ -163,6 +177,7 @@ impl AdapterConfig {
 pub enum Module {
     Bottleneck(BottleneckAdapters),
     Lora(Lora),
+    PrefixTuning(PrefixTuning),
 }
 
 impl Module {
@@ -170,6 +185,7 @@ impl Module {
         match self {
             Module::Bottleneck(m) => m.params(),
             Module::Lora(m) => m.params(),
+            Module::PrefixTuning(m) => m.params(),
         }
     }
 
@@ -177,6 +193,7 @@ impl Module {
         match self {
             Module::Bottleneck(m) => Module::Bottleneck(m.frozen()),
             Module::Lora(m) => Module::Lora(m.frozen()),
+            Module::PrefixTuning(m) => Module::PrefixTuning(m.frozen()),
         }
     }
 
@@ -184,6 +201,7 @@ impl Module {
         match self {
             Module::Bottleneck(m) => ModuleConfig::Bottleneck(m.config.clone()),
             Module::Lora(m) => ModuleConfig::Lora(m.config.clone()),
+            Module::PrefixTuning(m) => ModuleConfig::PrefixTuning(m.config.clone()),
         }
     }
 }
@@ -217,6 +235,9 @@ impl Adapter {
                         Module::Bottleneck(BottleneckAdapters::new(name, c, model, rng, device)?)
                     }
                     ModuleConfig::Lora(c) => Module::Lora(Lora::new(name, c, model, rng, device)?),
+                    ModuleConfig::PrefixTuning(c) => {
+                        Module::PrefixTuning(PrefixTuning::new(name, c, model, rng, device)?)
+                    }
                 })
             })
             .collect::<Result<Vec<_>>>()?;
@@ -252,6 +273,13 @@ impl Adapter {
         })
     }
 
+    pub fn prefix_tuning(&self) -> Option<&PrefixTuning> {
+        self.modules.iter().find_map(|m| match m {
+            Module::PrefixTuning(p) => Some(p),
+            _ => None,
+        })
+    }
+
     /// Every parameter under AdapterHub's name, without the model prefix.
     pub fn params(&self) -> Params {
         let mut all = Params::default();
@@ -267,6 +295,7 @@ impl Adapter {
         let tensors = self.modules.iter().map(|m| match m {
             Module::Bottleneck(m) => m.tensors(),
             Module::Lora(m) => m.tensors(),
+            Module::PrefixTuning(m) => m.tensors(),
         });
         tensors.flatten().collect()
     }
@@ -285,6 +314,7 @@ impl Adapter {
             match module {
                 Module::Bottleneck(m) => m.skip_layers = layers.clone(),
                 Module::Lora(m) => m.skip_layers = layers.clone(),
+                Module::PrefixTuning(m) => m.skip_layers = layers.clone(),
             }
         }
     }
@@ -293,6 +323,10 @@ impl Adapter {
 impl LayerHooks for Adapter {
     fn linear(&self, layer: usize, site: LinearSite, base: &Linear) -> Option<LinearChange<'_>> {
         self.lora()?.linear(layer, site, base)
+    }
+
+    fn key_value(&self, layer: usize) -> Option<KeyValueChange<'_>> {
+        self.prefix_tuning()?.key_value(layer)
     }
 
     fn sub_layer_output(

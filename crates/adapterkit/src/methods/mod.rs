@@ -9,6 +9,7 @@ pub mod composition;
 pub mod fusion;
 pub mod lora;
 pub mod lora_config;
+pub mod prefix_tuning;
 
 use serde_json::Value;
 

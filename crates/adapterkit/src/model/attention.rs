@@ -53,7 +53,7 @@ impl BertSelfAttention {
             bias: bias.clone(),
         };
         if let Some(change) = hooks.key_value(layer) {
-            kv = change(kv)?;
+            kv = change(kv, mode)?;
         }
         let KeyValue { key, value, bias } = kv;
         ops::attention(

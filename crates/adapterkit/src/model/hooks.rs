@@ -105,8 +105,8 @@ pub enum LinearChange<'a> {
 }
 
 /// A method's change to one layer's keys and values before attention scores are taken
-/// (prefix tuning prepends its own).
-pub type KeyValueChange<'a> = Box<dyn Fn(KeyValue) -> Result<KeyValue> + 'a>;
+/// (prefix tuning prepends its own, with dropout in training).
+pub type KeyValueChange<'a> = Box<dyn Fn(KeyValue, &mut Mode) -> Result<KeyValue> + 'a>;
 
 pub trait LayerHooks {
     /// What the hooks do to `site`'s Linear in `layer` (`base`: its weights); `None` leaves it

@@ -105,6 +105,14 @@ impl Composition {
                 children.iter().for_each(|c| fused.extend(c.names()));
             }
         });
+        if let Some(name) =
+            (setup.names().into_iter()).find(|n| adapters[*n].prefix_tuning().is_some())
+        {
+            return Err(Error::input(format!(
+                "the setup {setup} holds '{name}', a prefix tuning; prefix tuning runs alone \
+                 for now, not in a composition"
+            )));
+        }
         // AdapterHub fuses bottleneck adapters only (its LoRA layers refuse Fuse).
         if let Some(name) = fused
             .iter()
