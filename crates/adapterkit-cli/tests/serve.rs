@@ -98,7 +98,8 @@ fn fixture(path: &str) -> PathBuf {
         .join(path)
 }
 
-/// An adapter directory: houlsby, pfeiffer, lora and regression (Python-made fixtures), and
+/// An adapter directory: houlsby, pfeiffer, lora, regression, prefix (prefix tuning) and mam
+/// (Mix-and-Match: a prefix and a parallel adapter), Python-made fixtures, and
 /// `trained` (trained here with the encoder's LayerNorms, the CLI's default).
 fn adapter_dir(root: &Path) -> PathBuf {
     let dir = root.join("adapters");
@@ -107,6 +108,8 @@ fn adapter_dir(root: &Path) -> PathBuf {
         ("pfeiffer", "adapters/pfeiffer"),
         ("lora", "lora/lora_qv"),
         ("regression", "adapters/regression"),
+        ("prefix", "prefix/prefix"),
+        ("mam", "prefix/mam"),
     ] {
         copy_dir(&fixture(from), &dir.join(name));
     }
@@ -160,7 +163,15 @@ fn predictions_and_embeddings_equal_the_commands() {
     let dir = adapter_dir(tmp.path());
     let server = Server::start(&["--adapter-dir", s(&dir)]);
     let model = tiny_bert();
-    for name in ["houlsby", "pfeiffer", "lora", "regression", "trained"] {
+    for name in [
+        "houlsby",
+        "pfeiffer",
+        "lora",
+        "regression",
+        "prefix",
+        "mam",
+        "trained",
+    ] {
         let mut args = vec!["predict", "--model", s(&model)];
         let adapter = dir.join(name);
         args.extend(["--adapter", s(&adapter)]);
@@ -220,7 +231,7 @@ fn concurrent_requests_each_get_their_own_answers() {
     // Requests of every kind, each with its own text, answered one at a time first.
     let mut requests = Vec::new();
     for (i, text) in TEXTS.iter().enumerate() {
-        let adapter = ["houlsby", "lora", "trained"][i % 3];
+        let adapter = ["houlsby", "lora", "trained", "prefix"][i % 4];
         requests.push(("/v1/predict", json!({"adapter": adapter, "inputs": [text]})));
         let setup = json!({"setup": "parallel(houlsby,lora)", "inputs": [text, "and another"]});
         requests.push(("/v1/predict", setup));
@@ -413,7 +424,7 @@ fn every_error_has_its_code_and_says_why() {
         "adapterkit_requests_total{route=\"/v1/predict\",adapter=\"\",status=\"404\"} 1",
         "adapterkit_batch_tokens",
         "adapterkit_queue_depth",
-        "adapterkit_loaded_adapters 5",
+        "adapterkit_loaded_adapters 7",
         "adapterkit_resident_memory_bytes",
     ] {
         assert!(metrics.contains(needle), "{needle} not in {metrics}");
@@ -507,7 +518,7 @@ fn adapters_load_replace_and_go_while_requests_flow() {
     // Two adapters at most stay loaded (the LRU); the others load again when asked for.
     let (_, listing) = server.call("GET", "/v1/adapters", None, None);
     let listing = listing["adapters"].as_array().unwrap().clone();
-    assert_eq!(listing.len(), 5);
+    assert_eq!(listing.len(), 7);
     let loaded = listing.iter().filter(|a| a["loaded"] == true).count();
     assert!(loaded <= 2, "{listing:?}");
     let (status, again) = server.post(

@@ -121,17 +121,6 @@ impl AdapterSet {
             ));
         }
         let loaded = adapter_dir::load(&dir, self.encoder.clone(), &self.device)?;
-        if loaded
-            .adapter
-            .as_ref()
-            .is_some_and(|a| a.prefix_tuning().is_some())
-        {
-            return Err(Error::file(
-                &dir,
-                "holds prefix tuning, which runs alone for now (predict, eval), not beside \
-                 other adapters in one batch",
-            ));
-        }
         let mut parameters = loaded.head.params().count();
         let kind = match (&loaded.adapter, &loaded.fusion) {
             (_, Some(fusion)) => {

@@ -28,6 +28,7 @@ const CASES: &[&str] = &[
     "prefix/prefix",
     "prefix/prefix_flat",
     "prefix/prefix_leave",
+    "prefix/mam",
 ];
 
 fn case_dir(case: &str) -> PathBuf {

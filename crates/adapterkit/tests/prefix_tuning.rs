@@ -1,14 +1,16 @@
 //! Prefix tuning beyond the parity cases of `adapter_parity.rs`: the keys and values it
 //! prepends (against `adapters` 1.3's, fixtures by `tests/fixtures/prefix/make_prefix_fixtures.py`),
-//! computed once when frozen, and the configs and files it refuses.
+//! computed once when frozen, prefixes in parallel and batch_split channels, and the configs and
+//! files it refuses.
 
 mod common;
 
 use adapterkit::adapter_model::{AdapterModel, Method};
+use adapterkit::composed_model::ComposedModel;
 use adapterkit::data::TaskKind;
 use adapterkit::heads::HeadConfig;
 use adapterkit::io::adapter_dir;
-use adapterkit::methods::adapter::{AdapterConfig, ModuleConfig};
+use adapterkit::methods::adapter::{AdapterConfig, Module, ModuleConfig};
 use adapterkit::methods::composition::Setup;
 use adapterkit::model::Mode;
 use candle_core::Device;
@@ -132,16 +134,63 @@ fn bad_configs_and_files_are_refused_with_the_reason() {
     assert!(error.to_string().contains("shape"), "{error}");
 }
 
+/// A fixture adapter (and head), renamed `name`.
+fn fixture(case: &str, name: &str) -> AdapterModel {
+    let mut model =
+        adapter_dir::load(&fixtures().join(case), tiny_encoder(), &Device::Cpu).unwrap();
+    let adapter = model.adapter.as_mut().unwrap();
+    adapter.name = name.into();
+    for module in &mut adapter.modules {
+        match module {
+            Module::Bottleneck(m) => m.name = name.into(),
+            Module::Lora(m) => m.name = name.into(),
+            Module::PrefixTuning(m) => m.name = name.into(),
+        }
+    }
+    model.head.name = name.into();
+    model
+}
+
 #[test]
-fn prefix_tuning_runs_alone_for_now() {
-    let model = model_with(&config(&[("prefix_length", "3")]).unwrap()).unwrap();
-    let other = model_with(&AdapterConfig::preset("pfeiffer").unwrap()).unwrap();
-    let mut other = other;
-    other.adapter.as_mut().unwrap().name = "b".into();
-    other.head.name = "b".into();
-    let setup = Setup::parse("parallel(task,b)").unwrap();
-    let error =
-        adapterkit::composed_model::ComposedModel::new(tiny_encoder(), setup, vec![model, other])
-            .unwrap_err();
-    assert!(error.to_string().contains("prefix tuning"), "{error}");
+fn prefixes_in_parallel_and_batch_split_channels_give_what_each_gives_alone() {
+    let expected = load_expected("prefix/prefix/expected.safetensors");
+    let batch = batch_of(
+        &expected["input_ids"],
+        &expected["token_type_ids"],
+        Some(&expected["attention_mask"]),
+    );
+    // Prefixes of lengths 5 and 3 (the second only in layer 1), a bottleneck adapter, and a
+    // union of a prefix and a parallel adapter (Mix-and-Match).
+    let parts = vec![
+        fixture("prefix/prefix", "a"),
+        fixture("adapters/houlsby", "b"),
+        fixture("prefix/prefix_leave", "c"),
+        fixture("prefix/mam", "d"),
+    ];
+    let alone: Vec<_> = (parts.iter())
+        .map(|p| p.logits(&batch, &mut Mode::Eval).unwrap())
+        .collect();
+    for text in [
+        "parallel(a,b,c,d)",
+        "batch_split(a,c)[1,1]",
+        "batch_split(b,d)[1,1]",
+    ] {
+        let setup = Setup::parse(text).unwrap();
+        let model = ComposedModel::new(tiny_encoder(), setup, parts.clone()).unwrap();
+        // Every layer holds a prefix of some channel: none is shared.
+        assert_eq!(model.composition.lowest_active_layer(2), Some(0), "{text}");
+        for task in model.logits(&batch, &mut Mode::Eval).unwrap() {
+            let name = &model.heads[task.head].name;
+            let i = ["a", "b", "c", "d"].iter().position(|n| n == name).unwrap();
+            let want = alone[i]
+                .narrow(0, task.rows.start, task.rows.len())
+                .unwrap();
+            let diff = max_abs_diff(&want, &task.logits);
+            assert!(diff < 1e-6, "{text}, task {name}: {diff}");
+        }
+    }
+    // Stacked with another adapter: not built yet, and said so.
+    let setup = Setup::parse("stack(b,a)").unwrap();
+    let error = ComposedModel::new(tiny_encoder(), setup, parts).unwrap_err();
+    assert!(error.to_string().contains("prefix tuning 'a'"), "{error}");
 }

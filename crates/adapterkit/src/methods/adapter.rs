@@ -84,19 +84,30 @@ impl From<LoraConfig> for AdapterConfig {
 /// Every preset name [`AdapterConfig::preset`] takes.
 pub fn preset_names() -> Vec<&'static str> {
     let bottleneck = bottleneck_config::PRESETS.iter();
-    let others = lora::PRESETS.iter().chain(&["prefix_tuning"]);
+    let others = lora::PRESETS.iter().chain(&["prefix_tuning", "mam"]);
     bottleneck.chain(others).copied().collect()
 }
 
 impl AdapterConfig {
     /// A preset by AdapterHub's name: `seq_bn` (`pfeiffer`), `double_seq_bn` (`houlsby`),
-    /// `par_bn` (`parallel`), `lora`, `ia3`, `prefix_tuning`.
+    /// `par_bn` (`parallel`), `lora`, `ia3`, `prefix_tuning`, `mam` (Mix-and-Match: a prefix
+    /// and a parallel adapter).
     pub fn preset(name: &str) -> Result<Self> {
         if let Some(config) = LoraConfig::preset(name) {
             return Ok(Self(vec![ModuleConfig::Lora(config)]));
         }
         if let Some(config) = PrefixTuningConfig::preset(name) {
             return Ok(Self(vec![ModuleConfig::PrefixTuning(config)]));
+        }
+        if name == "mam" {
+            // AdapterHub's MAMConfig: a prefix (bottleneck 800) and a parallel adapter.
+            let mut prefix = PrefixTuningConfig::preset("prefix_tuning").expect("a preset");
+            prefix.bottleneck_size = 800;
+            let parallel = BnConfig::preset("par_bn")?;
+            return Ok(Self(vec![
+                ModuleConfig::PrefixTuning(prefix),
+                ModuleConfig::Bottleneck(parallel),
+            ]));
         }
         match BnConfig::preset(name) {
             Ok(config) => Ok(Self(vec![ModuleConfig::Bottleneck(config)])),

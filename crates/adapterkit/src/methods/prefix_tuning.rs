@@ -320,6 +320,23 @@ impl PrefixTuning {
         Some(self.slot(slot, &mut Mode::Eval))
     }
 
+    /// Whether the prefix runs at `layer` (it has one there, and AdapterDrop keeps it).
+    pub fn runs_at(&self, layer: usize) -> bool {
+        self.slots.contains_key(&layer) && !self.skip_layers.contains(&layer)
+    }
+
+    /// `layer`'s keys and values in `mode` (dropout in training), if the prefix runs there.
+    pub(crate) fn at(
+        &self,
+        layer: usize,
+        mode: &mut Mode,
+    ) -> Option<CandleResult<(Tensor, Tensor)>> {
+        if !self.runs_at(layer) {
+            return None;
+        }
+        Some(self.slot(self.slots[&layer], mode))
+    }
+
     /// The change to `layer`'s keys and values: the prefix prepended, always attended.
     pub fn key_value(&self, layer: usize) -> Option<KeyValueChange<'_>> {
         if self.skip_layers.contains(&layer) {

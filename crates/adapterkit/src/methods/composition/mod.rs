@@ -16,6 +16,7 @@
 mod channels;
 mod grouped;
 mod linear;
+mod prefix;
 mod setup;
 
 pub use channels::Channel;
@@ -30,7 +31,7 @@ use crate::error::{Error, Result};
 use crate::methods::adapter::Adapter;
 use crate::methods::bottleneck::BottleneckAdapter;
 use crate::methods::fusion::Fusion;
-use crate::model::hooks::{LayerHooks, LinearChange, LinearSite, Position};
+use crate::model::hooks::{KeyValueChange, LayerHooks, LinearChange, LinearSite, Position};
 use crate::model::layer_norm::{EncoderLayerNorms, LayerNorm};
 use crate::model::Mode;
 
@@ -105,14 +106,6 @@ impl Composition {
                 children.iter().for_each(|c| fused.extend(c.names()));
             }
         });
-        if let Some(name) =
-            (setup.names().into_iter()).find(|n| adapters[*n].prefix_tuning().is_some())
-        {
-            return Err(Error::input(format!(
-                "the setup {setup} holds '{name}', a prefix tuning; prefix tuning runs alone \
-                 for now, not in a composition"
-            )));
-        }
         // AdapterHub fuses bottleneck adapters only (its LoRA layers refuse Fuse).
         if let Some(name) = fused
             .iter()
@@ -158,6 +151,18 @@ impl Composition {
         if let Some(name) = setup.single_adapter() {
             return Ok(self.layer_norms.get(name));
         }
+        let prefix = |n: &&str| {
+            self.adapters
+                .get(*n)
+                .is_some_and(|a| a.prefix_tuning().is_some())
+        };
+        if let Some(name) = setup.names().into_iter().find(prefix) {
+            return Err(Error::input(format!(
+                "the setup {setup} runs the prefix tuning '{name}' together with other adapters \
+                 (stack, average or fuse), which adapterkit does not do yet; run it alone in \
+                 its own parallel or batch_split channel"
+            )));
+        }
         match setup
             .names()
             .into_iter()
@@ -199,6 +204,7 @@ impl Composition {
                         .iter()
                         .any(|p| self.adapter(n, layer, *p).is_some())
                 })
+                || self.prefix_at(&self.setup, layer)
         })
     }
 
@@ -390,6 +396,10 @@ impl ChannelHooks<'_> {
 }
 
 impl LayerHooks for ChannelHooks<'_> {
+    fn key_value(&self, layer: usize) -> Option<KeyValueChange<'_>> {
+        self.prefixes(layer)
+    }
+
     fn linear(&self, layer: usize, site: LinearSite, base: &Linear) -> Option<LinearChange<'_>> {
         let composition = self.composition;
         let changes = |c: &Channel| composition.changes_linear(&c.setup, layer, site);
