@@ -41,9 +41,9 @@ def svg(rows, path: Path, dataset: str):
     width, height, margin = 640, 400, 60
     points = [(r["params"], r["acc"], r["sd"], r["family"]) for r in rows if r["params"] > 0]
     xs = [math.log10(p) for p, *_ in points]
-    ys = [a for _, a, *_ in points]
     x0, x1 = math.floor(min(xs)), math.ceil(max(xs))
-    y0, y1 = math.floor(min(ys) - 2), math.ceil(max(ys) + 2)
+    y0 = math.floor(min(a - sd for _, a, sd, _ in points) - 1)
+    y1 = math.ceil(max(a + sd for _, a, sd, _ in points) + 1)
     sx = lambda x: margin + (x - x0) / max(x1 - x0, 1e-9) * (width - 2 * margin)
     sy = lambda y: height - margin - (y - y0) / max(y1 - y0, 1e-9) * (height - 2 * margin)
     out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" font-family="sans-serif" font-size="12">',
