@@ -182,6 +182,10 @@ impl AdapterModel {
         let Some(lora) = adapter.lora() else {
             return Ok(self.clone());
         };
+        // A gate depends on the input: a gated LoRA stays as it is.
+        if lora.config.use_gating() {
+            return Ok(self.clone());
+        }
         let weights: std::collections::HashMap<String, Tensor> =
             self.encoder.named_tensors().into_iter().collect();
         let mut merged = std::collections::HashMap::new();
@@ -247,7 +251,16 @@ impl AdapterModel {
     /// Logits `[batch, num_labels]`. The head reads the first token alone, so the last layer
     /// computes nothing else.
     pub fn logits(&self, batch: &Batch, mode: &mut Mode) -> Result<Tensor> {
-        self.logits_at(batch, Positions::First, mode)
+        let gated = self
+            .adapter
+            .as_ref()
+            .is_some_and(Adapter::gates_read_every_position);
+        let last = if gated {
+            Positions::All
+        } else {
+            Positions::First
+        };
+        self.logits_at(batch, last, mode)
     }
 
     /// [`logits`](Self::logits) with the last layer computed at `last`: `All` gives the same

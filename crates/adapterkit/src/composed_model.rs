@@ -157,7 +157,14 @@ impl ComposedModel {
 
     /// Each channel's logits by its head, in the order of the setup's channels.
     pub fn logits(&self, batch: &Batch, mode: &mut Mode) -> Result<Vec<TaskLogits>> {
-        let hidden = self.hidden(batch, Positions::First, mode)?;
+        let adapters = self.composition.adapters.values();
+        let gated = adapters.into_iter().any(Adapter::gates_read_every_position);
+        let last = if gated {
+            Positions::All
+        } else {
+            Positions::First
+        };
+        let hidden = self.hidden(batch, last, mode)?;
         let batch_rows = batch.input_ids.dim(0)?;
         let setup = &self.composition.setup;
         routes(setup, batch_rows)?

@@ -29,6 +29,11 @@ const CASES: &[&str] = &[
     "prefix/prefix_flat",
     "prefix/prefix_leave",
     "prefix/mam",
+    "prefix/gated_prefix",
+    "prefix/gated_prefix2",
+    "prefix/gated_bn",
+    "prefix/gated_lora",
+    "prefix/unipelt",
 ];
 
 fn case_dir(case: &str) -> PathBuf {

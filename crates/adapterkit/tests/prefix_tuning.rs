@@ -102,7 +102,6 @@ fn bad_configs_and_files_are_refused_with_the_reason() {
         (vec![("bottleneck_size", "0")], "bottleneck_size"),
         (vec![("leave_out", "[0,1]")], "no layer"),
         (vec![("leave_out", "[7]")], "leave_out names layer 7"),
-        (vec![("use_gating", "true")], "use_gating"),
         (vec![("dropout", "1.5")], "dropout"),
     ] {
         let error = match config(&options) {
@@ -159,13 +158,16 @@ fn prefixes_in_parallel_and_batch_split_channels_give_what_each_gives_alone() {
         &expected["token_type_ids"],
         Some(&expected["attention_mask"]),
     );
-    // Prefixes of lengths 5 and 3 (the second only in layer 1), a bottleneck adapter, and a
-    // union of a prefix and a parallel adapter (Mix-and-Match).
+    // Prefixes of lengths 5 and 3 (the second only in layer 1), a bottleneck adapter, a union
+    // of a prefix and a parallel adapter (Mix-and-Match), UniPELT (a gated prefix, bottleneck
+    // adapter and LoRA) and a prefix with a gate each for keys and values.
     let parts = vec![
         fixture("prefix/prefix", "a"),
         fixture("adapters/houlsby", "b"),
         fixture("prefix/prefix_leave", "c"),
         fixture("prefix/mam", "d"),
+        fixture("prefix/unipelt", "e"),
+        fixture("prefix/gated_prefix2", "f"),
     ];
     let alone: Vec<_> = (parts.iter())
         .map(|p| p.logits(&batch, &mut Mode::Eval).unwrap())
@@ -181,7 +183,10 @@ fn prefixes_in_parallel_and_batch_split_channels_give_what_each_gives_alone() {
         assert_eq!(model.composition.lowest_active_layer(2), Some(0), "{text}");
         for task in model.logits(&batch, &mut Mode::Eval).unwrap() {
             let name = &model.heads[task.head].name;
-            let i = ["a", "b", "c", "d"].iter().position(|n| n == name).unwrap();
+            let i = ["a", "b", "c", "d", "e", "f"]
+                .iter()
+                .position(|n| n == name)
+                .unwrap();
             let want = alone[i]
                 .narrow(0, task.rows.start, task.rows.len())
                 .unwrap();

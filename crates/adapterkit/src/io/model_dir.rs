@@ -25,6 +25,17 @@ pub fn save_merged(
             "the adapter holds no LoRA or (IA)³ module, so there is nothing to merge",
         ));
     }
+    if model
+        .adapter
+        .as_ref()
+        .and_then(|a| a.lora())
+        .is_some_and(|l| l.config.use_gating())
+    {
+        return Err(Error::input(
+            "a gated LoRA (use_gating) scales its update by a value read off each input, so it \
+             cannot be folded into the weights",
+        ));
+    }
     if !model.base_trainable.0.is_empty() {
         return Err(Error::input(
             "merging a model whose base weights are being trained is not supported",

@@ -84,20 +84,43 @@ impl From<LoraConfig> for AdapterConfig {
 /// Every preset name [`AdapterConfig::preset`] takes.
 pub fn preset_names() -> Vec<&'static str> {
     let bottleneck = bottleneck_config::PRESETS.iter();
-    let others = lora::PRESETS.iter().chain(&["prefix_tuning", "mam"]);
+    let others = lora::PRESETS
+        .iter()
+        .chain(&["prefix_tuning", "mam", "unipelt"]);
     bottleneck.chain(others).copied().collect()
 }
 
 impl AdapterConfig {
     /// A preset by AdapterHub's name: `seq_bn` (`pfeiffer`), `double_seq_bn` (`houlsby`),
     /// `par_bn` (`parallel`), `lora`, `ia3`, `prefix_tuning`, `mam` (Mix-and-Match: a prefix
-    /// and a parallel adapter).
+    /// and a parallel adapter), `unipelt` (a gated prefix, bottleneck adapter and LoRA).
     pub fn preset(name: &str) -> Result<Self> {
         if let Some(config) = LoraConfig::preset(name) {
             return Ok(Self(vec![ModuleConfig::Lora(config)]));
         }
         if let Some(config) = PrefixTuningConfig::preset(name) {
             return Ok(Self(vec![ModuleConfig::PrefixTuning(config)]));
+        }
+        if name == "unipelt" {
+            // AdapterHub's UniPELTConfig: a prefix (length 10), a sequential bottleneck adapter
+            // (reduction 16) and a LoRA (r 8, alpha 2), each with a gate.
+            let gating = [("use_gating".to_string(), "true".to_string())];
+            let prefix = PrefixTuningConfig::preset("prefix_tuning")
+                .expect("a preset")
+                .with_overrides(&[gating[0].clone(), ("prefix_length".into(), "10".into())])
+                .map_err(Error::input)?;
+            let bottleneck = BnConfig::preset("seq_bn")?
+                .with_overrides(&[gating[0].clone(), ("reduction_factor".into(), "16".into())])
+                .map_err(Error::input)?;
+            let lora = LoraConfig::preset("lora")
+                .expect("a preset")
+                .with_overrides(&[gating[0].clone(), ("alpha".into(), "2".into())])
+                .map_err(Error::input)?;
+            return Ok(Self(vec![
+                ModuleConfig::PrefixTuning(prefix),
+                ModuleConfig::Bottleneck(bottleneck),
+                ModuleConfig::Lora(lora),
+            ]));
         }
         if name == "mam" {
             // AdapterHub's MAMConfig: a prefix (bottleneck 800) and a parallel adapter.
@@ -282,6 +305,14 @@ impl Adapter {
             Module::Lora(l) => Some(l),
             _ => None,
         })
+    }
+
+    /// Whether a gate of the adapter (UniPELT) reads a module's input over every position: the
+    /// last layer must then compute every position, not the first token alone.
+    pub fn gates_read_every_position(&self) -> bool {
+        let bottleneck = self.bottleneck().is_some_and(|b| b.config.use_gating());
+        let lora = self.lora().is_some_and(|l| l.config.use_gating());
+        bottleneck || lora
     }
 
     pub fn prefix_tuning(&self) -> Option<&PrefixTuning> {

@@ -9,6 +9,7 @@ use candle_nn::Linear;
 
 use crate::error::{Error, Result};
 use crate::methods::bottleneck_config::{BnConfig, InitWeights, ResidualBeforeLn};
+use crate::methods::gate::Gate;
 use crate::model::hooks::{LayerHooks, Position};
 use crate::model::layer_norm::LayerNorm;
 use crate::model::ops;
@@ -26,6 +27,8 @@ pub struct BottleneckAdapter {
     up: Linear,
     /// `adapter_norm_after` when `ln_after`.
     norm_after: Option<LayerNorm>,
+    /// `gate` when `use_gating` (UniPELT): scales the output by a value read off the input.
+    gate: Option<Gate>,
     params: Params,
 }
 
@@ -103,12 +106,25 @@ impl BottleneckAdapter {
         } else {
             None
         };
+        let gate = if config.use_gating() {
+            Some(Gate::new(
+                &mut params,
+                "gate",
+                (hidden, 1),
+                true,
+                rng,
+                device,
+            )?)
+        } else {
+            None
+        };
         Ok(Self {
             config: config.clone(),
             norm_before,
             down,
             up,
             norm_after,
+            gate,
             params,
         })
     }
@@ -138,6 +154,7 @@ impl BottleneckAdapter {
                 out.push((format!("{name}.bias"), b.clone()));
             }
         }
+        out.extend(self.gate.iter().flat_map(|g| g.tensors("gate")));
         out
     }
 
@@ -196,7 +213,7 @@ impl BottleneckAdapter {
     ) -> CandleResult<(Tensor, Tensor)> {
         let c = &self.config;
         let up = self.project(x)?;
-        let mut out = mode.dropout(&up, c.dropout)?;
+        let mut out = self.gated(mode.dropout(&up, c.dropout)?, x)?;
         let skip = !c.is_parallel;
         if skip && c.adapter_residual_before_ln {
             out = (out + residual)?;
@@ -208,6 +225,19 @@ impl BottleneckAdapter {
             out = (out + residual)?;
         }
         Ok((out, up))
+    }
+
+    /// `out` times the gate's value for `x` (the adapter's input), if the adapter has a gate.
+    fn gated(&self, out: Tensor, x: &Tensor) -> CandleResult<Tensor> {
+        match &self.gate {
+            Some(gate) => out.broadcast_mul(&Gate::column(&gate.values(x)?, 0)?),
+            None => Ok(out),
+        }
+    }
+
+    /// Whether a gate reads the adapter's input, all positions of it.
+    pub fn gated_by_input(&self) -> bool {
+        self.gate.is_some()
     }
 
     /// `up(act(down(norm_before(x)))) * scaling`.
@@ -283,7 +313,7 @@ impl BottleneckAdapter {
             // Houlsby's and Pfeiffer's case: `LayerNorm(dropout(up) + residual + input)`,
             // one op when the LayerNorm is frozen.
             let pre = self.pre_forward(hidden, input, layer_norm, false)?;
-            let up = mode.dropout(&self.project(&pre.x)?, c.dropout)?;
+            let up = self.gated(mode.dropout(&self.project(&pre.x)?, c.dropout)?, &pre.x)?;
             return layer_norm.of_sum(&[&up, &pre.residual, input]);
         }
         let (stream, _) = self.step(hidden, input, layer_norm, mode)?;
@@ -303,7 +333,8 @@ impl BottleneckAdapter {
         let plain = !c.is_parallel
             && c.original_ln_after
             && self.norm_before.is_none()
-            && self.norm_after.is_none();
+            && self.norm_after.is_none()
+            && self.gate.is_none();
         plain.then_some((&self.down, &self.up))
     }
 
@@ -316,6 +347,7 @@ impl BottleneckAdapter {
             down: frozen_linear(&self.down),
             up: frozen_linear(&self.up),
             norm_after: self.norm_after.as_ref().map(LayerNorm::frozen),
+            gate: self.gate.as_ref().map(Gate::frozen),
             params: Params::default(),
         }
     }

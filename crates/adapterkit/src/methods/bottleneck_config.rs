@@ -135,7 +135,6 @@ pub const PRESETS: &[&str] = &[
 
 /// Fields of AdapterHub's `BnConfig` that we do not implement, with the only value we accept.
 const UNSUPPORTED_UNLESS: &[(&str, &str)] = &[
-    ("use_gating", "false"),
     ("cross_adapter", "false"),
     ("phm_layer", "false"),
     ("inv_adapter", "null"),
@@ -143,6 +142,11 @@ const UNSUPPORTED_UNLESS: &[(&str, &str)] = &[
 ];
 
 impl BnConfig {
+    /// `use_gating` (UniPELT): a gate on the adapter's input scales its output.
+    pub fn use_gating(&self) -> bool {
+        self.other.get("use_gating") == Some(&Value::Bool(true))
+    }
+
     /// AdapterHub's base defaults plus the given placement, size and non-linearity.
     fn base(mh: bool, output: bool, reduction: f64, non_linearity: Activation) -> Self {
         let other = [
@@ -364,7 +368,7 @@ mod tests {
             .unwrap()
             .with_overrides(&[("use_gating".into(), "true".into())])
             .unwrap();
-        assert!(gated.validate(6, 384).unwrap_err().contains("use_gating"));
+        assert!(gated.use_gating() && gated.validate(6, 384).is_ok());
         let no_default = BnConfig::from_json(serde_json::json!({
             "mh_adapter": true, "output_adapter": true, "non_linearity": "relu", "reduction_factor": {"1": 8}
         })).unwrap();

@@ -12,6 +12,7 @@ use candle_core::{Device, Result as CandleResult, Tensor, Var};
 use candle_nn::Linear;
 
 use crate::error::{Error, Result};
+use crate::methods::gate::Gate;
 use crate::model::hooks::{LayerHooks, LinearChange, LinearSite};
 use crate::model::{BertConfig, Mode};
 use crate::params::{init, Params};
@@ -24,6 +25,9 @@ pub use crate::methods::lora_config::{CompositionMode, LoraConfig, LoraInit, Pef
 pub struct LoraLinear {
     a: Option<Tensor>,
     b: Tensor,
+    /// `use_gating` (UniPELT): a gate on the Linear's input scales the update instead of
+    /// `alpha / r`.
+    gate: Option<Gate>,
     params: Params,
 }
 
@@ -61,9 +65,22 @@ impl LoraLinear {
         };
         let b = Var::from_tensor(&b)?;
         params.push("lora_B", b.clone());
+        let gate = if config.use_gating() {
+            Some(Gate::new(
+                &mut params,
+                "gate",
+                (inputs, 1),
+                false,
+                rng,
+                device,
+            )?)
+        } else {
+            None
+        };
         Ok(Self {
             a,
             b: b.as_tensor().clone(),
+            gate,
             params,
         })
     }
@@ -71,6 +88,12 @@ impl LoraLinear {
     /// Whether its weights are plain tensors (no gradient to take).
     pub fn is_frozen(&self) -> bool {
         !self.b.track_op() && self.a.as_ref().is_none_or(|a| !a.track_op())
+    }
+
+    /// Whether its update is a fixed change of the weights, which may fold into them: frozen,
+    /// and no gate (a gate depends on the input).
+    pub fn folds(&self) -> bool {
+        self.is_frozen() && self.gate.is_none()
     }
 
     /// `lora_A` (LoRA only) and `lora_B`.
@@ -82,6 +105,7 @@ impl LoraLinear {
         Self {
             a: self.a.as_ref().map(Tensor::detach),
             b: self.b.detach(),
+            gate: self.gate.as_ref().map(Gate::frozen),
             params: Params::default(),
         }
     }
@@ -108,7 +132,12 @@ impl LoraLinear {
                 let low = flat.matmul(&a.t()?)?.matmul(&self.b.t()?)?;
                 let mut out_dims = dims;
                 *out_dims.last_mut().expect("a tensor with dimensions") = self.b.dim(0)?;
-                low.reshape(out_dims)? * scaling
+                let low = low.reshape(out_dims)?;
+                match &self.gate {
+                    // AdapterHub: the gate's value instead of alpha / r.
+                    Some(gate) => low.broadcast_mul(&Gate::column(&gate.values(x)?, 0)?),
+                    None => low * scaling,
+                }
             }
             None => {
                 let vector = (self.b.flatten_all()? * scaling)?;
@@ -241,8 +270,12 @@ impl Lora {
                     self.name
                 );
                 let a = module.a.clone().map(|a| (format!("{prefix}.lora_A"), a));
+                let gate: Vec<_> = (module.gate.iter())
+                    .flat_map(|g| g.tensors(&format!("{prefix}.gate")))
+                    .collect();
                 a.into_iter()
                     .chain([(format!("{prefix}.lora_B"), module.b.clone())])
+                    .chain(gate)
             })
             .collect()
     }
@@ -258,7 +291,7 @@ impl LayerHooks for Lora {
         let module = self.get(layer, site)?;
         // A frozen module without dropout folds into the weights for the pass (and so runs
         // in the fused block ops).
-        if module.is_frozen() && self.config.dropout == 0.0 {
+        if module.folds() && self.config.dropout == 0.0 {
             if let Ok((weight, bias)) = module.merge(&self.config, base.weight(), base.bias()) {
                 return Some(LinearChange::Weights(Linear::new(weight, bias)));
             }

@@ -108,7 +108,6 @@ fn whole_as_int<S: serde::Serializer>(x: &f64, s: S) -> std::result::Result<S::O
 
 /// Fields of AdapterHub's `LoRAConfig` that we do not implement, with the only value we accept.
 const UNSUPPORTED_UNLESS: &[(&str, Value)] = &[
-    ("use_gating", Value::Bool(false)),
     ("use_dora", Value::Bool(false)),
     ("vera_d", Value::Null),
     ("vera_b", Value::Null),
@@ -198,6 +197,12 @@ impl LoraConfig {
         sites
     }
 
+    /// `use_gating` (UniPELT): a gate on the Linear's input scales the update, in place of
+    /// `alpha / r` (as AdapterHub does: its gated LoRA ignores alpha).
+    pub fn use_gating(&self) -> bool {
+        self.other.get("use_gating") == Some(&Value::Bool(true))
+    }
+
     /// The factor on the module's output: `alpha / r` for LoRA (`alpha / √r` rank-stabilised),
     /// `alpha` for (IA)³.
     pub fn scaling(&self) -> f64 {
@@ -266,6 +271,11 @@ impl LoraConfig {
             }
             if self.dropout > 0.0 {
                 return Err("composition_mode \"scale\" ((IA)³) takes no dropout".into());
+            }
+            if self.use_gating() {
+                return Err(
+                    "use_gating with composition_mode \"scale\" ((IA)³) is not supported".into(),
+                );
             }
         }
         for (key, accepted) in UNSUPPORTED_UNLESS {

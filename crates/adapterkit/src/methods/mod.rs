@@ -7,6 +7,7 @@ pub mod bottleneck;
 pub mod bottleneck_config;
 pub mod composition;
 pub mod fusion;
+pub mod gate;
 pub mod lora;
 pub mod lora_config;
 pub mod prefix_tuning;

@@ -17,6 +17,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use crate::error::{Error, Result};
+use crate::methods::gate::Gate;
 use crate::model::hooks::{KeyValue, KeyValueChange};
 use crate::model::ops::Activation;
 use crate::model::{BertConfig, Mode};
@@ -134,9 +135,6 @@ impl PrefixTuningConfig {
         if !self.encoder_prefix {
             return Err("encoder_prefix=false puts no prefix in an encoder".into());
         }
-        if self.use_gating {
-            return Err("use_gating=true (UniPELT's gates) is not supported yet".into());
-        }
         Ok(())
     }
 }
@@ -167,6 +165,9 @@ pub struct PrefixTuning {
     params: Params,
     /// Frozen: every slot's keys and values, `[P, hidden]` each, computed once.
     computed: Option<Vec<(Tensor, Tensor)>>,
+    /// `use_gating`: per layer, a gate on the layer's input that scales the keys (its first
+    /// value) and the values (its last), and its parameters (`weight`, `bias`).
+    gates: BTreeMap<usize, (Gate, Params)>,
     /// Layers skipped at run time (AdapterDrop's `skip_layers`).
     pub skip_layers: BTreeSet<usize>,
 }
@@ -218,6 +219,15 @@ impl PrefixTuning {
                 up,
             }
         };
+        let mut gates = BTreeMap::new();
+        if config.use_gating {
+            let outputs = if config.shared_gating { 1 } else { 2 };
+            for &layer in slots.keys() {
+                let mut params = Params::default();
+                let gate = Gate::new(&mut params, "", (hidden, outputs), false, rng, device)?;
+                gates.insert(layer, (gate, params));
+            }
+        }
         Ok(Self {
             name: name.into(),
             config: config.clone(),
@@ -226,6 +236,7 @@ impl PrefixTuning {
             weights,
             params,
             computed: None,
+            gates,
             skip_layers: BTreeSet::new(),
         })
     }
@@ -240,13 +251,30 @@ impl PrefixTuning {
     pub fn params(&self) -> Params {
         let mut all = Params::default();
         all.extend_prefixed(&self.prefix(), self.params.clone());
+        for (layer, (_, params)) in &self.gates {
+            let params = params
+                .iter()
+                .map(|(n, v)| (n.trim_start_matches('.').to_string(), v.clone()));
+            all.extend_prefixed(&self.gate_name(*layer), Params(params.collect()));
+        }
         all
+    }
+
+    /// `encoder.layer.{layer}.attention.self.prefix_tuning.prefix_gates.{name}`.
+    fn gate_name(&self, layer: usize) -> String {
+        format!(
+            "encoder.layer.{layer}.attention.self.prefix_tuning.prefix_gates.{}",
+            self.name
+        )
     }
 
     /// Every weight with its full name, frozen or not (what `adapter.safetensors` holds).
     pub fn tensors(&self) -> Vec<(String, Tensor)> {
         let base = format!("{}.self_prefix", self.prefix());
-        match &self.weights {
+        let gates = (self.gates.iter())
+            .flat_map(|(layer, (gate, _))| gate.tensors(&self.gate_name(*layer)));
+        let gates: Vec<_> = gates.collect();
+        let mut weights = match &self.weights {
             Weights::Flat(t) => vec![(format!("{base}.control_trans"), t.clone())],
             Weights::Mlp { wte, down, up } => {
                 let mut out = vec![(format!("{base}.wte.weight"), wte.clone())];
@@ -258,7 +286,9 @@ impl PrefixTuning {
                 }
                 out
             }
-        }
+        };
+        weights.extend(gates);
+        weights
     }
 
     /// A copy with plain tensors whose keys and values are computed once, for inference
@@ -272,10 +302,14 @@ impl PrefixTuning {
                 up: crate::params::frozen_linear(up),
             },
         };
+        let gates = (self.gates.iter())
+            .map(|(l, (gate, _))| (*l, (gate.frozen(), Params::default())))
+            .collect();
         let mut frozen = Self {
             weights,
             params: Params::default(),
             computed: None,
+            gates,
             ..self.clone()
         };
         let computed = (0..frozen.slots.len())
@@ -337,6 +371,30 @@ impl PrefixTuning {
         Some(self.slot(self.slots[&layer], mode))
     }
 
+    /// `layer`'s prefix keys and values `[P, hidden]` for each row of `input` (the layer's
+    /// input, `[rows, seq, hidden]`): `[rows, P, hidden]`, scaled by the layer's gate if it has
+    /// one.
+    pub(crate) fn for_rows(
+        &self,
+        layer: usize,
+        keys: &Tensor,
+        values: &Tensor,
+        input: &Tensor,
+    ) -> CandleResult<(Tensor, Tensor)> {
+        let rows = input.dim(0)?;
+        let spread = |t: &Tensor| t.unsqueeze(0)?.expand((rows, t.dim(0)?, self.hidden));
+        let (keys, values) = (spread(keys)?, spread(values)?);
+        let Some((gate, _)) = self.gates.get(&layer) else {
+            return Ok((keys, values));
+        };
+        let g = gate.values(input)?;
+        let last = g.dim(1)? - 1;
+        Ok((
+            keys.broadcast_mul(&Gate::column(&g, 0)?)?,
+            values.broadcast_mul(&Gate::column(&g, last)?)?,
+        ))
+    }
+
     /// The change to `layer`'s keys and values: the prefix prepended, always attended.
     pub fn key_value(&self, layer: usize) -> Option<KeyValueChange<'_>> {
         if self.skip_layers.contains(&layer) {
@@ -345,14 +403,14 @@ impl PrefixTuning {
         let slot = *self.slots.get(&layer)?;
         Some(Box::new(move |kv: KeyValue, mode: &mut Mode| {
             let (keys, values) = self.slot(slot, mode)?;
-            let batch = kv.key.dim(0)?;
-            let p = keys.dim(0)?;
-            let spread = |t: &Tensor| t.unsqueeze(0)?.expand((batch, p, self.hidden));
+            let (keys, values) = self.for_rows(layer, &keys, &values, &kv.input)?;
+            let (batch, p) = (kv.key.dim(0)?, keys.dim(1)?);
             let zeros = Tensor::zeros((batch, 1, 1, p), kv.bias.dtype(), kv.bias.device())?;
             Ok(KeyValue {
-                key: Tensor::cat(&[&spread(&keys)?, &kv.key], 1)?,
-                value: Tensor::cat(&[&spread(&values)?, &kv.value], 1)?,
+                key: Tensor::cat(&[&keys, &kv.key], 1)?,
+                value: Tensor::cat(&[&values, &kv.value], 1)?,
                 bias: Tensor::cat(&[&zeros, &kv.bias], 3)?,
+                input: kv.input,
             })
         }))
     }

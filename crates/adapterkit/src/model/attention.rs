@@ -51,11 +51,14 @@ impl BertSelfAttention {
             key: linear(LinearSite::Key, &self.key, hidden)?,
             value: linear(LinearSite::Value, &self.value, hidden)?,
             bias: bias.clone(),
+            input: hidden.clone(),
         };
         if let Some(change) = hooks.key_value(layer) {
             kv = change(kv, mode)?;
         }
-        let KeyValue { key, value, bias } = kv;
+        let KeyValue {
+            key, value, bias, ..
+        } = kv;
         ops::attention(
             &query,
             &key,

@@ -85,11 +85,13 @@ impl Position {
 }
 
 /// Key and value states of one attention layer, `[batch, seq, hidden]` (the heads side by side),
-/// with the additive mask bias over key positions, `[batch, 1, 1, seq]`.
+/// with the additive mask bias over key positions, `[batch, 1, 1, seq]`, and the layer's input
+/// they were projected from (what a prefix's gate reads).
 pub struct KeyValue {
     pub key: Tensor,
     pub value: Tensor,
     pub bias: Tensor,
+    pub input: Tensor,
 }
 
 /// From a Linear's input `x` and output `W x + b` to the output the layer goes on with.

@@ -127,7 +127,7 @@ impl Composition {
                 let Some((lora, module)) = lora.and_then(|l| Some((l, l.get(layer, site)?))) else {
                     return Ok(Some(chain));
                 };
-                if !module.is_frozen() || lora.config.dropout > 0.0 {
+                if !module.folds() || lora.config.dropout > 0.0 {
                     return Ok(None);
                 }
                 let scaling = lora.config.scaling();

@@ -41,12 +41,22 @@ impl ChannelHooks<'_> {
         }
         Some(Box::new(move |kv: KeyValue, mode: &mut Mode| {
             let (_, _, hidden) = kv.key.dims3()?;
+            // Each channel's prefix for its rows, gated by its rows' input.
             let mut parts = Vec::with_capacity(prefixes.len());
-            for prefix in &prefixes {
-                parts.push(prefix.and_then(|p| p.at(layer, mode)).transpose()?);
+            for (channel, prefix) in self.channels.iter().zip(&prefixes) {
+                let part = match prefix.map(|p| (p, p.at(layer, mode))) {
+                    Some((p, Some(kv_prefix))) => {
+                        let (keys, values) = kv_prefix?;
+                        let rows = channel.rows.clone();
+                        let input = kv.input.narrow(0, rows.start, rows.len())?;
+                        Some(p.for_rows(layer, &keys, &values, &input)?)
+                    }
+                    _ => None,
+                };
+                parts.push(part);
             }
             let longest = (parts.iter().flatten())
-                .map(|(k, _)| k.dim(0))
+                .map(|(k, _)| k.dim(1))
                 .collect::<Result<Vec<_>>>()?
                 .into_iter()
                 .max()
@@ -56,17 +66,16 @@ impl ChannelHooks<'_> {
             for (channel, part) in self.channels.iter().zip(&parts) {
                 let rows = channel.rows.len();
                 let own = match part {
-                    Some((k, _)) => k.dim(0)?,
+                    Some((k, _)) => k.dim(1)?,
                     None => 0,
                 };
                 let pad = longest - own;
                 let padded = |t: Option<&Tensor>| -> Result<Tensor> {
-                    let zeros = Tensor::zeros((pad, hidden), DType::F32, device)?;
-                    let t = match t {
-                        Some(t) => Tensor::cat(&[&zeros, t], 0)?,
-                        None => zeros,
-                    };
-                    t.unsqueeze(0)?.expand((rows, longest, hidden))
+                    let zeros = Tensor::zeros((rows, pad, hidden), DType::F32, device)?;
+                    match t {
+                        Some(t) => Tensor::cat(&[&zeros, t], 1),
+                        None => Ok(zeros),
+                    }
                 };
                 keys.push(padded(part.as_ref().map(|(k, _)| k))?);
                 values.push(padded(part.as_ref().map(|(_, v)| v))?);
@@ -83,6 +92,7 @@ impl ChannelHooks<'_> {
                 key: Tensor::cat(&[&Tensor::cat(&keys, 0)?, &kv.key], 1)?,
                 value: Tensor::cat(&[&Tensor::cat(&values, 0)?, &kv.value], 1)?,
                 bias: Tensor::cat(&[&bias, &kv.bias], 3)?,
+                input: kv.input,
             })
         }))
     }
