@@ -199,3 +199,33 @@ fn prefixes_in_parallel_and_batch_split_channels_give_what_each_gives_alone() {
     let error = ComposedModel::new(tiny_encoder(), setup, parts).unwrap_err();
     assert!(error.to_string().contains("prefix tuning 'a'"), "{error}");
 }
+
+#[test]
+fn a_gated_lora_is_never_folded_into_the_weights() {
+    let dir = fixtures().join("prefix/gated_lora");
+    let expected = load_expected("prefix/gated_lora/expected.safetensors");
+    let batch = batch_of(
+        &expected["input_ids"],
+        &expected["token_type_ids"],
+        Some(&expected["attention_mask"]),
+    );
+    let model = adapter_dir::load(&dir, tiny_encoder(), &Device::Cpu).unwrap();
+    // `merged` (what predict runs) keeps it as it is, with the same logits.
+    let merged = model.merged().unwrap();
+    assert!(merged.adapter.as_ref().unwrap().lora().is_some());
+    let logits = merged.frozen().logits(&batch, &mut Mode::Eval).unwrap();
+    assert!(max_abs_diff(&logits, &expected["logits"]) < 1e-5);
+    // Writing it as a merged model directory is refused, with the reason.
+    let files = adapterkit::model::load::ModelFiles::in_dir(&tiny_bert_dir()).unwrap();
+    let out = tempfile::tempdir().unwrap();
+    let error = adapterkit::io::model_dir::save_merged(out.path(), &files, &model, "tiny-bert")
+        .unwrap_err();
+    assert!(error.to_string().contains("gated LoRA"), "{error}");
+    // A gated (IA)³ is not supported.
+    let ia3 = AdapterConfig::preset("ia3")
+        .unwrap()
+        .with_overrides(&[("use_gating".into(), "true".into())])
+        .unwrap();
+    let error = model_with(&ia3).unwrap_err();
+    assert!(error.to_string().contains("use_gating"), "{error}");
+}
