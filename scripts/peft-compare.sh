@@ -18,7 +18,7 @@ cd "$(dirname "$0")/.."
 
 dataset="${1:?usage: scripts/peft-compare.sh DATASET \"SEEDS\"}"
 seeds="${2:-1 2 3}"
-families=${FAMILIES:-full head houlsby pfeiffer parallel lora ia3 prefix_tuning mam}
+families=${FAMILIES:-full head houlsby pfeiffer parallel lora ia3 prefix_tuning mam unipelt}
 grid=${GRID:-1e-4 3e-4 1e-3 3e-3 1e-2}
 epochs=${EPOCHS:-3}
 model=${MODEL:-assets/all-MiniLM-L6-v2}
