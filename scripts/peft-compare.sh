@@ -7,8 +7,8 @@
 #   scripts/peft-compare.sh DATASET "SEEDS"        e.g. scripts/peft-compare.sh trec6 "1 2 3"
 #
 # The sweep: {1e-4, 3e-4, 1e-3, 3e-3, 1e-2}, seed 1, 3 epochs, best validation metric wins; its
-# result is cached (runs/DATASET/compare/sweep/FAMILY.lr), and every finished run is skipped,
-# so an interrupted comparison goes on where it stopped. Adapters train with the encoder's
+# result is cached (runs/DATASET/compare/sweep/FAMILY.lr), every finished run is skipped and a
+# killed one resumes from its checkpoint, so an interrupted comparison goes on where it stopped. Adapters train with the encoder's
 # LayerNorms frozen (the methods as defined, files Python reads alike).
 # Env: FAMILIES (default below), GRID, EPOCHS (3), MAX_TRAIN (cap the training examples, for a
 # quick check), MODEL (assets/all-MiniLM-L6-v2), ADAPTERKIT_BIN (a fixed build), OUT (the
@@ -33,6 +33,8 @@ train() {  # train FAMILY LR SEED DIR
   local extra=()
   case "$1" in full | head) ;; *) extra+=(--freeze-layer-norms) ;; esac
   [ -z "${MAX_TRAIN:-}" ] || extra+=(--max-train-examples "$MAX_TRAIN")
+  # A run killed half-way goes on from its checkpoint.
+  [ ! -d "$4/checkpoint" ] || extra+=(--resume)
   "$bin" train --model "$model" --data "$dataset" --method "$1" --lr "$2" --seed "$3" \
     --epochs "$epochs" --out "$4" --quiet "${extra[@]}" >/dev/null
 }
