@@ -157,14 +157,7 @@ impl AdapterSet {
                 Setup::Stack(vec![Setup::Fuse(children)])
             }
             (Some(adapter), None) => {
-                adapter.name = name.into();
-                for module in &mut adapter.modules {
-                    match module {
-                        Module::Bottleneck(m) => m.name = name.into(),
-                        Module::Lora(m) => m.name = name.into(),
-                        Module::PrefixTuning(m) => m.name = name.into(),
-                    }
-                }
+                adapter.rename(name);
                 model.head.name = name.into();
                 Setup::Stack(vec![Setup::Adapter(name.into())])
             }

@@ -10,7 +10,7 @@ use adapterkit::composed_model::ComposedModel;
 use adapterkit::data::TaskKind;
 use adapterkit::heads::HeadConfig;
 use adapterkit::io::adapter_dir;
-use adapterkit::methods::adapter::{AdapterConfig, Module, ModuleConfig};
+use adapterkit::methods::adapter::{AdapterConfig, ModuleConfig};
 use adapterkit::methods::composition::Setup;
 use adapterkit::model::Mode;
 use candle_core::Device;
@@ -137,15 +137,7 @@ fn bad_configs_and_files_are_refused_with_the_reason() {
 fn fixture(case: &str, name: &str) -> AdapterModel {
     let mut model =
         adapter_dir::load(&fixtures().join(case), tiny_encoder(), &Device::Cpu).unwrap();
-    let adapter = model.adapter.as_mut().unwrap();
-    adapter.name = name.into();
-    for module in &mut adapter.modules {
-        match module {
-            Module::Bottleneck(m) => m.name = name.into(),
-            Module::Lora(m) => m.name = name.into(),
-            Module::PrefixTuning(m) => m.name = name.into(),
-        }
-    }
+    model.adapter.as_mut().unwrap().rename(name);
     model.head.name = name.into();
     model
 }

@@ -315,6 +315,18 @@ impl Adapter {
         bottleneck || lora
     }
 
+    /// The same adapter under another name (its modules' names too, which name its tensors).
+    pub fn rename(&mut self, name: &str) {
+        self.name = name.into();
+        for module in &mut self.modules {
+            match module {
+                Module::Bottleneck(m) => m.name = name.into(),
+                Module::Lora(m) => m.name = name.into(),
+                Module::PrefixTuning(m) => m.name = name.into(),
+            }
+        }
+    }
+
     pub fn prefix_tuning(&self) -> Option<&PrefixTuning> {
         self.modules.iter().find_map(|m| match m {
             Module::PrefixTuning(p) => Some(p),
