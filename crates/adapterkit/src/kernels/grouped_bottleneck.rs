@@ -109,12 +109,7 @@ impl GroupedBottleneckOp {
     ) -> Result<()> {
         let rows = hidden.len() / width.max(1);
         let norm = |x: &[f32], dst: &mut [f32]| {
-            for (row, dst) in x.chunks_exact(width).zip(dst.chunks_exact_mut(width)) {
-                let (mean, rstd) = LayerNormOp::stats(row, self.eps);
-                for i in 0..width {
-                    dst[i] = (row[i] - mean) * rstd * norm_weight[i] + norm_bias[i];
-                }
-            }
+            LayerNormOp::normalize_into(x, norm_weight, norm_bias, self.eps, dst)
         };
         let sum: Vec<f32> = hidden.iter().zip(input).map(|(h, i)| h + i).collect();
         let Some(adapter) = adapter else {

@@ -14,7 +14,7 @@ pub struct LayerNormOp {
 
 impl LayerNormOp {
     /// Per row: mean and 1/std.
-    pub(crate) fn stats(row: &[f32], eps: f64) -> (f32, f32) {
+    fn stats(row: &[f32], eps: f64) -> (f32, f32) {
         let n = row.len() as f32;
         let mean = sum(row) / n;
         let var = lanes(row, row, 0.0, |a, x, _| a + (x - mean) * (x - mean))
@@ -28,14 +28,20 @@ impl LayerNormOp {
     fn normalize(&self, x: &[f32], w: &[f32], b: &[f32]) -> Vec<f32> {
         let h = w.len();
         par_vec(x.len(), h, |first, block| {
-            let rows = x[first * h..].chunks_exact(h);
-            for (row, dst) in rows.zip(block.chunks_exact_mut(h)) {
-                let (mean, rstd) = Self::stats(row, self.eps);
-                for i in 0..h {
-                    dst[i] = (row[i] - mean) * rstd * w[i] + b[i];
-                }
-            }
+            Self::normalize_into(&x[first * h..], w, b, self.eps, block)
         })
+    }
+
+    /// [`normalize`](Self::normalize) of the rows of `x` into `dst` (as many rows as `dst`
+    /// holds), on the calling thread.
+    pub(crate) fn normalize_into(x: &[f32], w: &[f32], b: &[f32], eps: f64, dst: &mut [f32]) {
+        let h = w.len();
+        for (row, dst) in x.chunks_exact(h).zip(dst.chunks_exact_mut(h)) {
+            let (mean, rstd) = Self::stats(row, eps);
+            for i in 0..h {
+                dst[i] = (row[i] - mean) * rstd * w[i] + b[i];
+            }
+        }
     }
 
     fn backward(
