@@ -41,8 +41,15 @@ fn blocks_match_adapters_library() {
         .map(|a| (a.name.clone(), Adapter::of_bottleneck(a.clone())))
         .collect();
     // The Pfeiffer adapter of the adapter fixtures, as the script loads it.
-    let pfeiffer = python_made("pfeiffer", "p").adapter.unwrap();
+    let pfeiffer = python_made("adapters/pfeiffer", "p").adapter.unwrap();
     adapters.insert("p".into(), pfeiffer);
+    // And the prefix tunings of the prefix fixtures (Mix-and-Match as "m").
+    for (case, name) in [("prefix", "x"), ("prefix_leave", "y"), ("mam", "m")] {
+        let prefix = python_made(&format!("prefix/{case}"), name)
+            .adapter
+            .unwrap();
+        adapters.insert(name.into(), prefix);
+    }
     let fusions = BTreeMap::from([(fusion.name(), fusion.clone())]);
     for (case, listing) in cases["cases"].as_object().unwrap() {
         let text = listing["setup"].as_str().unwrap();
@@ -68,9 +75,9 @@ fn blocks_match_adapters_library() {
 /// An adapter (and head) made by Python's `adapters` 1.3 (`tests/fixtures/adapters/CASE`),
 /// renamed `name`.
 fn python_made(case: &str, name: &str) -> AdapterModel {
-    let dir = fixtures().join("adapters").join(case);
+    let dir = fixtures().join(case);
     let mut model = adapter_dir::load(&dir, tiny_encoder(), &Device::Cpu).unwrap();
-    model.adapter.as_mut().unwrap().name = name.into();
+    model.adapter.as_mut().unwrap().rename(name);
     model.head.name = name.into();
     model
 }
@@ -91,7 +98,9 @@ fn python_logits(case: &str) -> (adapterkit::batch::Batch, candle_core::Tensor) 
 /// setups; before issue 13 we gave the later channels the first adapter's preparation and
 /// the last one's finish, off by up to 0.18 in probability on MiniLM.)
 fn check_parallel_of_python_adapters(cases: &[(&str, &str)]) {
-    let tasks: Vec<AdapterModel> = cases.iter().map(|(c, n)| python_made(c, n)).collect();
+    let tasks: Vec<AdapterModel> = (cases.iter())
+        .map(|(c, n)| python_made(&format!("adapters/{c}"), n))
+        .collect();
     let names: Vec<&str> = cases.iter().map(|(_, n)| *n).collect();
     let setup = Setup::parse(&format!("parallel({})", names.join(","))).unwrap();
     for share in [true, false] {

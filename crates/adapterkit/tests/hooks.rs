@@ -1,32 +1,31 @@
 //! The encoder cannot skip a hook: whatever path a block takes (one fused op for frozen
-//! weights, node by node otherwise), a change the hooks make to a Linear or to the keys and
-//! values reaches the output, given as weights or applied to the output alike, and a change that
-//! changes nothing gives the fused path's output.
+//! weights, node by node otherwise), a change the hooks make to a Linear reaches the output,
+//! given as weights or applied to the output alike, a prefix of keys and values reaches it
+//! alike on both paths, and a change that changes nothing gives the fused path's output.
 
 mod common;
 
-use candle_core::{Device, Result, Tensor};
+use candle_core::{Device, Result, Tensor, Var};
 use candle_nn::Linear;
 
 use adapterkit::batch::Batch;
-use adapterkit::model::hooks::{KeyValue, KeyValueChange, LayerHooks, LinearChange, LinearSite};
+use adapterkit::model::hooks::{KeyValuePrefix, LayerHooks, LinearChange, LinearSite};
 use adapterkit::model::layer::Positions;
 use adapterkit::model::{BertModel, Mode, NoHooks};
 use common::{max_abs_diff, tiny_encoder};
 
-/// Scales one Linear's output (or the keys and values) of one layer by `1 + shift` (a shift
-/// alone would be lost on the keys: softmax ignores what every score gains), as a change
-/// applied to the output or (`as_weights`) as the Linear's weights scaled.
+/// Scales one Linear's output of one layer by `1 + shift`, as a change applied to the output
+/// or (`as_weights`) as the Linear's weights scaled.
 struct Shift {
     layer: usize,
-    site: Option<LinearSite>,
+    site: LinearSite,
     shift: f64,
     as_weights: bool,
 }
 
 impl LayerHooks for Shift {
     fn linear(&self, layer: usize, site: LinearSite, base: &Linear) -> Option<LinearChange<'_>> {
-        if layer != self.layer || Some(site) != self.site {
+        if layer != self.layer || site != self.site {
             return None;
         }
         let factor = 1.0 + self.shift;
@@ -39,17 +38,41 @@ impl LayerHooks for Shift {
             move |_x: &Tensor, out: Tensor, _mode: &mut Mode| out * factor,
         )))
     }
+}
 
-    fn key_value(&self, layer: usize) -> Option<KeyValueChange<'_>> {
-        if layer != self.layer || self.site.is_some() {
-            return None;
+/// Three keys and values in front of one layer's own: fixed values, every query attending to
+/// them or (`hidden`) none; as a tensor that tracks a gradient (`trainable`, which keeps the
+/// block off the fused op) or not.
+struct Prefix {
+    layer: usize,
+    hidden: bool,
+    trainable: bool,
+}
+
+impl LayerHooks for Prefix {
+    fn key_value_prefix(
+        &self,
+        layer: usize,
+        input: &Tensor,
+        _mode: &mut Mode,
+    ) -> Result<Option<KeyValuePrefix>> {
+        if layer != self.layer {
+            return Ok(None);
         }
-        Some(Box::new(|kv: KeyValue, _: &mut Mode| {
-            Ok(KeyValue {
-                key: (kv.key * (1.0 + self.shift))?,
-                value: (kv.value * (1.0 + self.shift))?,
-                ..kv
-            })
+        let (rows, _, hidden) = input.dims3()?;
+        let values = Tensor::arange(0f32, (3 * hidden) as f32, input.device())?
+            .reshape((1, 3, hidden))?
+            .sin()?;
+        let values = match self.trainable {
+            true => Var::from_tensor(&values)?.as_tensor().clone(),
+            false => values,
+        };
+        let values = values.broadcast_as((rows, 3, hidden))?;
+        let mask = if self.hidden { f32::MIN } else { 0.0 };
+        Ok(Some(KeyValuePrefix {
+            keys: (&values * 2.0)?,
+            values,
+            bias: Tensor::full(mask, (rows, 1, 1, 3), input.device())?,
         }))
     }
 }
@@ -82,9 +105,7 @@ fn every_change_reaches_the_output_on_the_fused_and_the_plain_path() -> Result<(
     let layers = frozen.layers.len();
     let sites = LinearSite::ATTENTION
         .into_iter()
-        .chain(LinearSite::FEED_FORWARD)
-        .map(Some)
-        .chain([None]);
+        .chain(LinearSite::FEED_FORWARD);
     for site in sites {
         for layer in 0..layers {
             for (encoder, path) in [(&frozen, "fused"), (&trainable, "plain")] {
@@ -110,14 +131,57 @@ fn every_change_reaches_the_output_on_the_fused_and_the_plain_path() -> Result<(
                         );
                         let moved = max_abs_diff(&base, &changed);
                         assert!(moved > 1e-4, "{case}: the change was skipped");
-                        if site.is_some() {
-                            assert!(paths < 1e-5, "{case}: as weights, {paths} off");
-                        }
+                        assert!(paths < 1e-5, "{case}: as weights, {paths} off");
                         // No change: the node-by-node path gives what the fused op gives.
                         let unchanged = run(encoder, &shift(0.0), positions, train);
                         let diff = max_abs_diff(&base, &unchanged);
                         assert!(diff < 1e-5, "{case}: the paths differ by {diff}");
                     }
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// A prefix reaches the output alike on the fused op (frozen encoder, prefix without a
+/// gradient), node by node because the prefix trains, and node by node because the encoder
+/// trains, with and without dropout; a prefix no query attends to changes nothing.
+#[test]
+fn a_prefix_reaches_the_output_alike_on_every_path() -> Result<()> {
+    let frozen = tiny_encoder();
+    let mut trainable = tiny_encoder();
+    trainable.make_trainable(|_| true).unwrap();
+    for layer in 0..frozen.layers.len() {
+        for train in [false, true] {
+            for positions in [Positions::All, Positions::First] {
+                let case = format!("layer {layer}, train {train}, {positions:?}");
+                let prefix = |hidden, trainable| Prefix {
+                    layer,
+                    hidden,
+                    trainable,
+                };
+                let fused = run(&frozen, &prefix(false, false), positions, train);
+                let base = run(&frozen, &NoHooks, positions, train);
+                let moved = max_abs_diff(&base, &fused);
+                assert!(moved > 1e-4, "{case}: the prefix was skipped");
+                for (encoder, hooks, path) in [
+                    (&frozen, prefix(false, true), "trained prefix"),
+                    (&trainable, prefix(false, false), "trained encoder"),
+                ] {
+                    let plain = run(encoder, &hooks, positions, train);
+                    let diff = max_abs_diff(&fused, &plain);
+                    assert!(diff < 1e-5, "{case}: {path} is {diff} off the fused op");
+                }
+                // (In training the attention's dropout draws over the prefix too.)
+                let paths = [(&frozen, "fused"), (&trainable, "plain")];
+                for (encoder, path) in paths.into_iter().filter(|_| !train) {
+                    let hidden = run(encoder, &prefix(true, false), positions, train);
+                    let diff = max_abs_diff(&run(encoder, &NoHooks, positions, train), &hidden);
+                    assert!(
+                        diff < 1e-5,
+                        "{case}, {path}: a hidden prefix moved it by {diff}"
+                    );
                 }
             }
         }

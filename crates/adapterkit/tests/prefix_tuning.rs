@@ -12,6 +12,7 @@ use adapterkit::heads::HeadConfig;
 use adapterkit::io::adapter_dir;
 use adapterkit::methods::adapter::{AdapterConfig, ModuleConfig};
 use adapterkit::methods::composition::Setup;
+use adapterkit::model::layer::Positions;
 use adapterkit::model::Mode;
 use candle_core::Device;
 use common::*;
@@ -143,7 +144,7 @@ fn fixture(case: &str, name: &str) -> AdapterModel {
 }
 
 #[test]
-fn prefixes_in_parallel_and_batch_split_channels_give_what_each_gives_alone() {
+fn prefixes_in_parallel_batch_split_and_stacks_give_what_each_gives_alone() {
     let expected = load_expected("prefix/prefix/expected.safetensors");
     let batch = batch_of(
         &expected["input_ids"],
@@ -186,10 +187,31 @@ fn prefixes_in_parallel_and_batch_split_channels_give_what_each_gives_alone() {
             assert!(diff < 1e-6, "{text}, task {name}: {diff}");
         }
     }
-    // Stacked with another adapter: not built yet, and said so.
-    let setup = Setup::parse("stack(b,a)").unwrap();
-    let error = ComposedModel::new(tiny_encoder(), setup, parts).unwrap_err();
-    assert!(error.to_string().contains("prefix tuning 'a'"), "{error}");
+    // Stacks with prefixes in channels: each channel gives what its stack gives alone, padded
+    // to the longest channel's prefixes with positions no query sees.
+    let stack = |text: &str| {
+        let setup = Setup::parse(text).unwrap();
+        let model = ComposedModel::new(tiny_encoder(), setup, parts.clone()).unwrap();
+        model
+            .hidden(&batch, Positions::All, &mut Mode::Eval)
+            .unwrap()
+    };
+    let together = stack("parallel(stack(a,c,b),c,stack(d,f))");
+    for (i, text) in ["stack(a,c,b)", "c", "stack(d,f)"].iter().enumerate() {
+        let rows = batch.input_ids.dim(0).unwrap();
+        let channel = together.narrow(0, i * rows, rows).unwrap();
+        let diff = max_abs_diff(&stack(text), &channel);
+        assert!(diff < 1e-6, "{text} in a parallel: {diff}");
+    }
+    // Averaging a prefix with others is not defined, and said so.
+    for (text, message) in [
+        ("average(a,b)", "averages the prefix tuning 'a'"),
+        ("stack(b,average(c,b))", "averages the prefix tuning 'c'"),
+    ] {
+        let setup = Setup::parse(text).unwrap();
+        let error = ComposedModel::new(tiny_encoder(), setup, parts.clone()).unwrap_err();
+        assert!(error.to_string().contains(message), "{text}: {error}");
+    }
 }
 
 #[test]

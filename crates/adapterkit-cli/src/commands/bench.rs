@@ -28,7 +28,8 @@ pub struct Args {
     steps: usize,
     /// What to measure, in order: inference (the logits: the last layer computes the first
     /// token alone), inference-all-positions (every position, as `transformers` computes it),
-    /// adapter (Houlsby training), full (fine-tuning), lora (LoRA r=8, alpha=16 on q and v,
+    /// prefix (inference as `inference`, through a prefix tuning of 30 positions: the FLOPs
+    /// counted are the bare model's), adapter (Houlsby training), full (fine-tuning), lora (LoRA r=8, alpha=16 on q and v,
     /// training), ia3 ((IA)³ training), lora-stack (inference through two LoRAs composed
     /// unmerged, `stack(a,b)`),
     /// ops (fused against composed LayerNorm and softmax, forward + backward, at this shape),
@@ -132,6 +133,13 @@ pub fn run(args: Args) -> Result<()> {
                     flops,
                 )
             }
+            "prefix" => {
+                let method = Method::Adapter(AdapterConfig::preset("prefix_tuning")?);
+                let model = AdapterModel::new(encoder.clone(), &method, "bench", head.clone(), false, 1, &device)?
+                    .frozen();
+                let step = || inference_step(&model, &batch, Positions::First);
+                (time_per_step(1, args.steps, step)?, flops)
+            }
             "adapter" | "full" => {
                 let method = if what == "full" {
                     Method::Full
@@ -194,7 +202,7 @@ pub fn run(args: Args) -> Result<()> {
                 continue;
             }
             other => anyhow::bail!(
-                "unknown measurement '{other}' (inference, inference-all-positions, adapter, full, lora, ia3, lora-stack, ops, multitask, adapter-drop)"
+                "unknown measurement '{other}' (inference, inference-all-positions, prefix, adapter, full, lora, ia3, lora-stack, ops, multitask, adapter-drop)"
             ),
         };
         rows.push(row(what, seconds, step_flops));

@@ -16,7 +16,7 @@ use crate::methods::bottleneck::BottleneckAdapters;
 use crate::methods::bottleneck_config::{self, BnConfig};
 use crate::methods::lora::{self, Lora, LoraConfig};
 use crate::methods::prefix_tuning::{PrefixTuning, PrefixTuningConfig};
-use crate::model::hooks::{KeyValueChange, LayerHooks, LinearChange, LinearSite, Position};
+use crate::model::hooks::{KeyValuePrefix, LayerHooks, LinearChange, LinearSite, Position};
 use crate::model::layer_norm::LayerNorm;
 use crate::model::{BertConfig, Mode};
 use crate::params::Params;
@@ -379,8 +379,16 @@ impl LayerHooks for Adapter {
         self.lora()?.linear(layer, site, base)
     }
 
-    fn key_value(&self, layer: usize) -> Option<KeyValueChange<'_>> {
-        self.prefix_tuning()?.key_value(layer)
+    fn key_value_prefix(
+        &self,
+        layer: usize,
+        input: &Tensor,
+        mode: &mut Mode,
+    ) -> CandleResult<Option<KeyValuePrefix>> {
+        match self.prefix_tuning() {
+            Some(p) => p.key_value_prefix(layer, input, mode),
+            None => Ok(None),
+        }
     }
 
     fn sub_layer_output(

@@ -18,7 +18,7 @@ use serde_json::Value;
 
 use crate::error::{Error, Result};
 use crate::methods::gate::Gate;
-use crate::model::hooks::{KeyValue, KeyValueChange};
+use crate::model::hooks::KeyValuePrefix;
 use crate::model::ops::Activation;
 use crate::model::{BertConfig, Mode};
 use crate::params::{init, new_linear, Params};
@@ -395,23 +395,21 @@ impl PrefixTuning {
         ))
     }
 
-    /// The change to `layer`'s keys and values: the prefix prepended, always attended.
-    pub fn key_value(&self, layer: usize) -> Option<KeyValueChange<'_>> {
-        if self.skip_layers.contains(&layer) {
-            return None;
-        }
-        let slot = *self.slots.get(&layer)?;
-        Some(Box::new(move |kv: KeyValue, mode: &mut Mode| {
-            let (keys, values) = self.slot(slot, mode)?;
-            let (keys, values) = self.for_rows(layer, &keys, &values, &kv.input)?;
-            let (batch, p) = (kv.key.dim(0)?, keys.dim(1)?);
-            let zeros = Tensor::zeros((batch, 1, 1, p), kv.bias.dtype(), kv.bias.device())?;
-            Ok(KeyValue {
-                key: Tensor::cat(&[&keys, &kv.key], 1)?,
-                value: Tensor::cat(&[&values, &kv.value], 1)?,
-                bias: Tensor::cat(&[&zeros, &kv.bias], 3)?,
-                input: kv.input,
-            })
-        }))
+    /// What the prefix puts in front of `layer`'s keys and values for each row of `input`,
+    /// always attended; `None` where it does not run.
+    pub fn key_value_prefix(
+        &self,
+        layer: usize,
+        input: &Tensor,
+        mode: &mut Mode,
+    ) -> CandleResult<Option<KeyValuePrefix>> {
+        let Some(prefix) = self.at(layer, mode) else {
+            return Ok(None);
+        };
+        let (keys, values) = prefix?;
+        let (keys, values) = self.for_rows(layer, &keys, &values, input)?;
+        let (rows, p, _) = keys.dims3()?;
+        let bias = Tensor::zeros((rows, 1, 1, p), input.dtype(), input.device())?;
+        Ok(Some(KeyValuePrefix { keys, values, bias }))
     }
 }

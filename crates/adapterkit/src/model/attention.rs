@@ -4,10 +4,10 @@
 use candle_core::{Result, Tensor};
 use candle_nn::{Linear, VarBuilder};
 
-use crate::kernels::attention::{AttentionBlockOp, AttentionOp};
+use crate::kernels::attention::{AttentionBlockOp, AttentionOp, PrefixValues};
 use crate::model::config::BertConfig;
 use crate::model::dropout::Mode;
-use crate::model::hooks::{KeyValue, LayerHooks, LinearSite, Position};
+use crate::model::hooks::{KeyValuePrefix, LayerHooks, LinearSite, Position};
 use crate::model::layer::Positions;
 use crate::model::layer_norm::LayerNorm;
 use crate::model::ops;
@@ -35,30 +35,28 @@ impl BertSelfAttention {
     }
 
     /// Attention of `queries` `[batch, q, hidden]` over the keys and values of `hidden`
-    /// `[batch, seq, hidden]` (the same tensor, or its first position).
+    /// `[batch, seq, hidden]` (the same tensor, or its first position), behind `prefix`'s.
+    #[allow(clippy::too_many_arguments)]
     pub fn forward(
         &self,
         layer: usize,
         queries: &Tensor,
         hidden: &Tensor,
         bias: &Tensor,
+        prefix: Option<&KeyValuePrefix>,
         hooks: &dyn LayerHooks,
         mode: &mut Mode,
     ) -> Result<Tensor> {
         let mut linear = |site, linear, x| ops::hooked_linear(hooks, layer, site, linear, x, mode);
         let query = linear(LinearSite::Query, &self.query, queries)?;
-        let mut kv = KeyValue {
-            key: linear(LinearSite::Key, &self.key, hidden)?,
-            value: linear(LinearSite::Value, &self.value, hidden)?,
-            bias: bias.clone(),
-            input: hidden.clone(),
-        };
-        if let Some(change) = hooks.key_value(layer) {
-            kv = change(kv, mode)?;
+        let mut key = linear(LinearSite::Key, &self.key, hidden)?;
+        let mut value = linear(LinearSite::Value, &self.value, hidden)?;
+        let mut bias = bias.clone();
+        if let Some(prefix) = prefix {
+            key = Tensor::cat(&[&prefix.keys, &key], 1)?;
+            value = Tensor::cat(&[&prefix.values, &value], 1)?;
+            bias = Tensor::cat(&[&prefix.bias.to_dtype(bias.dtype())?, &bias], 3)?;
         }
-        let KeyValue {
-            key, value, bias, ..
-        } = kv;
         ops::attention(
             &query,
             &key,
@@ -132,12 +130,14 @@ impl BertAttention {
             Positions::All => hidden.clone(),
             Positions::First => hidden.narrow(1, 0, 1)?.contiguous()?,
         };
-        let projected = match self.frozen_block(layer, hidden, bias, positions, hooks, mode)? {
+        let prefix = hooks.key_value_prefix(layer, hidden, mode)?;
+        let prefix = prefix.as_ref();
+        let frozen = self.frozen_block(layer, hidden, bias, prefix, positions, hooks, mode)?;
+        let projected = match frozen {
             Some(projected) => projected,
             None => {
-                let attended = self
-                    .self_attention
-                    .forward(layer, &queries, hidden, bias, hooks, mode)?;
+                let attended = (self.self_attention)
+                    .forward(layer, &queries, hidden, bias, prefix, hooks, mode)?;
                 self.output.project(layer, &attended, hooks, mode)?
             }
         };
@@ -153,13 +153,15 @@ impl BertAttention {
 
     /// Self-attention and the output projection with its dropout as one op
     /// (`kernels::attention::AttentionBlockOp`) when all four Linears are frozen (as the hooks
-    /// give them: see [`ops::frozen_linears`]), the hooks leave the keys and values alone, and
+    /// give them: see [`ops::frozen_linears`]), the prefix (if any) tracks no gradient, and
     /// `hidden` is f32 on CPU; `None` otherwise. Same values, same dropout draws.
+    #[allow(clippy::too_many_arguments)]
     fn frozen_block(
         &self,
         layer: usize,
         hidden: &Tensor,
         bias: &Tensor,
+        prefix: Option<&KeyValuePrefix>,
         positions: Positions,
         hooks: &dyn LayerHooks,
         mode: &mut Mode,
@@ -172,8 +174,10 @@ impl BertAttention {
             (LinearSite::AttentionOutput, &self.output.dense),
         ];
         let (batch, seq, hidden_size) = hidden.dims3()?;
+        let prefix_tracks =
+            prefix.is_some_and(|p| p.keys.track_op() || p.values.track_op() || p.bias.track_op());
         if !ops::fused_applies(hidden)
-            || hooks.key_value(layer).is_some()
+            || prefix_tracks
             || bias.dims() != [batch, 1, 1, seq]
             || bias.track_op()
         {
@@ -182,13 +186,21 @@ impl BertAttention {
         let Some([q, k, v, o]) = ops::frozen_linears(hooks, layer, linears) else {
             return Ok(None);
         };
+        let (prefix, bias) = match prefix {
+            Some(p) => {
+                let bias = Tensor::cat(&[&p.bias.to_dtype(bias.dtype())?, bias], 3)?;
+                (Some(PrefixValues::new(&p.keys, &p.values)?), bias)
+            }
+            None => (None, bias.clone()),
+        };
         let first_only = positions == Positions::First;
         let queries = if first_only { 1 } else { seq };
-        let mask = ops::attention_dropout(mode, s.num_heads, queries, bias, s.dropout)?;
-        let attention = AttentionOp::new(s.num_heads, hidden_size, bias, mask)?;
+        let mask = ops::attention_dropout(mode, s.num_heads, queries, &bias, s.dropout)?;
+        let attention = AttentionOp::new(s.num_heads, hidden_size, &bias, mask)?;
         let dropout = mode.dropout_mask(batch * queries * hidden_size, self.output.dropout);
         let op = AttentionBlockOp::new([q, k, v, o], attention, dropout, hidden.track_op())
-            .first_query_only(first_only);
+            .first_query_only(first_only)
+            .with_prefix(prefix);
         hidden.contiguous()?.apply_op1(op).map(Some)
     }
 }

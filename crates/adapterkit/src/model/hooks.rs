@@ -84,14 +84,14 @@ impl Position {
     }
 }
 
-/// Key and value states of one attention layer, `[batch, seq, hidden]` (the heads side by side),
-/// with the additive mask bias over key positions, `[batch, 1, 1, seq]`, and the layer's input
-/// they were projected from (what a prefix's gate reads).
-pub struct KeyValue {
-    pub key: Tensor,
-    pub value: Tensor,
+/// Keys and values a method puts in front of one attention layer's own (prefix tuning), each
+/// `[rows, P, hidden]` (the heads side by side), with their additive mask bias `[rows, 1, 1, P]`:
+/// 0 where every query may attend, a large negative value where none may (a composition pads
+/// shorter prefixes so).
+pub struct KeyValuePrefix {
+    pub keys: Tensor,
+    pub values: Tensor,
     pub bias: Tensor,
-    pub input: Tensor,
 }
 
 /// From a Linear's input `x` and output `W x + b` to the output the layer goes on with.
@@ -106,10 +106,6 @@ pub enum LinearChange<'a> {
     Weights(Linear),
 }
 
-/// A method's change to one layer's keys and values before attention scores are taken
-/// (prefix tuning prepends its own, with dropout in training).
-pub type KeyValueChange<'a> = Box<dyn Fn(KeyValue, &mut Mode) -> Result<KeyValue> + 'a>;
-
 pub trait LayerHooks {
     /// What the hooks do to `site`'s Linear in `layer` (`base`: its weights); `None` leaves it
     /// alone. The encoder asks before it picks a path: a block whose Linears are left alone or
@@ -120,10 +116,17 @@ pub trait LayerHooks {
         None
     }
 
-    /// What the hooks do to `layer`'s keys and values; `None` leaves them alone (and lets the
-    /// attention block run fused).
-    fn key_value(&self, _layer: usize) -> Option<KeyValueChange<'_>> {
-        None
+    /// What the hooks put in front of `layer`'s keys and values, given the layer's input
+    /// `[rows, seq, hidden]` (which a prefix's gate reads); `None` puts nothing there. Asked once
+    /// per layer and pass, before the attention block picks its path: both take the prefix, the
+    /// fused op as plain values when it tracks no gradient.
+    fn key_value_prefix(
+        &self,
+        _layer: usize,
+        _input: &Tensor,
+        _mode: &mut Mode,
+    ) -> Result<Option<KeyValuePrefix>> {
+        Ok(None)
     }
 
     /// After a sub-layer's output projection and its dropout (`hidden`), with the sub-layer's

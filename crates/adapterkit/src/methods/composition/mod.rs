@@ -31,7 +31,7 @@ use crate::error::{Error, Result};
 use crate::methods::adapter::Adapter;
 use crate::methods::bottleneck::BottleneckAdapter;
 use crate::methods::fusion::Fusion;
-use crate::model::hooks::{KeyValueChange, LayerHooks, LinearChange, LinearSite, Position};
+use crate::model::hooks::{KeyValuePrefix, LayerHooks, LinearChange, LinearSite, Position};
 use crate::model::layer_norm::{EncoderLayerNorms, LayerNorm};
 use crate::model::Mode;
 
@@ -121,13 +121,15 @@ impl Composition {
                 "the setup {setup} fuses '{missing}', but no fusion of those adapters is loaded"
             )));
         }
-        Ok(Self {
+        let composition = Self {
             setup,
             adapters,
             fusions,
             layer_norms: BTreeMap::new(),
             group_adapters: true,
-        })
+        };
+        composition.check_prefixes()?;
+        Ok(composition)
     }
 
     /// The hooks that run the setup on a batch of `rows` rows (the batch replicated once per
@@ -150,18 +152,6 @@ impl Composition {
     fn channel_layer_norms(&self, setup: &Setup) -> Result<Option<&EncoderLayerNorms>> {
         if let Some(name) = setup.single_adapter() {
             return Ok(self.layer_norms.get(name));
-        }
-        let prefix = |n: &&str| {
-            self.adapters
-                .get(*n)
-                .is_some_and(|a| a.prefix_tuning().is_some())
-        };
-        if let Some(name) = setup.names().into_iter().find(prefix) {
-            return Err(Error::input(format!(
-                "the setup {setup} runs the prefix tuning '{name}' together with other adapters \
-                 (stack, average or fuse), which adapterkit does not do yet; run it alone in \
-                 its own parallel or batch_split channel"
-            )));
         }
         match setup
             .names()
@@ -396,8 +386,13 @@ impl ChannelHooks<'_> {
 }
 
 impl LayerHooks for ChannelHooks<'_> {
-    fn key_value(&self, layer: usize) -> Option<KeyValueChange<'_>> {
-        self.prefixes(layer)
+    fn key_value_prefix(
+        &self,
+        layer: usize,
+        input: &Tensor,
+        mode: &mut Mode,
+    ) -> CandleResult<Option<KeyValuePrefix>> {
+        self.prefixes(layer, input, mode)
     }
 
     fn linear(&self, layer: usize, site: LinearSite, base: &Linear) -> Option<LinearChange<'_>> {

@@ -1,20 +1,36 @@
-//! Prefix tuning in a composition: each channel's prefix prepended to its own rows' keys and
-//! values. A channel whose prefix is shorter (or absent) is padded in front with positions the
-//! attention mask hides, so each channel attends to exactly what its adapter alone would.
-//! (AdapterHub 1.3 pads with the pad token's id and, for BERT's additive mask, a mask value of
-//! 1.0, which leaves the padding attended; docs/ARCHITECTURE.md.)
+//! Prefix tuning in a composition: each channel's prefixes put in front of its own rows' keys
+//! and values, those of a stack in AdapterHub's order (each adapter's in front of what the ones
+//! before it put there). A channel whose prefixes are shorter (or absent) is padded in front
+//! with positions the attention mask hides, so each channel attends to exactly what its setup
+//! alone would. (AdapterHub 1.3 pads with the pad token's id and, for BERT's additive mask, a
+//! mask value of 1.0, which leaves the padding attended; docs/ARCHITECTURE.md.)
 
 use candle_core::{DType, Result, Tensor};
 
 use super::{ChannelHooks, Composition, Setup};
+use crate::error::{Error, Result as AdapterResult};
 use crate::methods::prefix_tuning::PrefixTuning;
-use crate::model::hooks::{KeyValue, KeyValueChange};
+use crate::model::hooks::KeyValuePrefix;
 use crate::model::Mode;
 
 impl Composition {
-    /// The prefix tuning of the adapter a channel runs alone, if it has one.
-    pub(super) fn channel_prefix(&self, setup: &Setup) -> Option<&PrefixTuning> {
-        self.adapters.get(setup.single_adapter()?)?.prefix_tuning()
+    /// The prefix tunings a channel's setup (which holds no Parallel or BatchSplit) runs, in
+    /// the order they are put in front of the keys: a stack's first adapter first.
+    pub(super) fn channel_prefixes(&self, setup: &Setup) -> Vec<&PrefixTuning> {
+        match setup {
+            Setup::Adapter(name) => (self.adapters.get(name))
+                .and_then(|a| a.prefix_tuning())
+                .into_iter()
+                .collect(),
+            Setup::Stack(children) => (children.iter())
+                .flat_map(|c| self.channel_prefixes(c))
+                .collect(),
+            // `new` refuses prefixes under Average and Fuse, unless alone.
+            _ => match setup.single_adapter() {
+                Some(name) => self.channel_prefixes(&Setup::Adapter(name.to_string())),
+                None => Vec::new(),
+            },
+        }
     }
 
     /// Whether some adapter of `setup` holds a prefix at `layer`.
@@ -23,77 +39,94 @@ impl Composition {
             .filter_map(|n| self.adapters.get(n)?.prefix_tuning())
             .any(|p| p.runs_at(layer))
     }
+
+    /// Refuses a prefix tuning averaged with other adapters, whose keys and values an average
+    /// does not define (AdapterHub 1.3 raises `NotImplementedError`). A fusion refuses it as
+    /// it refuses every adapter that is not a bottleneck adapter alone.
+    pub(super) fn check_prefixes(&self) -> AdapterResult<()> {
+        let mut averaged: Vec<&str> = Vec::new();
+        self.setup.visit(&mut |s| {
+            if matches!(s, Setup::Average { .. }) && s.single_adapter().is_none() {
+                averaged.extend(s.names());
+            }
+        });
+        let prefix =
+            |n: &&str| (self.adapters.get(*n)).is_some_and(|a| a.prefix_tuning().is_some());
+        let averaged = averaged.into_iter().find(prefix);
+        match averaged {
+            Some(name) => Err(Error::input(format!(
+                "the setup {} averages the prefix tuning '{name}' with other adapters: an \
+                 average of prefixes is not defined (AdapterHub refuses it too); stack it or \
+                 run it in its own parallel or batch_split channel",
+                self.setup
+            ))),
+            None => Ok(()),
+        }
+    }
 }
 
 impl ChannelHooks<'_> {
-    /// Each channel's prefix at `layer`, prepended to its rows; `None` when no channel has one.
-    pub(super) fn prefixes(&self, layer: usize) -> Option<KeyValueChange<'_>> {
+    /// Each channel's prefixes at `layer` for its rows of `input` (gated by them), in front of
+    /// its keys and values; `None` when no channel has one there.
+    pub(super) fn prefixes(
+        &self,
+        layer: usize,
+        input: &Tensor,
+        mode: &mut Mode,
+    ) -> Result<Option<KeyValuePrefix>> {
         let composition = self.composition;
-        let prefixes: Vec<Option<&PrefixTuning>> = (self.channels.iter())
+        let per_channel: Vec<Vec<&PrefixTuning>> = (self.channels.iter())
             .map(|c| {
-                composition
-                    .channel_prefix(&c.setup)
-                    .filter(|p| p.runs_at(layer))
+                let prefixes = composition.channel_prefixes(&c.setup).into_iter();
+                prefixes.filter(|p| p.runs_at(layer)).collect()
             })
             .collect();
-        if prefixes.iter().all(Option::is_none) {
-            return None;
+        if per_channel.iter().all(Vec::is_empty) {
+            return Ok(None);
         }
-        Some(Box::new(move |kv: KeyValue, mode: &mut Mode| {
-            let (_, _, hidden) = kv.key.dims3()?;
-            // Each channel's prefix for its rows, gated by its rows' input.
-            let mut parts = Vec::with_capacity(prefixes.len());
-            for (channel, prefix) in self.channels.iter().zip(&prefixes) {
-                let part = match prefix.map(|p| (p, p.at(layer, mode))) {
-                    Some((p, Some(kv_prefix))) => {
-                        let (keys, values) = kv_prefix?;
-                        let rows = channel.rows.clone();
-                        let input = kv.input.narrow(0, rows.start, rows.len())?;
-                        Some(p.for_rows(layer, &keys, &values, &input)?)
-                    }
-                    _ => None,
-                };
-                parts.push(part);
+        // Each channel's keys and values `[rows, own, hidden]`, the last adapter's in front.
+        let mut parts = Vec::with_capacity(per_channel.len());
+        for (channel, prefixes) in self.channels.iter().zip(&per_channel) {
+            let rows = input.narrow(0, channel.rows.start, channel.rows.len())?;
+            let (mut keys, mut values) = (Vec::new(), Vec::new());
+            for prefix in prefixes.iter().rev() {
+                let (k, v) = prefix.at(layer, mode).expect("runs at the layer")?;
+                let (k, v) = prefix.for_rows(layer, &k, &v, &rows)?;
+                keys.push(k);
+                values.push(v);
             }
-            let longest = (parts.iter().flatten())
-                .map(|(k, _)| k.dim(1))
-                .collect::<Result<Vec<_>>>()?
-                .into_iter()
-                .max()
-                .unwrap_or(0);
-            let device = kv.key.device();
-            let (mut keys, mut values, mut biases) = (Vec::new(), Vec::new(), Vec::new());
-            for (channel, part) in self.channels.iter().zip(&parts) {
-                let rows = channel.rows.len();
-                let own = match part {
-                    Some((k, _)) => k.dim(1)?,
-                    None => 0,
-                };
-                let pad = longest - own;
-                let padded = |t: Option<&Tensor>| -> Result<Tensor> {
-                    let zeros = Tensor::zeros((rows, pad, hidden), DType::F32, device)?;
-                    match t {
-                        Some(t) => Tensor::cat(&[&zeros, t], 1),
-                        None => Ok(zeros),
-                    }
-                };
-                keys.push(padded(part.as_ref().map(|(k, _)| k))?);
-                values.push(padded(part.as_ref().map(|(_, v)| v))?);
-                let hidden_positions = Tensor::full(f32::MIN, pad, device)?;
-                let shown = Tensor::zeros(own, DType::F32, device)?;
-                let bias = Tensor::cat(&[&hidden_positions, &shown], 0)?;
-                biases.push(
-                    bias.reshape((1, 1, 1, longest))?
-                        .expand((rows, 1, 1, longest))?,
-                );
-            }
-            let bias = Tensor::cat(&biases, 0)?.to_dtype(kv.bias.dtype())?;
-            Ok(KeyValue {
-                key: Tensor::cat(&[&Tensor::cat(&keys, 0)?, &kv.key], 1)?,
-                value: Tensor::cat(&[&Tensor::cat(&values, 0)?, &kv.value], 1)?,
-                bias: Tensor::cat(&[&bias, &kv.bias], 3)?,
-                input: kv.input,
-            })
+            parts.push((keys, values));
+        }
+        let lengths = (parts.iter())
+            .map(|(keys, _)| keys.iter().map(|k| k.dim(1)).sum::<Result<usize>>())
+            .collect::<Result<Vec<_>>>()?;
+        let longest = lengths.iter().copied().max().unwrap_or(0);
+        let (_, _, hidden) = input.dims3()?;
+        let device = input.device();
+        let (mut keys, mut values, mut biases) = (Vec::new(), Vec::new(), Vec::new());
+        for ((channel, (k, v)), own) in self.channels.iter().zip(parts).zip(lengths) {
+            let rows = channel.rows.len();
+            let pad = longest - own;
+            let padded = |mut parts: Vec<Tensor>| -> Result<Tensor> {
+                if pad > 0 {
+                    parts.insert(0, Tensor::zeros((rows, pad, hidden), DType::F32, device)?);
+                }
+                Tensor::cat(&parts, 1)
+            };
+            keys.push(padded(k)?);
+            values.push(padded(v)?);
+            let hidden_positions = Tensor::full(f32::MIN, pad, device)?;
+            let shown = Tensor::zeros(own, DType::F32, device)?;
+            let bias = Tensor::cat(&[&hidden_positions, &shown], 0)?;
+            biases.push(
+                bias.reshape((1, 1, 1, longest))?
+                    .expand((rows, 1, 1, longest))?,
+            );
+        }
+        Ok(Some(KeyValuePrefix {
+            keys: Tensor::cat(&keys, 0)?,
+            values: Tensor::cat(&values, 0)?,
+            bias: Tensor::cat(&biases, 0)?,
         }))
     }
 }
