@@ -82,6 +82,7 @@ pub fn run(args: Args) -> Result<()> {
             "intermediate_size": config.intermediate_size,
             "vocab_size": config.vocab_size,
             "max_position_embeddings": config.max_position_embeddings,
+            "max_tokens": config.max_tokens(),
             "has_pooler": model.pooler.is_some(),
             "parameters": parameters,
         });
@@ -110,8 +111,10 @@ pub fn run(args: Args) -> Result<()> {
             config.intermediate_size
         );
         println!(
-            "vocabulary:   {} tokens, {} positions",
-            config.vocab_size, config.max_position_embeddings
+            "vocabulary:   {} tokens, {} positions ({} tokens a sequence)",
+            config.vocab_size,
+            config.max_position_embeddings,
+            config.max_tokens()
         );
         println!("parameters:   {parameters}");
         if let Some((count, file)) = adapter {

@@ -5,6 +5,7 @@ use candle_core::{Result, Tensor};
 use candle_nn::{Linear, VarBuilder};
 
 use crate::kernels::attention::{AttentionBlockOp, AttentionOp, PrefixValues};
+use crate::model::architecture::Architecture;
 use crate::model::config::BertConfig;
 use crate::model::dropout::Mode;
 use crate::model::hooks::{KeyValuePrefix, LayerHooks, LinearSite, Position};
@@ -83,7 +84,11 @@ impl BertSelfOutput {
         Ok(Self {
             dense: candle_nn::linear(h, h, vb.pp("dense"))?,
             layer_norm: LayerNorm::load(vb.pp("LayerNorm"), h, config.layer_norm_eps)?,
-            dropout: config.hidden_dropout_prob,
+            // DistilBERT drops out nothing after its attention's projection.
+            dropout: match config.architecture() {
+                Architecture::Distilbert => 0.0,
+                _ => config.hidden_dropout_prob,
+            },
         })
     }
 

@@ -38,9 +38,10 @@ pub struct BertModel {
 }
 
 impl BertModel {
-    /// Loads the weights under `vb` (the checkpoint's root, or its `bert.` prefix).
+    /// Loads the weights under `vb` (the checkpoint's root, or its `bert.` prefix), named as
+    /// BERT names them (`load::ModelFiles` renames other architectures' weights).
     pub fn load(vb: VarBuilder, config: &BertConfig) -> Result<Self> {
-        let embeddings = BertEmbeddings::load(vb.pp("embeddings"), config)?;
+        let embeddings = BertEmbeddings::load(vb.clone(), config)?;
         let layers = (0..config.num_hidden_layers)
             .map(|i| BertLayer::load(vb.pp("encoder").pp("layer").pp(i), config, i))
             .collect::<Result<Vec<_>>>()?;
@@ -94,9 +95,17 @@ impl BertModel {
         hooks: &dyn LayerHooks,
         mode: &mut Mode,
     ) -> Result<Tensor> {
-        let hidden = self
-            .embeddings
-            .forward_embeds(inputs_embeds, &batch.token_type_ids, mode)?;
+        // Positions from the batch's ids, as the ids' own embeddings get them (transformers
+        // numbers RoBERTa's `inputs_embeds` as if nothing were padding).
+        let (rows, seq, _) = inputs_embeds.dims3()?;
+        let ids = Some(&batch.input_ids).filter(|ids| ids.dims() == [rows, seq]);
+        let positions = self.embeddings.position_ids(ids, rows, seq)?;
+        let hidden = (self.embeddings).forward_embeds(
+            inputs_embeds,
+            &positions,
+            &batch.token_type_ids,
+            mode,
+        )?;
         self.run_layers(
             hidden,
             &batch.attention_mask,
@@ -109,15 +118,18 @@ impl BertModel {
 
     /// The embeddings' output for `batch`, what layer 0 reads.
     pub fn embed(&self, batch: &Batch, mode: &mut Mode) -> Result<Tensor> {
-        let embeds = self.embeddings.word_embeds(&batch.input_ids)?;
-        self.embeddings
-            .forward_embeds(&embeds, &batch.token_type_ids, mode)
+        let summed = self.embed_summed(batch)?;
+        let layer_norm = &self.embeddings.layer_norm;
+        self.embeddings.finish(&summed, layer_norm, mode)
     }
 
     /// The embeddings for `batch` before their LayerNorm ([`BertEmbeddings::summed`]).
     pub fn embed_summed(&self, batch: &Batch) -> Result<Tensor> {
-        let embeds = self.embeddings.word_embeds(&batch.input_ids)?;
-        self.embeddings.summed(&embeds, &batch.token_type_ids)
+        let ids = &batch.input_ids;
+        let embeds = self.embeddings.word_embeds(ids)?;
+        let (rows, seq) = ids.dims2()?;
+        let positions = self.embeddings.position_ids(Some(ids), rows, seq)?;
+        (self.embeddings).summed(&embeds, &positions, &batch.token_type_ids)
     }
 
     /// Its LayerNorms (see [`EncoderLayerNorms`]).
@@ -229,7 +241,8 @@ impl BertModel {
         Ok(())
     }
 
-    /// Calls `f` on every tensor with its checkpoint name; `f` may replace the tensor.
+    /// Calls `f` on every tensor with its name as BERT's checkpoints have it (other
+    /// architectures: `Architecture::checkpoint_name` of it); `f` may replace the tensor.
     fn visit_tensors_mut(&mut self, f: &mut dyn FnMut(&str, &mut Tensor)) {
         fn linear(name: &str, l: &mut Linear, f: &mut dyn FnMut(&str, &mut Tensor)) {
             let mut weight = l.weight().clone();
@@ -253,8 +266,13 @@ impl BertModel {
         let e = &mut self.embeddings;
         embedding("word_embeddings", &mut e.word_embeddings, f);
         embedding("position_embeddings", &mut e.position_embeddings, f);
-        embedding("token_type_embeddings", &mut e.token_type_embeddings, f);
+        if let Some(types) = &mut e.token_type_embeddings {
+            embedding("token_type_embeddings", types, f);
+        }
         norm("embeddings.LayerNorm", &mut e.layer_norm, f);
+        if let Some(projection) = &mut e.projection {
+            linear("embeddings_project", projection, f);
+        }
         for layer in &mut self.layers {
             let p = format!("encoder.layer.{}", layer.index);
             let a = &mut layer.attention;

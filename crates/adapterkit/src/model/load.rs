@@ -1,9 +1,11 @@
-//! Loading a pre-trained Hugging Face BERT: from a local directory or a hub model id.
+//! Loading a pre-trained Hugging Face encoder (BERT, RoBERTa, XLM-RoBERTa, DistilBERT, ELECTRA):
+//! from a local directory or a hub model id.
 //!
 //! Weights come from `model.safetensors` (memory-mapped), or, only when there is none, from
 //! `pytorch_model.bin` through candle's pickle reader, which interprets the pickle's data
-//! opcodes and never executes code. Keys may carry a `bert.` prefix (a model with a head) or
-//! not (a bare `BertModel`); `embeddings.position_ids` is ignored.
+//! opcodes and never executes code. Keys may carry the architecture's prefix (`bert.`,
+//! `roberta.`, ...: a model with a head) or not (a bare model); buffers such as
+//! `embeddings.position_ids` are ignored.
 
 use std::path::{Path, PathBuf};
 
@@ -11,7 +13,7 @@ use candle_core::{DType, Device};
 use candle_nn::VarBuilder;
 
 use crate::error::{tensor_message, Error, Result};
-use crate::model::{BertConfig, BertModel};
+use crate::model::{Architecture, BertConfig, BertModel};
 use crate::tokenizer::TextTokenizer;
 
 /// The files of a pre-trained model, wherever they are.
@@ -122,8 +124,14 @@ impl ModelFiles {
                 names,
             )
         };
-        let vb = if names.iter().any(|n| n.starts_with("bert.")) {
-            vb.pp("bert")
+        let architecture = config.architecture();
+        let vb = match architecture {
+            Architecture::Bert => vb,
+            other => vb.rename_f(move |name| other.checkpoint_name(name)),
+        };
+        let prefix = architecture.weight_prefix();
+        let vb = if names.iter().any(|n| n.starts_with(&format!("{prefix}."))) {
+            vb.pp(prefix)
         } else {
             vb
         };
@@ -142,7 +150,7 @@ impl ModelFiles {
             self.vocab_txt.clone(),
             self.tokenizer_config.clone(),
             dir,
-            config.max_position_embeddings,
+            config.max_tokens(),
         )
     }
 }

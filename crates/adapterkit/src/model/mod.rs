@@ -2,6 +2,7 @@
 //! checkpoint's own keys, hook points for the tuning methods, and a backward pass everywhere.
 //! The CPU kernels its ops run on are in [`crate::kernels`].
 
+pub mod architecture;
 pub mod attention;
 pub mod bert;
 pub mod config;
@@ -14,6 +15,7 @@ pub mod load;
 pub mod ops;
 pub mod random;
 
+pub use architecture::Architecture;
 pub use bert::BertModel;
 pub use config::BertConfig;
 pub use dropout::Mode;

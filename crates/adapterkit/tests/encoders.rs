@@ -1,0 +1,105 @@
+//! RoBERTa, XLM-RoBERTa, DistilBERT and ELECTRA: tiny models made by `transformers` from each
+//! real checkpoint's config (`tests/fixtures/encoders/make_encoder_fixtures.py`) encode a padded
+//! batch as `transformers` does, loaded from a bare `model.safetensors` or from a
+//! `pytorch_model.bin` whose keys carry the prefix of a model with a head.
+
+mod common;
+
+use adapterkit::model::load::ModelFiles;
+use adapterkit::model::{Architecture, BertModel, Mode, NoHooks};
+use candle_core::{DType, Device, Tensor};
+use common::*;
+
+const ARCHITECTURES: [&str; 4] = ["roberta", "xlm-roberta", "distilbert", "electra"];
+
+fn load(dir: &str) -> BertModel {
+    let files = ModelFiles::in_dir(&fixtures().join("encoders").join(dir)).unwrap();
+    let config = files.load_config().unwrap();
+    files.load_model(&config, &Device::Cpu).unwrap()
+}
+
+/// `a` and `b` `[batch, seq, hidden]` at the positions `mask` `[batch, seq]` keeps.
+fn diff_at_real_tokens(a: &Tensor, b: &Tensor, mask: &Tensor) -> f32 {
+    let keep = mask.to_dtype(DType::F32).unwrap().unsqueeze(2).unwrap();
+    let a = a.broadcast_mul(&keep).unwrap();
+    let b = b.broadcast_mul(&keep).unwrap();
+    max_abs_diff(&a, &b)
+}
+
+#[test]
+fn every_architecture_encodes_a_padded_batch_as_transformers_does() {
+    for arch in ARCHITECTURES {
+        let expected = load_expected(&format!("encoders/{arch}/expected.safetensors"));
+        let ids = &expected["input_ids"];
+        let types = match expected.get("token_type_ids") {
+            Some(types) => types.clone(),
+            None => ids.zeros_like().unwrap(),
+        };
+        let batch = batch_of(ids, &types, Some(&expected["attention_mask"]));
+        for dir in [arch.to_string(), format!("{arch}-prefixed")] {
+            let model = load(&dir);
+            assert_eq!(
+                model.config.architecture(),
+                Architecture::from_model_type(arch).unwrap()
+            );
+            let hidden = model.forward(&batch, &NoHooks, &mut Mode::Eval).unwrap();
+            let want = &expected["last_hidden_state"];
+            let diff = diff_at_real_tokens(&hidden, want, &expected["attention_mask"]);
+            eprintln!("{dir}: max |diff| {diff:.2e}");
+            assert!(diff < 1e-5, "{dir}: {diff}");
+        }
+    }
+}
+
+#[test]
+fn roberta_numbers_positions_after_the_padding_id_and_skips_padding() {
+    let model = load("roberta");
+    // Padding (id 1) anywhere gets position 1; the other tokens count up from 2.
+    let ids = Tensor::new(&[[0u32, 5, 6, 2, 1, 1], [1, 1, 0, 7, 1, 2]], &Device::Cpu).unwrap();
+    let positions = model.embeddings.position_ids(Some(&ids), 2, 6).unwrap();
+    assert_eq!(
+        ids_of(&positions),
+        vec![vec![2, 3, 4, 5, 1, 1], vec![1, 1, 2, 3, 1, 4]]
+    );
+    // 514 positions hold 512 tokens.
+    assert_eq!(model.config.max_tokens(), 512);
+    assert_eq!(model.embeddings.max_positions(), 512);
+    let long = Tensor::zeros((1, 513), DType::U32, &Device::Cpu).unwrap();
+    let error = model
+        .embeddings
+        .position_ids(Some(&long), 1, 513)
+        .unwrap_err();
+    assert!(error.to_string().contains("512 positions"), "{error}");
+}
+
+#[test]
+fn weights_of_another_architecture_are_refused_with_the_reason() {
+    // A DistilBERT config over BERT-named weights: the missing tensor is named.
+    let dir = tempfile::tempdir().unwrap();
+    copy_dir(&fixtures().join("encoders/roberta"), dir.path());
+    let distilbert = std::fs::read_to_string(fixtures().join("encoders/distilbert/config.json"));
+    let config = distilbert.unwrap().replace(
+        "\"max_position_embeddings\": 512",
+        "\"max_position_embeddings\": 514",
+    );
+    std::fs::write(dir.path().join("config.json"), config).unwrap();
+    let files = ModelFiles::in_dir(dir.path()).unwrap();
+    let config = files.load_config().unwrap();
+    let error = files
+        .load_model(&config, &Device::Cpu)
+        .unwrap_err()
+        .to_string();
+    assert!(error.contains("transformer.layer.0"), "{error}");
+    // A model_type we do not implement is named with the ones we do.
+    std::fs::write(dir.path().join("config.json"), r#"{"model_type": "gpt2"}"#).unwrap();
+    let error = ModelFiles::in_dir(dir.path())
+        .unwrap()
+        .load_config()
+        .unwrap_err();
+    assert!(
+        error
+            .to_string()
+            .contains("'gpt2' (supported: bert, roberta, xlm-roberta, distilbert, electra)"),
+        "{error}"
+    );
+}
