@@ -21,18 +21,25 @@ import statistics
 import time
 
 import torch
-from adapters import BertAdapterModel, IA3Config, LoRAConfig
+from adapters import AutoAdapterModel, IA3Config, LoRAConfig
 from adapters.composition import Stack
-from transformers import BertConfig
+from transformers import AutoConfig
 
+BERT = dict(model_type="bert", vocab_size=30522, max_position_embeddings=512)
 SHAPES = {
-    "minilm": dict(hidden_size=384, num_hidden_layers=6, num_attention_heads=12, intermediate_size=1536),
-    "bert-base": dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072),
+    "minilm": dict(BERT, hidden_size=384, num_hidden_layers=6, num_attention_heads=12, intermediate_size=1536),
+    "bert-base": dict(BERT, hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072),
+    # The sizes of roberta-base's and distilbert-base-uncased's config.json.
+    "roberta-base": dict(model_type="roberta", vocab_size=50265, max_position_embeddings=514, type_vocab_size=1,
+                         layer_norm_eps=1e-5, pad_token_id=1, hidden_size=768, num_hidden_layers=12,
+                         num_attention_heads=12, intermediate_size=3072),
+    "distilbert": dict(model_type="distilbert", vocab_size=30522, dim=768, n_layers=6, n_heads=12,
+                       hidden_dim=3072),
 }
 
 
-def forward_flops(shape, batch, seq):
-    h, i, l = shape["hidden_size"], shape["intermediate_size"], shape["num_hidden_layers"]
+def forward_flops(config, batch, seq):
+    h, i, l = config.hidden_size, config.intermediate_size if hasattr(config, "intermediate_size") else config.hidden_dim, config.num_hidden_layers
     return 2.0 * batch * seq * l * (4 * h * h + 2 * h * i + 2 * seq * h)
 
 
@@ -63,16 +70,15 @@ def main():
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(1)
-    shape = SHAPES[args.shape]
-    config = BertConfig(vocab_size=30522, max_position_embeddings=512, **shape)
+    config = AutoConfig.for_model(**SHAPES[args.shape])
     ids = torch.randint(0, config.vocab_size, (args.batch_size, args.seq_len))
     mask = torch.ones_like(ids)
     labels = torch.randint(0, 2, (args.batch_size,))
-    flops = forward_flops(shape, args.batch_size, args.seq_len)
+    flops = forward_flops(config, args.batch_size, args.seq_len)
     peak = matmul_peak()
     rows = []
     for what in args.what.split(","):
-        model = BertAdapterModel(config)
+        model = AutoAdapterModel.from_config(config)
         model.add_classification_head("bench", num_labels=2)
         if what in ("inference", "inference-all-positions"):
             model.eval()

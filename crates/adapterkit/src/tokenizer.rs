@@ -104,6 +104,7 @@ impl TextTokenizer {
             .get_padding()
             .map(|p| p.pad_id)
             .or_else(|| inner.token_to_id("[PAD]"))
+            .or_else(|| inner.token_to_id("<pad>"))
             .unwrap_or(0);
         // Padding is ours (to the longest row); the file's fixed padding would waste compute.
         inner.with_padding(None);

@@ -11,6 +11,7 @@ use std::path::{Path, PathBuf};
 
 use adapterkit::adapter_model::AdapterModel;
 use adapterkit::io::adapter_dir;
+use adapterkit::model::load::ModelFiles;
 use adapterkit::model::Mode;
 use candle_core::{DType, Device, Tensor};
 use common::*;
@@ -44,6 +45,16 @@ fn load_case(dir: &Path) -> AdapterModel {
     adapter_dir::load(dir, tiny_encoder(), &Device::Cpu).unwrap()
 }
 
+/// The fixture's batch (token types all 0 where the model has none).
+fn expected_batch(
+    expected: &std::collections::HashMap<String, Tensor>,
+) -> adapterkit::batch::Batch {
+    let ids = &expected["input_ids"];
+    let types =
+        (expected.get("token_type_ids").cloned()).unwrap_or_else(|| ids.zeros_like().unwrap());
+    batch_of(ids, &types, Some(&expected["attention_mask"]))
+}
+
 fn targets(expected: &std::collections::HashMap<String, Tensor>) -> Tensor {
     let labels = &expected["labels"];
     match labels.dtype() {
@@ -73,16 +84,108 @@ fn lora_and_ia3_on_minilm_match_adapters_library() {
     }
 }
 
+/// Houlsby adapters (and LoRA, and a prefix on DistilBERT) with heads, made by adapters 1.3 on
+/// the tiny RoBERTa, XLM-R, DistilBERT and ELECTRA (`tests/fixtures/encoders/adapters/`): they
+/// load from either file format with Python's scores and gradients, save under Python's names
+/// and envelope, and refuse to load onto another architecture.
+#[test]
+fn adapters_on_every_encoder_match_adapters_library() {
+    let cases = [
+        ("roberta", "houlsby"),
+        ("xlm-roberta", "houlsby"),
+        ("distilbert", "houlsby"),
+        ("electra", "houlsby"),
+        ("roberta", "lora"),
+        ("distilbert", "lora"),
+        ("distilbert", "prefix"),
+    ];
+    for (arch, method) in cases {
+        let files = ModelFiles::in_dir(&fixtures().join("encoders").join(arch)).unwrap();
+        let encoder = files
+            .load_model(&files.load_config().unwrap(), &Device::Cpu)
+            .unwrap();
+        let case = format!("encoders/adapters/{arch}-{method}");
+        matches_adapters_library(&case, encoder.clone());
+
+        let dir = case_dir(&case);
+        let expected =
+            candle_core::safetensors::load(dir.join("expected.safetensors"), &Device::Cpu).unwrap();
+        let batch = expected_batch(&expected);
+        // The pickle files alone.
+        let pickles = tempfile::tempdir().unwrap();
+        for name in [
+            "adapter_config.json",
+            "head_config.json",
+            "pytorch_adapter.bin",
+            "pytorch_model_head.bin",
+        ] {
+            std::fs::copy(dir.join(name), pickles.path().join(name)).unwrap();
+        }
+        let model = adapter_dir::load(pickles.path(), encoder.clone(), &Device::Cpu).unwrap();
+        let logits = model.logits(&batch, &mut Mode::Eval).unwrap();
+        assert!(
+            max_abs_diff(&logits, &expected["logits"]) < 1e-5,
+            "{case}: .bin"
+        );
+
+        // Saved under the names and envelope Python wrote (its .bin repeats a prefix's tensors
+        // under every layer's pool, which we do not write).
+        let out = tempfile::tempdir().unwrap();
+        adapter_dir::save(out.path(), &model, arch).unwrap();
+        let ours =
+            candle_core::safetensors::load(out.path().join("adapter.safetensors"), &Device::Cpu)
+                .unwrap();
+        let theirs = adapterkit::io::guard::read_pickle(&dir.join("pytorch_adapter.bin")).unwrap();
+        let mut a: Vec<&String> = ours.keys().collect();
+        let mut b: Vec<&String> = (theirs.iter().map(|(k, _)| k))
+            .filter(|k| !k.contains(".pool."))
+            .collect();
+        a.sort();
+        b.sort();
+        assert_eq!(a, b, "{case}: tensor names");
+        let envelope = |d: &Path| -> serde_json::Value {
+            let text = std::fs::read_to_string(d.join("adapter_config.json")).unwrap();
+            serde_json::from_str(&text).unwrap()
+        };
+        for field in ["model_type", "model_class", "hidden_size", "config"] {
+            assert_eq!(
+                envelope(out.path())[field],
+                envelope(&dir)[field],
+                "{case}: {field}"
+            );
+        }
+        let again = adapter_dir::load(out.path(), encoder, &Device::Cpu).unwrap();
+        let after = again.logits(&batch, &mut Mode::Eval).unwrap();
+        assert_eq!(max_abs_diff(&logits, &after), 0.0, "{case}: reload");
+
+        // A LoRA folded into the encoder: a model directory under the architecture's names,
+        // which loads (with its head) to the same scores.
+        if method == "lora" {
+            let merged = tempfile::tempdir().unwrap();
+            adapterkit::io::model_dir::save_merged(merged.path(), &files, &model, arch).unwrap();
+            let merged_files = ModelFiles::in_dir(merged.path()).unwrap();
+            let config = merged_files.load_config().unwrap();
+            let encoder = merged_files.load_model(&config, &Device::Cpu).unwrap();
+            let head_only = adapter_dir::load(merged.path(), encoder, &Device::Cpu).unwrap();
+            let folded = head_only.logits(&batch, &mut Mode::Eval).unwrap();
+            let diff = max_abs_diff(&folded, &expected["logits"]);
+            assert!(diff < 1e-5, "{case}: merged, {diff}");
+        }
+
+        // Onto BERT: refused, naming both architectures.
+        let error = adapter_dir::load(&dir, tiny_encoder(), &Device::Cpu).unwrap_err();
+        let wanted = format!("made for model_type '{arch}', but the model is 'bert'");
+        assert!(error.to_string().contains(&wanted), "{case}: {error}");
+    }
+}
+
 /// Hidden states, logits, loss and every trainable gradient within 1e-5 of the fixture's.
 fn matches_adapters_library(case: &str, encoder: adapterkit::model::BertModel) {
     let dir = case_dir(case);
     let expected =
         candle_core::safetensors::load(dir.join("expected.safetensors"), &Device::Cpu).unwrap();
-    let batch = batch_of(
-        &expected["input_ids"],
-        &expected["token_type_ids"],
-        Some(&expected["attention_mask"]),
-    );
+    let batch = expected_batch(&expected);
+    let architecture = encoder.config.architecture();
     let model = adapter_dir::load(&dir, encoder, &Device::Cpu).unwrap();
 
     let hidden = model
@@ -102,12 +205,13 @@ fn matches_adapters_library(case: &str, encoder: adapterkit::model::BertModel) {
     let mut grad_diff = 0f32;
     let trainable = model.trainable();
     for (name, var) in trainable.iter() {
-        // Adapter tensors carry the model-with-head's `bert.` prefix in PyTorch; an
-        // `ln_before` norm is registered there as `adapter_norm_before`.
+        // Adapter tensors carry the model-with-head's prefix (`bert.`, ...) in PyTorch and
+        // the architecture's module names; an `ln_before` norm is registered there as
+        // `adapter_norm_before`.
         let mut torch_name = if name.starts_with("heads.") {
             name.clone()
         } else {
-            format!("bert.{name}")
+            architecture.file_name(name)
         };
         if model
             .adapter
@@ -118,9 +222,10 @@ fn matches_adapters_library(case: &str, encoder: adapterkit::model::BertModel) {
             torch_name = torch_name.replace(".adapter_down.0.", ".adapter_norm_before.");
         }
         // PyTorch names a prefix's parameters after the first layer's view of its pool.
+        let pool = architecture.file_name("encoder.layer.0.attention.self.prefix_tuning.pool");
         let layer_view = torch_name.replace(
-            "bert.prefix_tuning.",
-            "bert.encoder.layer.0.attention.self.prefix_tuning.pool.",
+            &format!("{}.prefix_tuning.", architecture.weight_prefix()),
+            &format!("{pool}."),
         );
         let want = (expected.get(&format!("grad.{torch_name}")))
             .or_else(|| expected.get(&format!("grad.{layer_view}")))

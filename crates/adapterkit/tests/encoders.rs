@@ -5,8 +5,9 @@
 
 mod common;
 
-use adapterkit::model::load::ModelFiles;
+use adapterkit::model::load::{ModelFiles, Pretrained};
 use adapterkit::model::{Architecture, BertModel, Mode, NoHooks};
+use adapterkit::tokenizer::TextTokenizer;
 use candle_core::{DType, Device, Tensor};
 use common::*;
 
@@ -51,6 +52,28 @@ fn every_architecture_encodes_a_padded_batch_as_transformers_does() {
     }
 }
 
+/// RoBERTa's byte-level BPE (`tokenizer.json` as `save_pretrained` writes it) gives
+/// transformers' ids, `<s> A </s></s> B </s>` for a pair, and pads with `<pad>`.
+#[test]
+fn roberta_tokenizes_texts_and_pairs_as_transformers_does() {
+    let dir = fixtures().join("encoders/roberta");
+    let listing: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("texts.json")).unwrap()).unwrap();
+    let pretrained = Pretrained::load(dir.to_str().unwrap(), &Device::Cpu).unwrap();
+    let tokenizer = &pretrained.tokenizer;
+    assert_eq!(tokenizer.pad_id(), 1);
+    let texts = listing["texts"].as_array().unwrap();
+    let pairs = listing["pairs"].as_array().unwrap();
+    for (i, (text, pair)) in texts.iter().zip(pairs).enumerate() {
+        let encoded = tokenizer
+            .encode(text.as_str().unwrap(), pair.as_str())
+            .unwrap();
+        let want: Vec<u32> = serde_json::from_value(listing["input_ids"][i].clone()).unwrap();
+        assert_eq!(encoded.ids, want, "{text} / {pair}");
+        assert!(encoded.type_ids.iter().all(|&t| t == 0));
+    }
+}
+
 #[test]
 fn roberta_numbers_positions_after_the_padding_id_and_skips_padding() {
     let model = load("roberta");
@@ -78,10 +101,14 @@ fn weights_of_another_architecture_are_refused_with_the_reason() {
     let dir = tempfile::tempdir().unwrap();
     copy_dir(&fixtures().join("encoders/roberta"), dir.path());
     let distilbert = std::fs::read_to_string(fixtures().join("encoders/distilbert/config.json"));
-    let config = distilbert.unwrap().replace(
-        "\"max_position_embeddings\": 512",
-        "\"max_position_embeddings\": 514",
-    );
+    let roberta = ModelFiles::in_dir(&fixtures().join("encoders/roberta")).unwrap();
+    let vocab = roberta.load_config().unwrap().vocab_size;
+    let config = (distilbert.unwrap())
+        .replace(
+            "\"max_position_embeddings\": 512",
+            "\"max_position_embeddings\": 514",
+        )
+        .replace("\"vocab_size\": 99", &format!("\"vocab_size\": {vocab}"));
     std::fs::write(dir.path().join("config.json"), config).unwrap();
     let files = ModelFiles::in_dir(dir.path()).unwrap();
     let config = files.load_config().unwrap();
@@ -102,4 +129,30 @@ fn weights_of_another_architecture_are_refused_with_the_reason() {
             .contains("'gpt2' (supported: bert, roberta, xlm-roberta, distilbert, electra)"),
         "{error}"
     );
+}
+
+/// XLM-RoBERTa's real Unigram tokenizer (`scripts/fetch-assets.sh`) gives `transformers`' ids
+/// on texts in several scripts and on a pair.
+#[test]
+fn xlm_roberta_tokenizes_as_transformers_does() {
+    let Some(minilm) = minilm_dir() else { return };
+    let dir = minilm.parent().unwrap().join("xlm-roberta-tokenizer");
+    let tokenizer = TextTokenizer::from_dir(&dir, 512).unwrap();
+    assert_eq!(tokenizer.pad_id(), 1);
+    assert_eq!(tokenizer.vocab_size(), 250_002);
+    let listing: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(fixtures().join("encoders/xlm-roberta-tokens.json")).unwrap(),
+    )
+    .unwrap();
+    for (i, text) in listing["texts"].as_array().unwrap().iter().enumerate() {
+        let encoded = tokenizer.encode(text.as_str().unwrap(), None).unwrap();
+        let want: Vec<u32> = serde_json::from_value(listing["input_ids"][i].clone()).unwrap();
+        assert_eq!(encoded.ids, want, "{text}");
+    }
+    let pair = &listing["pair"];
+    let encoded = tokenizer
+        .encode(pair[0].as_str().unwrap(), pair[1].as_str())
+        .unwrap();
+    let want: Vec<u32> = serde_json::from_value(listing["pair_ids"].clone()).unwrap();
+    assert_eq!(encoded.ids, want);
 }

@@ -16,7 +16,8 @@ use adapterkit::model::{BertConfig, BertModel, Mode};
 
 #[derive(clap::Args)]
 pub struct Args {
-    /// Model shape with random weights: minilm (6 x 384) or bert-base (12 x 768).
+    /// Model shape with random weights: minilm (6 x 384), bert-base (12 x 768), roberta-base
+    /// (12 x 768, its embeddings and positions) or distilbert (6 x 768).
     #[arg(long, default_value = "minilm")]
     shape: String,
     #[arg(long, default_value_t = 128)]
@@ -67,12 +68,16 @@ pub fn run(args: Args) -> Result<()> {
     let config = match args.shape.as_str() {
         "minilm" => BertConfig::minilm_l6(),
         "bert-base" => BertConfig::bert_base(),
-        other => anyhow::bail!("unknown shape '{other}' (minilm, bert-base)"),
+        "roberta-base" => BertConfig::roberta_base(),
+        "distilbert" => BertConfig::distilbert_base(),
+        other => {
+            anyhow::bail!("unknown shape '{other}' (minilm, bert-base, roberta-base, distilbert)")
+        }
     };
     anyhow::ensure!(
-        args.seq_len <= config.max_position_embeddings,
+        args.seq_len <= config.max_tokens(),
         "--seq-len is at most {}",
-        config.max_position_embeddings
+        config.max_tokens()
     );
     let device = Device::Cpu;
     let (batch, targets) = random_batch(&config, args.batch_size, args.seq_len, 2, 1, &device)?;

@@ -26,7 +26,7 @@ use crate::io::fusion_dir;
 use crate::methods::adapter::{Adapter, AdapterConfig, Module};
 use crate::methods::bottleneck::BottleneckAdapters;
 use crate::methods::composition::Setup;
-use crate::model::BertModel;
+use crate::model::{BertConfig, BertModel};
 use crate::params::Params;
 use crate::rng::SeededRng;
 
@@ -50,17 +50,15 @@ pub const SAVING: &str = ".adapterkit-saving";
 pub use crate::io::run_dir::{
     check_output_dir, locate, record_max_seq_len, recorded_max_seq_len, RUN_SETTINGS,
 };
-/// Adapter tensors are saved under the model-with-head's `bert.` prefix, as AdapterHub does.
-pub(crate) const MODEL_PREFIX: &str = "bert.";
-
-/// AdapterHub's envelope around a method's `config`.
-pub(crate) fn envelope(config: Value, hidden_size: usize, model_name: &str, name: &str) -> Value {
+/// AdapterHub's envelope around a method's `config`, for a model of `encoder`'s shape.
+pub(crate) fn envelope(config: Value, encoder: &BertConfig, model_name: &str, name: &str) -> Value {
+    let architecture = encoder.architecture();
     json!({
         "config": config,
-        "hidden_size": hidden_size,
-        "model_class": "BertAdapterModel",
+        "hidden_size": encoder.hidden_size,
+        "model_class": architecture.adapter_model_class(),
         "model_name": model_name,
-        "model_type": "bert",
+        "model_type": architecture.model_type(),
         "name": name,
         "version": ADAPTERHUB_VERSION,
     })
@@ -72,8 +70,14 @@ pub(crate) fn save_tensors(path: &Path, tensors: Vec<(String, Tensor)>) -> Resul
     write_atomic(path, &bytes)
 }
 
-/// Saves one adapter (`adapter_config.json` + `adapter.safetensors`) into `dir`.
-pub fn save_adapter(dir: &Path, adapter: &Adapter, hidden: usize, model_name: &str) -> Result<()> {
+/// Saves one adapter (`adapter_config.json` + `adapter.safetensors`) into `dir`, with the tensor
+/// names AdapterHub gives it on `encoder`'s architecture.
+pub fn save_adapter(
+    dir: &Path,
+    adapter: &Adapter,
+    encoder: &BertConfig,
+    model_name: &str,
+) -> Result<()> {
     if let Some(what) = adapter
         .lora()
         .and_then(|l| l.config.peft_only.beyond_adapterhub())
@@ -86,10 +90,11 @@ pub fn save_adapter(dir: &Path, adapter: &Adapter, hidden: usize, model_name: &s
     let config = adapter.config().to_json();
     write_json_atomic(
         &dir.join(ADAPTER_CONFIG),
-        &envelope(config, hidden, model_name, &adapter.name),
+        &envelope(config, encoder, model_name, &adapter.name),
     )?;
+    let architecture = encoder.architecture();
     let tensors = adapter.tensors().into_iter();
-    let tensors = tensors.map(|(name, t)| (format!("{MODEL_PREFIX}{name}"), t));
+    let tensors = tensors.map(|(name, t)| (architecture.file_name(&name), t));
     save_tensors(&dir.join(ADAPTER_WEIGHTS), tensors.collect())
 }
 
@@ -110,23 +115,23 @@ pub fn save(dir: &Path, model: &AdapterModel, model_name: &str) -> Result<()> {
 
 fn write_files(dir: &Path, model: &AdapterModel, model_name: &str) -> Result<()> {
     remove_stale(dir, model)?;
-    let hidden = model.encoder.config.hidden_size;
+    let encoder = &model.encoder.config;
     match (&model.adapter, model.format) {
         (Some(_), AdapterFormat::Peft) => crate::io::peft::save_adapter(dir, model, model_name)?,
         (Some(adapter), AdapterFormat::AdapterHub) => {
-            save_adapter(dir, adapter, hidden, model_name)?
+            save_adapter(dir, adapter, encoder, model_name)?
         }
         (None, _) => {}
     }
     if let Some(fusion) = &model.fusion {
-        fusion_dir::save(dir, fusion, hidden, model_name)?;
+        fusion_dir::save(dir, fusion, encoder, model_name)?;
     }
     let head = &model.head;
     let config =
         serde_json::to_value(&head.config).map_err(|e| Error::file(dir.join(HEAD_CONFIG), e))?;
     write_json_atomic(
         &dir.join(HEAD_CONFIG),
-        &envelope(config, hidden, model_name, &head.name),
+        &envelope(config, encoder, model_name, &head.name),
     )?;
     save_tensors(&dir.join(HEAD_WEIGHTS), to_pairs(&head.params()))?;
     if !model.base_trainable.0.is_empty() {
@@ -190,13 +195,6 @@ fn remove_stale(dir: &Path, model: &AdapterModel) -> Result<()> {
         remove(dir.join(name))?;
     }
     Ok(())
-}
-
-/// A tensor name as our modules know it: without the model-with-head's `bert.` prefix.
-pub(crate) fn without_model_prefix(name: String) -> String {
-    name.strip_prefix(MODEL_PREFIX)
-        .map(str::to_owned)
-        .unwrap_or(name)
 }
 
 fn to_pairs(params: &Params) -> Vec<(String, Tensor)> {
@@ -397,7 +395,7 @@ pub(crate) fn read_head(dir: &Path, encoder: &BertModel, device: &Device) -> Res
         &name_field(&head_path, &head_json)?,
         head_config,
         encoder.config.hidden_size,
-        encoder.config.hidden_dropout_prob,
+        encoder.config.head_dropout(),
         &mut rng,
         device,
     )
@@ -522,7 +520,7 @@ fn read_adapter(dir: &Path, encoder: &BertModel, device: &Device) -> Result<Adap
         .filter(|(n, _)| !n.contains(".adapter_norm_before.")) // the alias of adapter_down.0
         // Python's .bin files repeat a prefix's tensors under every layer's pool.
         .filter(|(n, _)| !n.contains(".prefix_tuning.pool."))
-        .map(|(n, t)| (without_model_prefix(n), t))
+        .map(|(n, t)| (encoder.config.architecture().module_name(&n), t))
         .collect();
     load_params(&weights, &adapter.params(), &tensors)?;
     Ok(adapter)

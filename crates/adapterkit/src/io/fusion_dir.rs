@@ -10,24 +10,23 @@ use candle_core::{Device, Tensor};
 use crate::error::{Error, Result};
 use crate::io::adapter_dir::{
     check_envelope, config_field, envelope, load_params, name_field, read_bottleneck, read_json,
-    read_tensors, save_adapter, save_tensors, without_model_prefix, FUSION_CONFIG, FUSION_WEIGHTS,
-    FUSION_WEIGHTS_PICKLE, MODEL_PREFIX,
+    read_tensors, save_adapter, save_tensors, FUSION_CONFIG, FUSION_WEIGHTS, FUSION_WEIGHTS_PICKLE,
 };
 use crate::io::atomic::write_json_atomic;
 use crate::methods::adapter::Adapter;
 use crate::methods::fusion::{Fusion, FusionConfig};
-use crate::model::BertModel;
+use crate::model::{BertConfig, BertModel};
 use crate::rng::SeededRng;
 
 /// Writes `fusion` and the adapters it fuses into `dir`.
-pub fn save(dir: &Path, fusion: &Fusion, hidden: usize, model_name: &str) -> Result<()> {
+pub fn save(dir: &Path, fusion: &Fusion, encoder: &BertConfig, model_name: &str) -> Result<()> {
     for adapter in &fusion.adapters {
         let adapter = Adapter::of_bottleneck(adapter.clone());
-        save_adapter(&dir.join(&adapter.name), &adapter, hidden, model_name)?;
+        save_adapter(&dir.join(&adapter.name), &adapter, encoder, model_name)?;
     }
     let path = dir.join(FUSION_CONFIG);
     let config = serde_json::to_value(&fusion.config).map_err(|e| Error::file(&path, e))?;
-    let mut json = envelope(config, hidden, model_name, &fusion.name());
+    let mut json = envelope(config, encoder, model_name, &fusion.name());
     json["adapter_names"] = fusion
         .adapters
         .iter()
@@ -38,7 +37,7 @@ pub fn save(dir: &Path, fusion: &Fusion, hidden: usize, model_name: &str) -> Res
     let tensors = fusion
         .params()
         .iter()
-        .map(|(n, v)| (format!("{MODEL_PREFIX}{n}"), v.as_tensor().clone()))
+        .map(|(n, v)| (encoder.architecture().file_name(n), v.as_tensor().clone()))
         .collect();
     save_tensors(&dir.join(FUSION_WEIGHTS), tensors)?;
     Ok(())
@@ -90,7 +89,7 @@ pub fn load(dir: &Path, encoder: &BertModel, device: &Device) -> Result<Fusion> 
     let (weights, tensors) = read_tensors(dir, FUSION_WEIGHTS, FUSION_WEIGHTS_PICKLE, device)?;
     let tensors: HashMap<String, Tensor> = tensors
         .into_iter()
-        .map(|(n, t)| (without_model_prefix(n), t))
+        .map(|(n, t)| (encoder.config.architecture().module_name(&n), t))
         .collect();
     load_params(&weights, &fusion.params(), &tensors)?;
     Ok(fusion)

@@ -11,7 +11,7 @@ use crate::model::load::ModelFiles;
 
 /// Writes `model` with its LoRA or (IA)³ folded into the weights ([`AdapterModel::merged`])
 /// into `dir`: the source's `config.json` and tokenizer files, the merged encoder as
-/// `model.safetensors` (the source's tensor names, without a `bert.` prefix), and the head's
+/// `model.safetensors` (the source's tensor names, without a model prefix), and the head's
 /// files (AdapterHub's layout), so that `predict --model DIR --adapter DIR` runs it. An adapter
 /// without a LoRA is refused: there is nothing to fold.
 pub fn save_merged(
@@ -54,7 +54,10 @@ pub fn save_merged(
         let name = from.file_name().expect("a file path");
         write_atomic(&dir.join(name), &bytes)?;
     }
-    let tensors = merged.encoder.named_tensors();
+    let architecture = merged.encoder.config.architecture();
+    let tensors: Vec<(String, _)> = (merged.encoder.named_tensors().into_iter())
+        .map(|(name, t)| (architecture.checkpoint_name(&name), t))
+        .collect();
     let bytes = safetensors::serialize(tensors.iter().map(|(n, t)| (n.as_str(), t)), None)
         .map_err(|e| Error::file(dir.join("model.safetensors"), e))?;
     write_atomic(&dir.join("model.safetensors"), &bytes)?;

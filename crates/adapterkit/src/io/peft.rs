@@ -260,10 +260,7 @@ fn classifier_head(
         use_pooler: true,
         ..HeadConfig::new(kind, &labels)?
     };
-    let (hidden, dropout) = (
-        encoder.config.hidden_size,
-        encoder.config.hidden_dropout_prob,
-    );
+    let (hidden, dropout) = (encoder.config.hidden_size, encoder.config.head_dropout());
     let head = Head::new(
         name,
         config,

@@ -39,6 +39,10 @@ pub struct BertConfig {
     pub pad_token_id: usize,
     #[serde(default = "defaults::position_embedding_type")]
     pub position_embedding_type: String,
+    /// The dropout AdapterHub's heads use, when not `hidden_dropout_prob` (DistilBERT's
+    /// `seq_classif_dropout`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub classifier_dropout: Option<f32>,
     /// ELECTRA: the embeddings' width, projected to `hidden_size` when it differs.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub embedding_size: Option<usize>,
@@ -97,6 +101,24 @@ impl BertConfig {
         }
     }
 
+    /// roberta-base's shape (its `config.json`'s sizes), for benchmarks with random weights.
+    pub fn roberta_base() -> Self {
+        let config = serde_json::json!({
+            "model_type": "roberta", "vocab_size": 50265, "max_position_embeddings": 514,
+            "type_vocab_size": 1, "layer_norm_eps": 1e-5, "pad_token_id": 1,
+        });
+        Self::from_json(config).expect("a valid config")
+    }
+
+    /// distilbert-base-uncased's shape (its `config.json`'s sizes), for benchmarks.
+    pub fn distilbert_base() -> Self {
+        let config = serde_json::json!({
+            "model_type": "distilbert", "vocab_size": 30522, "dim": 768, "n_layers": 6,
+            "n_heads": 12, "hidden_dim": 3072, "activation": "gelu", "seq_classif_dropout": 0.2,
+        });
+        Self::from_json(config).expect("a valid config")
+    }
+
     pub fn from_file(path: &Path) -> Result<Self> {
         let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
         let config_error = |message: String| Error::Config {
@@ -131,6 +153,7 @@ impl BertConfig {
                 ("activation", "hidden_act"),
                 ("dropout", "hidden_dropout_prob"),
                 ("attention_dropout", "attention_probs_dropout_prob"),
+                ("seq_classif_dropout", "classifier_dropout"),
             ] {
                 if let Some(v) = fields.remove(own) {
                     fields.insert(bert.into(), v);
@@ -163,6 +186,11 @@ impl BertConfig {
     /// The architecture (`validate` has checked that it is one).
     pub fn architecture(&self) -> Architecture {
         Architecture::from_model_type(&self.model_type).unwrap_or(Architecture::Bert)
+    }
+
+    /// The dropout of AdapterHub's heads on this model (its `_get_dropout_prob`).
+    pub fn head_dropout(&self) -> f32 {
+        self.classifier_dropout.unwrap_or(self.hidden_dropout_prob)
     }
 
     /// The width of the embeddings: `hidden_size` but for ELECTRA's narrower ones.

@@ -29,6 +29,14 @@ impl BertEmbeddings {
     pub fn load(vb: VarBuilder, config: &BertConfig) -> Result<Self> {
         let (e, h) = (config.embedding_size(), config.hidden_size);
         let own = vb.pp("embeddings");
+        // In the checkpoint's order, which random weights draw in (`model::random`).
+        let word_embeddings =
+            candle_nn::embedding(config.vocab_size, e, own.pp("word_embeddings"))?;
+        let position_embeddings = candle_nn::embedding(
+            config.max_position_embeddings,
+            e,
+            own.pp("position_embeddings"),
+        )?;
         let token_type_embeddings = match config.type_vocab_size {
             0 => None,
             types => Some(candle_nn::embedding(
@@ -37,19 +45,16 @@ impl BertEmbeddings {
                 own.pp("token_type_embeddings"),
             )?),
         };
+        let layer_norm = LayerNorm::load(own.pp("LayerNorm"), e, config.layer_norm_eps)?;
         let projection = match e == h {
             true => None,
             false => Some(candle_nn::linear(e, h, vb.pp("embeddings_project"))?),
         };
         Ok(Self {
-            word_embeddings: candle_nn::embedding(config.vocab_size, e, own.pp("word_embeddings"))?,
-            position_embeddings: candle_nn::embedding(
-                config.max_position_embeddings,
-                e,
-                own.pp("position_embeddings"),
-            )?,
+            word_embeddings,
+            position_embeddings,
             token_type_embeddings,
-            layer_norm: LayerNorm::load(own.pp("LayerNorm"), e, config.layer_norm_eps)?,
+            layer_norm,
             projection,
             architecture: config.architecture(),
             pad_token_id: config.pad_token_id as u32,
