@@ -179,6 +179,31 @@ fn adapters_on_every_encoder_match_adapters_library() {
     }
 }
 
+/// A dynamic AdapterFusion of two Houlsby adapters on DistilBERT, made by adapters 1.3 (its
+/// `attention_adapters` / `output_adapters` names): scores and gradients, and saved back under
+/// Python's names.
+#[test]
+fn a_fusion_on_distilbert_matches_adapters_library() {
+    let files = ModelFiles::in_dir(&fixtures().join("encoders/distilbert")).unwrap();
+    let encoder = files
+        .load_model(&files.load_config().unwrap(), &Device::Cpu)
+        .unwrap();
+    let case = "encoders/adapters/distilbert-fusion";
+    matches_adapters_library(case, encoder.clone());
+    let model = adapter_dir::load(&case_dir(case), encoder, &Device::Cpu).unwrap();
+    let out = tempfile::tempdir().unwrap();
+    adapter_dir::save(out.path(), &model, "distilbert").unwrap();
+    for file in ["model_adapter_fusion.safetensors", "a/adapter.safetensors"] {
+        let names = |d: &Path| {
+            let tensors = candle_core::safetensors::load(d.join(file), &Device::Cpu).unwrap();
+            let mut names: Vec<String> = tensors.into_keys().collect();
+            names.sort();
+            names
+        };
+        assert_eq!(names(out.path()), names(&case_dir(case)), "{file}");
+    }
+}
+
 /// Hidden states, logits, loss and every trainable gradient within 1e-5 of the fixture's.
 fn matches_adapters_library(case: &str, encoder: adapterkit::model::BertModel) {
     let dir = case_dir(case);
