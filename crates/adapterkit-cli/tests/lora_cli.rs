@@ -181,24 +181,29 @@ fn train_a_lora_in_peft_files() {
 }
 
 /// Python's `adapters`, PEFT and `transformers` read what we write and get our numbers
-/// (`scripts/python_reads_ours.py`). Runs when ADAPTERKIT_PYTHON names a Python with them
-/// installed; CI has none, and says so.
+/// (`scripts/python_reads_ours.py`, and on RoBERTa, XLM-R, DistilBERT and ELECTRA
+/// `scripts/python_reads_ours_encoders.py`). Runs when ADAPTERKIT_PYTHON names a Python with
+/// them installed; CI has none, and says so.
 #[test]
 fn python_reads_our_lora_files() {
     let Ok(python) = std::env::var("ADAPTERKIT_PYTHON") else {
         eprintln!("ADAPTERKIT_PYTHON is not set: Python's side is not checked here");
         return;
     };
-    let script = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../../scripts/python_reads_ours.py");
-    let run = std::process::Command::new(python)
-        .arg(script)
-        .args(["--binary", env!("CARGO_BIN_EXE_adapterkit")])
-        .output()
-        .unwrap();
-    assert!(
-        run.status.success(),
-        "{}",
-        String::from_utf8_lossy(&run.stderr)
-    );
+    for script in ["python_reads_ours.py", "python_reads_ours_encoders.py"] {
+        let script = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+            .join("../../scripts")
+            .join(script);
+        let run = std::process::Command::new(&python)
+            .arg(&script)
+            .args(["--binary", env!("CARGO_BIN_EXE_adapterkit")])
+            .output()
+            .unwrap();
+        assert!(
+            run.status.success(),
+            "{}: {}",
+            script.display(),
+            String::from_utf8_lossy(&run.stderr)
+        );
+    }
 }
