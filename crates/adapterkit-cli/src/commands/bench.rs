@@ -3,8 +3,8 @@ use candle_core::Device;
 
 use adapterkit::adapter_model::{AdapterModel, Method};
 use adapterkit::bench::{
-    composed_step, forward_flops, inference_step, matmul_peak, optimizer_for, peak_rss_bytes,
-    random_batch, time_per_step, training_step,
+    composed_step, cpu_features, forward_flops, inference_step, matmul_peak, optimizer_for,
+    peak_rss_bytes, random_batch, time_per_step, training_step,
 };
 use adapterkit::composed_model::ComposedModel;
 use adapterkit::data::TaskKind;
@@ -84,7 +84,7 @@ pub fn run(args: Args) -> Result<()> {
     let head = HeadConfig::new(TaskKind::Classification, &["a".into(), "b".into()])?;
     let encoder = BertModel::random(&config, config_std(), 7, &device)?;
     let flops = forward_flops(&config, args.batch_size, args.seq_len, Positions::First);
-    let peak = matmul_peak(1024, &device)?;
+    let peak = matmul_peak(1024, 10, &device)?;
 
     let row = |what: &str, seconds: f64, step_flops: f64| {
         serde_json::json!({
@@ -218,6 +218,7 @@ pub fn run(args: Args) -> Result<()> {
         "batch_size": args.batch_size,
         "threads": candle_core::utils::get_num_threads(),
         "matmul_peak_gflop_per_second": peak / 1e9,
+        "cpu_features": cpu_features(),
         "results": rows,
     });
     if args.json {
@@ -225,12 +226,14 @@ pub fn run(args: Args) -> Result<()> {
         return Ok(());
     }
     println!(
-        "{} shape, batch {} x {} tokens, {} threads; matmul peak {:.1} GFLOP/s",
+        "{} shape, batch {} x {} tokens, {} threads; f32 matmul peak {:.1} GFLOP/s (best of 10 \
+         1024^3 products); CPU: {}",
         args.shape,
         args.batch_size,
         args.seq_len,
         report["threads"],
-        peak / 1e9
+        peak / 1e9,
+        cpu_features().join(" ")
     );
     println!(
         "{:<44} {:>12} {:>10} {:>9} {:>14}",
