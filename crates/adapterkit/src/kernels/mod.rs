@@ -2,11 +2,12 @@
 //! passes for Linear, GELU, softmax, LayerNorm (`fused`, `layer_norm`), whole frozen attention
 //! and feed-forward blocks (`attention`, `feed_forward`), many plain bottleneck adapters side by
 //! side (`grouped_bottleneck`), the strided matrix products they call
-//! (`matmul`), the vectorised maths (`simd`), dropout masks (`dropout`) and how the work is
+//! (`matmul`), bf16 products of frozen weights (`bf16`, not yet used by the model), the vectorised maths (`simd`), dropout masks (`dropout`) and how the work is
 //! split over threads (`parallel`). `model/` builds BERT from them; elsewhere (other devices and
 //! dtypes) its ops are composed from candle's.
 
 pub mod attention;
+pub mod bf16;
 pub mod dropout;
 pub mod feed_forward;
 pub mod fused;
