@@ -135,6 +135,31 @@ pub fn matmul_peak(n: usize, runs: usize, device: &Device) -> Result<f64> {
     Ok(2.0 * (n * n * n) as f64 / best)
 }
 
+/// FLOP/s of `kernels::bf16::matmul` on an `n x n` by `n x n` product (the weight packed once,
+/// outside the timing), best of `runs` after one untimed product, and the path it took.
+pub fn bf16_matmul_rate(n: usize, runs: usize) -> (f64, &'static str) {
+    use crate::kernels::bf16::{avx512_bf16, matmul, PackedBf16};
+    let mut rng = SeededRng::new(1);
+    let mut random =
+        |len: usize| -> Vec<f32> { (0..len).map(|_| rng.normal_f64() as f32).collect() };
+    let (x, w) = (random(n * n), random(n * n));
+    let packed = PackedBf16::pack(&w, n, n);
+    let mut out = vec![0f32; n * n];
+    matmul(&x, n, &packed, &mut out);
+    let mut best = f64::INFINITY;
+    for _ in 0..runs.max(1) {
+        let start = Instant::now();
+        matmul(&x, n, &packed, &mut out);
+        best = best.min(start.elapsed().as_secs_f64());
+    }
+    let path = if avx512_bf16() {
+        "avx512_bf16"
+    } else {
+        "portable"
+    };
+    (2.0 * (n * n * n) as f64 / best, path)
+}
+
 /// The instruction-set extensions the CPU has that matter to matrix products (what a bf16 or
 /// int8 path would dispatch on), as Linux's `/proc/cpuinfo` names them (AMX's detection is not
 /// in stable Rust's `is_x86_feature_detected!`); empty where that file is not there.

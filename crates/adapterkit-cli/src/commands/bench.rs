@@ -3,8 +3,8 @@ use candle_core::Device;
 
 use adapterkit::adapter_model::{AdapterModel, Method};
 use adapterkit::bench::{
-    composed_step, cpu_features, forward_flops, inference_step, matmul_peak, optimizer_for,
-    peak_rss_bytes, random_batch, time_per_step, training_step,
+    bf16_matmul_rate, composed_step, cpu_features, forward_flops, inference_step, matmul_peak,
+    optimizer_for, peak_rss_bytes, random_batch, time_per_step, training_step,
 };
 use adapterkit::composed_model::ComposedModel;
 use adapterkit::data::TaskKind;
@@ -34,6 +34,7 @@ pub struct Args {
     /// training), ia3 ((IA)³ training), lora-stack (inference through two LoRAs composed
     /// unmerged, `stack(a,b)`),
     /// ops (fused against composed LayerNorm and softmax, forward + backward, at this shape),
+    /// bf16-matmul (the bf16 kernel's GFLOP/s on a 1024^3 product, against the f32 peak),
     /// multitask (--tasks adapters one by one, then in one Parallel pass with the adapters of
     /// the lowest k layers dropped, for every k), adapter-drop (adapter training with no
     /// adapters in the lowest k layers, for every k).
@@ -187,6 +188,16 @@ pub fn run(args: Args) -> Result<()> {
                 compare_ops(&config, &args)?;
                 continue;
             }
+            "bf16-matmul" => {
+                // The bf16 kernel against the f32 peak measured above, on the same product.
+                let (rate, path) = bf16_matmul_rate(1024, 5);
+                println!(
+                    "bf16 1024^3 product ({path}, one thread, not tuned): {:.1} GFLOP/s, {:.0}% of the f32 peak",
+                    rate / 1e9,
+                    100.0 * rate / peak
+                );
+                continue;
+            }
             "multitask" => {
                 for (label, seconds, step_flops) in multitask(&encoder, &head, &batch, &args)? {
                     rows.push(row(&label, seconds, step_flops));
@@ -207,7 +218,7 @@ pub fn run(args: Args) -> Result<()> {
                 continue;
             }
             other => anyhow::bail!(
-                "unknown measurement '{other}' (inference, inference-all-positions, prefix, adapter, full, lora, ia3, lora-stack, ops, multitask, adapter-drop)"
+                "unknown measurement '{other}' (inference, inference-all-positions, prefix, adapter, full, lora, ia3, lora-stack, ops, bf16-matmul, multitask, adapter-drop)"
             ),
         };
         rows.push(row(what, seconds, step_flops));
