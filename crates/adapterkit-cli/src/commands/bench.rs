@@ -192,7 +192,8 @@ pub fn run(args: Args) -> Result<()> {
                 // The bf16 kernel against the f32 peak measured above, on the same product.
                 let (rate, path) = bf16_matmul_rate(1024, 5);
                 println!(
-                    "bf16 1024^3 product ({path}, one thread, not tuned): {:.1} GFLOP/s, {:.0}% of the f32 peak",
+                    "bf16 1024^3 product ({path}, {} threads): {:.1} GFLOP/s, {:.0}% of the f32 peak",
+                    candle_core::utils::get_num_threads(),
                     rate / 1e9,
                     100.0 * rate / peak
                 );

@@ -1,18 +1,22 @@
 //! bf16 matrix products of frozen weights, summed in f32: `x W^T` with `x` and `W` rounded to
 //! bf16 (round to nearest even), the first step of `--dtype bf16` (issue 18; the model does not
-//! call it yet). The weight is packed once ([`PackedBf16`]); the product dispatches at run time
+//! call it yet). The weight is packed once ([`PackedBf16`]); rows are split over threads, and
+//! the product dispatches at run time
 //! to `vdpbf16ps` (AVX-512 BF16: each instruction multiplies 32 pairs of bf16 and adds them into
 //! 16 f32 sums) and otherwise runs a portable loop that computes the same sums in the same
 //! order per output, so the two agree to f32 rounding.
 
 use half::bf16;
 
+use crate::kernels::parallel::par_rows;
+
 /// Output columns one AVX-512 register holds.
 const LANES: usize = 16;
 
-/// A weight `[n, k]` (a Linear's, out x in) in bf16, packed for [`matmul`]: for each pair of
-/// input positions `2p, 2p + 1` and each output column `j`, the two values side by side, so that
-/// `[k/2][n_padded][2]`; `k` is padded to even and `n` to a multiple of 16 with zeros.
+/// A weight `[n, k]` (a Linear's, out x in) in bf16, packed for [`matmul`]: in panels of 16
+/// output columns, each panel `[k/2][16][2]` (for each pair of input positions `2p, 2p + 1` and
+/// each of the panel's columns, the two values side by side), so that a panel is read
+/// contiguously; `k` is padded to even and `n` to a multiple of 16 with zeros.
 pub struct PackedBf16 {
     n: usize,
     k: usize,
@@ -33,8 +37,9 @@ impl PackedBf16 {
         let (pairs, n_padded) = (k.div_ceil(2), n.div_ceil(LANES) * LANES);
         let mut data = vec![0u16; pairs * n_padded * 2];
         for j in 0..n {
+            let (panel, lane) = (j / LANES, j % LANES);
             for i in 0..k {
-                data[((i / 2) * n_padded + j) * 2 + i % 2] = bits(weight[j * k + i]);
+                data[Self::at(pairs, panel, i / 2, lane) + i % 2] = bits(weight[j * k + i]);
             }
         }
         Self {
@@ -44,6 +49,11 @@ impl PackedBf16 {
             pairs,
             data,
         }
+    }
+
+    /// Where pair `p` of column `lane` of panel `panel` starts in `data`.
+    fn at(pairs: usize, panel: usize, p: usize, lane: usize) -> usize {
+        ((panel * pairs + p) * LANES + lane) * 2
     }
 
     pub fn rows(&self) -> usize {
@@ -71,13 +81,20 @@ fn row_pairs(row: &[f32], pairs: usize) -> Vec<u32> {
 pub fn matmul(x: &[f32], m: usize, w: &PackedBf16, out: &mut [f32]) {
     assert_eq!(x.len(), m * w.k, "x of {m} x {}", w.k);
     assert_eq!(out.len(), m * w.n, "out of {m} x {}", w.n);
-    #[cfg(target_arch = "x86_64")]
-    if avx512_bf16() {
-        // SAFETY: the CPU has the instructions (checked just above).
-        unsafe { matmul_avx512_bf16(x, m, w, out) };
-        return;
-    }
-    matmul_portable(x, m, w, out);
+    let fast = avx512_bf16();
+    // Rows split over candle's threads, each block of rows computed whole.
+    par_rows(out, w.n, |first, out| {
+        let rows = out.len() / w.n.max(1);
+        let x = &x[first * w.k..(first + rows) * w.k];
+        #[cfg(target_arch = "x86_64")]
+        if fast {
+            // SAFETY: the CPU has the instructions (checked above).
+            unsafe { matmul_avx512_bf16(x, rows, w, out) };
+            return;
+        }
+        let _ = fast;
+        matmul_portable(x, rows, w, out);
+    });
 }
 
 /// Whether `matmul` runs on `vdpbf16ps` here.
@@ -102,7 +119,7 @@ pub fn matmul_portable(x: &[f32], m: usize, w: &PackedBf16, out: &mut [f32]) {
         for j in 0..w.n {
             let mut sum = 0f32;
             for (p, &pair) in pairs.iter().enumerate() {
-                let at = (p * w.n_padded + j) * 2;
+                let at = PackedBf16::at(w.pairs, j / LANES, p, j % LANES);
                 let (x0, x1) = (widen(pair as u16), widen((pair >> 16) as u16));
                 let (w0, w1) = (widen(w.data[at]), widen(w.data[at + 1]));
                 sum += x0 * w0 + x1 * w1;
@@ -112,33 +129,57 @@ pub fn matmul_portable(x: &[f32], m: usize, w: &PackedBf16, out: &mut [f32]) {
     }
 }
 
-/// [`matmul`] on `vdpbf16ps`: 16 output columns of one row per register, the row's pair
-/// broadcast to every lane.
+/// [`matmul`] on `vdpbf16ps`: four rows at a time against one panel of 16 output columns, so
+/// that each load of the weight serves four rows (their pairs broadcast to every lane), then the
+/// rows left one at a time.
 ///
 /// # Safety
 /// The CPU must have AVX-512F and AVX-512 BF16.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bf16")]
 unsafe fn matmul_avx512_bf16(x: &[f32], m: usize, w: &PackedBf16, out: &mut [f32]) {
+    let pairs: Vec<Vec<u32>> = (0..m)
+        .map(|r| row_pairs(&x[r * w.k..(r + 1) * w.k], w.pairs))
+        .collect();
+    let mut r = 0;
+    while r + 4 <= m {
+        rows_avx512_bf16::<4>(&pairs[r..r + 4], r, w, out);
+        r += 4;
+    }
+    for r in r..m {
+        rows_avx512_bf16::<1>(&pairs[r..r + 1], r, w, out);
+    }
+}
+
+/// `R` rows (their pairs), the first of them row `first` of `out`, against every panel.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bf16")]
+unsafe fn rows_avx512_bf16<const R: usize>(
+    pairs: &[Vec<u32>],
+    first: usize,
+    w: &PackedBf16,
+    out: &mut [f32],
+) {
     use std::arch::x86_64::*;
     let mut sums = [0f32; LANES];
-    for r in 0..m {
-        let pairs = row_pairs(&x[r * w.k..(r + 1) * w.k], w.pairs);
-        for block in 0..w.n_padded / LANES {
-            let mut acc = _mm512_setzero_ps();
-            for (p, &pair) in pairs.iter().enumerate() {
-                let a: __m512bh = std::mem::transmute(_mm512_set1_epi32(pair as i32));
-                let at = (p * w.n_padded + block * LANES) * 2;
-                // SAFETY: `at .. at + 32` lies in `data` (`n_padded` is a multiple of 16).
-                let b: __m512bh = std::mem::transmute(_mm512_loadu_si512(
-                    w.data.as_ptr().add(at) as *const __m512i
-                ));
-                acc = _mm512_dpbf16_ps(acc, a, b);
+    for panel in 0..w.n_padded / LANES {
+        let mut acc = [_mm512_setzero_ps(); R];
+        let start = PackedBf16::at(w.pairs, panel, 0, 0);
+        for p in 0..w.pairs {
+            // SAFETY: the panel's pair `p` is 32 values inside `data`.
+            let b: __m512bh = std::mem::transmute(_mm512_loadu_si512(
+                w.data.as_ptr().add(start + p * LANES * 2) as *const __m512i,
+            ));
+            for (acc, row) in acc.iter_mut().zip(pairs) {
+                let a: __m512bh = std::mem::transmute(_mm512_set1_epi32(row[p] as i32));
+                *acc = _mm512_dpbf16_ps(*acc, a, b);
             }
-            _mm512_storeu_ps(sums.as_mut_ptr(), acc);
-            let first = block * LANES;
-            let count = LANES.min(w.n - first.min(w.n));
-            out[r * w.n + first..][..count].copy_from_slice(&sums[..count]);
+        }
+        let column = panel * LANES;
+        let count = LANES.min(w.n - column.min(w.n));
+        for (i, acc) in acc.iter().enumerate() {
+            _mm512_storeu_ps(sums.as_mut_ptr(), *acc);
+            out[(first + i) * w.n + column..][..count].copy_from_slice(&sums[..count]);
         }
     }
 }
