@@ -245,15 +245,7 @@ impl AdapterModel {
     /// Logits `[batch, num_labels]`. The head reads the first token alone, so the last layer
     /// computes nothing else.
     pub fn logits(&self, batch: &Batch, mode: &mut Mode) -> Result<Tensor> {
-        let gated = self
-            .adapter
-            .as_ref()
-            .is_some_and(Adapter::gates_read_every_position);
-        let last = if gated {
-            Positions::All
-        } else {
-            Positions::First
-        };
+        let last = Adapter::last_positions(&self.adapter);
         self.logits_at(batch, last, mode)
     }
 

@@ -157,13 +157,7 @@ impl ComposedModel {
 
     /// Each channel's logits by its head, in the order of the setup's channels.
     pub fn logits(&self, batch: &Batch, mode: &mut Mode) -> Result<Vec<TaskLogits>> {
-        let adapters = self.composition.adapters.values();
-        let gated = adapters.into_iter().any(Adapter::gates_read_every_position);
-        let last = if gated {
-            Positions::All
-        } else {
-            Positions::First
-        };
+        let last = Adapter::last_positions(self.composition.adapters.values());
         let hidden = self.hidden(batch, last, mode)?;
         let batch_rows = batch.input_ids.dim(0)?;
         let setup = &self.composition.setup;

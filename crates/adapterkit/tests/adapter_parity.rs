@@ -45,6 +45,20 @@ fn load_case(dir: &Path) -> AdapterModel {
     adapter_dir::load(dir, tiny_encoder(), &Device::Cpu).unwrap()
 }
 
+/// A copy of the adapter and head saved in `dir`, their pickle files alone.
+fn pickles_only(dir: &Path) -> tempfile::TempDir {
+    let copy = tempfile::tempdir().unwrap();
+    for name in [
+        "adapter_config.json",
+        "head_config.json",
+        "pytorch_adapter.bin",
+        "pytorch_model_head.bin",
+    ] {
+        std::fs::copy(dir.join(name), copy.path().join(name)).unwrap();
+    }
+    copy
+}
+
 /// The fixture's batch (token types all 0 where the model has none).
 fn expected_batch(
     expected: &std::collections::HashMap<String, Tensor>,
@@ -111,16 +125,7 @@ fn adapters_on_every_encoder_match_adapters_library() {
         let expected =
             candle_core::safetensors::load(dir.join("expected.safetensors"), &Device::Cpu).unwrap();
         let batch = expected_batch(&expected);
-        // The pickle files alone.
-        let pickles = tempfile::tempdir().unwrap();
-        for name in [
-            "adapter_config.json",
-            "head_config.json",
-            "pytorch_adapter.bin",
-            "pytorch_model_head.bin",
-        ] {
-            std::fs::copy(dir.join(name), pickles.path().join(name)).unwrap();
-        }
+        let pickles = pickles_only(&dir);
         let model = adapter_dir::load(pickles.path(), encoder.clone(), &Device::Cpu).unwrap();
         let logits = model.logits(&batch, &mut Mode::Eval).unwrap();
         assert!(
@@ -284,15 +289,7 @@ fn pickle_files_load_like_safetensors() {
         "prefix/prefix",
         "prefix/prefix_leave",
     ] {
-        let copy = tempfile::tempdir().unwrap();
-        for name in [
-            "adapter_config.json",
-            "head_config.json",
-            "pytorch_adapter.bin",
-            "pytorch_model_head.bin",
-        ] {
-            std::fs::copy(case_dir(case).join(name), copy.path().join(name)).unwrap();
-        }
+        let copy = pickles_only(&case_dir(case));
         let expected = candle_core::safetensors::load(
             case_dir(case).join("expected.safetensors"),
             &Device::Cpu,

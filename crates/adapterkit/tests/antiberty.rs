@@ -17,19 +17,9 @@ use adapterkit::train::{self, Silent, TrainConfig};
 use candle_core::{DType, Device};
 use common::*;
 
-/// The fetched AntiBERTy folder; `None` skips, unless `ADAPTERKIT_REQUIRE_ASSETS=1`.
+/// The fetched AntiBERTy ([`asset_dir`]).
 fn antiberty() -> Option<Pretrained> {
-    let dir = minilm_dir()?
-        .parent()
-        .unwrap()
-        .join("antiberty/AntiBERTy_md_smooth");
-    if !dir.join("pytorch_model.bin").exists() {
-        if std::env::var("ADAPTERKIT_REQUIRE_ASSETS").is_ok_and(|v| v == "1") {
-            panic!("{} is missing: run scripts/fetch-assets.sh", dir.display());
-        }
-        eprintln!("skipping: {} not fetched", dir.display());
-        return None;
-    }
+    let dir = asset_dir("antiberty/AntiBERTy_md_smooth", "pytorch_model.bin")?;
     Some(Pretrained::load(dir.to_str().unwrap(), &Device::Cpu).unwrap())
 }
 

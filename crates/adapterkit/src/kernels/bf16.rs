@@ -81,18 +81,16 @@ fn row_pairs(row: &[f32], pairs: usize) -> Vec<u32> {
 pub fn matmul(x: &[f32], m: usize, w: &PackedBf16, out: &mut [f32]) {
     assert_eq!(x.len(), m * w.k, "x of {m} x {}", w.k);
     assert_eq!(out.len(), m * w.n, "out of {m} x {}", w.n);
-    let fast = avx512_bf16();
     // Rows split over candle's threads, each block of rows computed whole.
     par_rows(out, w.n, |first, out| {
         let rows = out.len() / w.n.max(1);
         let x = &x[first * w.k..(first + rows) * w.k];
         #[cfg(target_arch = "x86_64")]
-        if fast {
-            // SAFETY: the CPU has the instructions (checked above).
+        if avx512_bf16() {
+            // SAFETY: the CPU has the instructions (checked just now).
             unsafe { matmul_avx512_bf16(x, rows, w, out) };
             return;
         }
-        let _ = fast;
         matmul_portable(x, rows, w, out);
     });
 }

@@ -1,12 +1,14 @@
 //! The CPU kernels under the encoder's ops, in f32: custom candle ops with hand-written backward
-//! passes for Linear, GELU, softmax, LayerNorm (`fused`, `layer_norm`), whole frozen attention
-//! and feed-forward blocks (`attention`, `feed_forward`), many plain bottleneck adapters side by
-//! side (`grouped_bottleneck`), the strided matrix products they call
-//! (`matmul`), bf16 products of frozen weights (`bf16`, not yet used by the model), the vectorised maths (`simd`), dropout masks (`dropout`) and how the work is
-//! split over threads (`parallel`). `model/` builds BERT from them; elsewhere (other devices and
-//! dtypes) its ops are composed from candle's.
+//! passes for Linear, GELU, softmax, LayerNorm (`fused`, `layer_norm`), attention (`attention`),
+//! whole frozen attention and feed-forward blocks (`attention_block`, `feed_forward`), many plain
+//! bottleneck adapters side by side (`grouped_bottleneck`), the strided matrix products they call
+//! (`matmul`), bf16 products of frozen weights (`bf16`, not yet used by the model), the
+//! vectorised maths (`simd`), dropout masks (`dropout`) and how the work is split over threads
+//! (`parallel`). `model/` builds BERT from them; elsewhere (other devices and dtypes) its ops are
+//! composed from candle's.
 
 pub mod attention;
+pub mod attention_block;
 pub mod bf16;
 pub mod dropout;
 pub mod feed_forward;

@@ -17,6 +17,7 @@ use crate::methods::bottleneck_config::{self, BnConfig};
 use crate::methods::lora::{self, Lora, LoraConfig};
 use crate::methods::prefix_tuning::{PrefixTuning, PrefixTuningConfig};
 use crate::model::hooks::{KeyValuePrefix, LayerHooks, LinearChange, LinearSite, Position};
+use crate::model::layer::Positions;
 use crate::model::layer_norm::LayerNorm;
 use crate::model::{BertConfig, Mode};
 use crate::params::Params;
@@ -313,6 +314,15 @@ impl Adapter {
         let bottleneck = self.bottleneck().is_some_and(|b| b.config.use_gating());
         let lora = self.lora().is_some_and(|l| l.config.use_gating());
         bottleneck || lora
+    }
+
+    /// Where the last layer must compute for a head that reads the first token, with
+    /// `adapters` running: the first token alone, unless a gate reads every position.
+    pub fn last_positions<'a>(adapters: impl IntoIterator<Item = &'a Adapter>) -> Positions {
+        match adapters.into_iter().any(Adapter::gates_read_every_position) {
+            true => Positions::All,
+            false => Positions::First,
+        }
     }
 
     /// The same adapter under another name (its modules' names too, which name its tensors).

@@ -359,22 +359,10 @@ impl PrefixTuning {
         self.slots.contains_key(&layer) && !self.skip_layers.contains(&layer)
     }
 
-    /// `layer`'s keys and values in `mode` (dropout in training), if the prefix runs there.
-    pub(crate) fn at(
-        &self,
-        layer: usize,
-        mode: &mut Mode,
-    ) -> Option<CandleResult<(Tensor, Tensor)>> {
-        if !self.runs_at(layer) {
-            return None;
-        }
-        Some(self.slot(self.slots[&layer], mode))
-    }
-
     /// `layer`'s prefix keys and values `[P, hidden]` for each row of `input` (the layer's
     /// input, `[rows, seq, hidden]`): `[rows, P, hidden]`, scaled by the layer's gate if it has
     /// one.
-    pub(crate) fn for_rows(
+    fn for_rows(
         &self,
         layer: usize,
         keys: &Tensor,
@@ -403,10 +391,10 @@ impl PrefixTuning {
         input: &Tensor,
         mode: &mut Mode,
     ) -> CandleResult<Option<KeyValuePrefix>> {
-        let Some(prefix) = self.at(layer, mode) else {
+        if !self.runs_at(layer) {
             return Ok(None);
-        };
-        let (keys, values) = prefix?;
+        }
+        let (keys, values) = self.slot(self.slots[&layer], mode)?;
         let (keys, values) = self.for_rows(layer, &keys, &values, input)?;
         let (rows, p, _) = keys.dims3()?;
         let bias = Tensor::zeros((rows, 1, 1, p), input.dtype(), input.device())?;

@@ -74,28 +74,18 @@ impl Architecture {
     /// .output.adapters.a.adapter_up.weight`, `prefix_tuning.prefix_tunings.a.self_prefix...`),
     /// with or without the model's prefix.
     pub fn checkpoint_name(self, name: &str) -> String {
-        if self != Architecture::Distilbert {
-            return name.to_string();
+        match self {
+            Architecture::Distilbert => distilbert_name(name, true),
+            _ => name.to_string(),
         }
-        let name = prefix_location(name, "self_prefix", "self");
-        rename_layer_path(&name, "encoder.layer.", "transformer.layer.", |path| {
-            DISTILBERT
-                .iter()
-                .find_map(|(bert, own)| swap_start(path, bert, own))
-        })
     }
 
     /// The inverse of [`checkpoint_name`](Self::checkpoint_name).
     pub fn bert_name(self, checkpoint: &str) -> String {
-        if self != Architecture::Distilbert {
-            return checkpoint.to_string();
+        match self {
+            Architecture::Distilbert => distilbert_name(checkpoint, false),
+            _ => checkpoint.to_string(),
         }
-        let name = prefix_location(checkpoint, "self", "self_prefix");
-        rename_layer_path(&name, "transformer.layer.", "encoder.layer.", |path| {
-            DISTILBERT
-                .iter()
-                .find_map(|(bert, own)| swap_start(path, own, bert))
-        })
     }
 
     /// The name a method's tensor (as our modules name it) has in AdapterHub's files: the
@@ -135,6 +125,23 @@ const DISTILBERT: [(&str, &str); 13] = [
         "output_adapters.adapter_fusion_layer",
     ),
 ];
+
+/// `name` (BERT's) in DistilBERT's names, or back (`to_distilbert` false).
+fn distilbert_name(name: &str, to_distilbert: bool) -> String {
+    let direction = |(bert, own): (&'static str, &'static str)| match to_distilbert {
+        true => (bert, own),
+        false => (own, bert),
+    };
+    let (from, to) = direction(("self_prefix", "self"));
+    let name = prefix_location(name, from, to);
+    let (from, to) = direction(("encoder.layer.", "transformer.layer."));
+    rename_layer_path(&name, from, to, |path| {
+        DISTILBERT.iter().find_map(|&pair| {
+            let (from, to) = direction(pair);
+            swap_start(path, from, to)
+        })
+    })
+}
 
 /// `path` with `from` at its start (a whole module path) replaced by `to`.
 fn swap_start(path: &str, from: &str, to: &str) -> Option<String> {

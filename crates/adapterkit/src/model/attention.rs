@@ -4,7 +4,8 @@
 use candle_core::{Result, Tensor};
 use candle_nn::{Linear, VarBuilder};
 
-use crate::kernels::attention::{AttentionBlockOp, AttentionOp, PrefixValues};
+use crate::kernels::attention::AttentionOp;
+use crate::kernels::attention_block::{AttentionBlockOp, PrefixValues};
 use crate::model::architecture::Architecture;
 use crate::model::config::BertConfig;
 use crate::model::dropout::Mode;
@@ -36,7 +37,8 @@ impl BertSelfAttention {
     }
 
     /// Attention of `queries` `[batch, q, hidden]` over the keys and values of `hidden`
-    /// `[batch, seq, hidden]` (the same tensor, or its first position), behind `prefix`'s.
+    /// `[batch, seq, hidden]` (the same tensor, or its first position), behind `prefix`'s;
+    /// `bias` masks them all (the prefix's positions first).
     #[allow(clippy::too_many_arguments)]
     pub fn forward(
         &self,
@@ -52,17 +54,15 @@ impl BertSelfAttention {
         let query = linear(LinearSite::Query, &self.query, queries)?;
         let mut key = linear(LinearSite::Key, &self.key, hidden)?;
         let mut value = linear(LinearSite::Value, &self.value, hidden)?;
-        let mut bias = bias.clone();
         if let Some(prefix) = prefix {
             key = Tensor::cat(&[&prefix.keys, &key], 1)?;
             value = Tensor::cat(&[&prefix.values, &value], 1)?;
-            bias = Tensor::cat(&[&prefix.bias.to_dtype(bias.dtype())?, &bias], 3)?;
         }
         ops::attention(
             &query,
             &key,
             &value,
-            &bias,
+            bias,
             self.num_heads,
             self.dropout,
             mode,
@@ -137,6 +137,11 @@ impl BertAttention {
         };
         let prefix = hooks.key_value_prefix(layer, hidden, mode)?;
         let prefix = prefix.as_ref();
+        // The mask over every key, the prefix's first.
+        let bias = match prefix {
+            Some(p) => &Tensor::cat(&[&p.bias.to_dtype(bias.dtype())?, bias], 3)?,
+            None => bias,
+        };
         let frozen = self.frozen_block(layer, hidden, bias, prefix, positions, hooks, mode)?;
         let projected = match frozen {
             Some(projected) => projected,
@@ -159,7 +164,8 @@ impl BertAttention {
     /// Self-attention and the output projection with its dropout as one op
     /// (`kernels::attention::AttentionBlockOp`) when all four Linears are frozen (as the hooks
     /// give them: see [`ops::frozen_linears`]), the prefix (if any) tracks no gradient, and
-    /// `hidden` is f32 on CPU; `None` otherwise. Same values, same dropout draws.
+    /// `hidden` is f32 on CPU; `None` otherwise. `bias` masks every key, the prefix's first.
+    /// Same values, same dropout draws.
     #[allow(clippy::too_many_arguments)]
     fn frozen_block(
         &self,
@@ -179,11 +185,12 @@ impl BertAttention {
             (LinearSite::AttentionOutput, &self.output.dense),
         ];
         let (batch, seq, hidden_size) = hidden.dims3()?;
+        let prefix_len = prefix.map_or(Ok(0), |p| p.keys.dim(1))?;
         let prefix_tracks =
             prefix.is_some_and(|p| p.keys.track_op() || p.values.track_op() || p.bias.track_op());
         if !ops::fused_applies(hidden)
             || prefix_tracks
-            || bias.dims() != [batch, 1, 1, seq]
+            || bias.dims() != [batch, 1, 1, prefix_len + seq]
             || bias.track_op()
         {
             return Ok(None);
@@ -191,17 +198,13 @@ impl BertAttention {
         let Some([q, k, v, o]) = ops::frozen_linears(hooks, layer, linears) else {
             return Ok(None);
         };
-        let (prefix, bias) = match prefix {
-            Some(p) => {
-                let bias = Tensor::cat(&[&p.bias.to_dtype(bias.dtype())?, bias], 3)?;
-                (Some(PrefixValues::new(&p.keys, &p.values)?), bias)
-            }
-            None => (None, bias.clone()),
-        };
+        let prefix = prefix
+            .map(|p| PrefixValues::new(&p.keys, &p.values))
+            .transpose()?;
         let first_only = positions == Positions::First;
         let queries = if first_only { 1 } else { seq };
-        let mask = ops::attention_dropout(mode, s.num_heads, queries, &bias, s.dropout)?;
-        let attention = AttentionOp::new(s.num_heads, hidden_size, &bias, mask)?;
+        let mask = ops::attention_dropout(mode, s.num_heads, queries, bias, s.dropout)?;
+        let attention = AttentionOp::new(s.num_heads, hidden_size, bias, mask)?;
         let dropout = mode.dropout_mask(batch * queries * hidden_size, self.output.dropout);
         let op = AttentionBlockOp::new([q, k, v, o], attention, dropout, hidden.track_op())
             .first_query_only(first_only)

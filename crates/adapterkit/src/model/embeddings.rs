@@ -21,6 +21,8 @@ pub struct BertEmbeddings {
     pub projection: Option<Linear>,
     architecture: Architecture,
     pad_token_id: u32,
+    /// `BertConfig::max_tokens`.
+    max_tokens: usize,
     dropout: f32,
 }
 
@@ -58,17 +60,14 @@ impl BertEmbeddings {
             projection,
             architecture: config.architecture(),
             pad_token_id: config.pad_token_id as u32,
+            max_tokens: config.max_tokens(),
             dropout: config.hidden_dropout_prob,
         })
     }
 
     /// The most tokens a sequence may hold (RoBERTa's positions start after the padding id).
     pub fn max_positions(&self) -> usize {
-        let table = self.position_embeddings.embeddings().dim(0).unwrap_or(0);
-        match self.architecture.positions_after_padding() {
-            true => table.saturating_sub(self.pad_token_id as usize + 1),
-            false => table,
-        }
+        self.max_tokens
     }
 
     /// The word embeddings of `input_ids` (`[batch, seq]`), checked against the vocabulary.

@@ -17,14 +17,15 @@ pub fn tiny_bert_dir() -> PathBuf {
     fixtures().join("tiny-bert")
 }
 
-/// The fetched all-MiniLM-L6-v2 (`scripts/fetch-assets.sh`). `None` skips a real-model test,
-/// unless `ADAPTERKIT_REQUIRE_ASSETS=1` (as in CI), where a missing model is a failure.
-pub fn minilm_dir() -> Option<PathBuf> {
+/// The folder of a fetched asset (`scripts/fetch-assets.sh`), `folder` under `assets/`, present
+/// when it holds `file`. `None` skips a real-model test, unless `ADAPTERKIT_REQUIRE_ASSETS=1`
+/// (as in CI), where a missing asset is a failure.
+pub fn asset_dir(folder: &str, file: &str) -> Option<PathBuf> {
     let dir = std::env::var_os("ADAPTERKIT_ASSETS")
         .map(PathBuf::from)
         .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../assets"))
-        .join("all-MiniLM-L6-v2");
-    if dir.join("model.safetensors").exists() {
+        .join(folder);
+    if dir.join(file).exists() {
         return Some(dir);
     }
     if std::env::var("ADAPTERKIT_REQUIRE_ASSETS").is_ok_and(|v| v == "1") {
@@ -35,6 +36,11 @@ pub fn minilm_dir() -> Option<PathBuf> {
         dir.display()
     );
     None
+}
+
+/// The fetched all-MiniLM-L6-v2 ([`asset_dir`]).
+pub fn minilm_dir() -> Option<PathBuf> {
+    asset_dir("all-MiniLM-L6-v2", "model.safetensors")
 }
 
 pub fn load_expected(name: &str) -> HashMap<String, Tensor> {

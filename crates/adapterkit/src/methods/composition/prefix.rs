@@ -74,47 +74,44 @@ impl ChannelHooks<'_> {
         input: &Tensor,
         mode: &mut Mode,
     ) -> Result<Option<KeyValuePrefix>> {
-        let composition = self.composition;
-        let per_channel: Vec<Vec<&PrefixTuning>> = (self.channels.iter())
-            .map(|c| {
-                let prefixes = composition.channel_prefixes(&c.setup).into_iter();
-                prefixes.filter(|p| p.runs_at(layer)).collect()
-            })
-            .collect();
-        if per_channel.iter().all(Vec::is_empty) {
+        // Each channel's prefixes for its rows, the last adapter's in front.
+        let mut parts: Vec<Vec<KeyValuePrefix>> = Vec::with_capacity(self.channels.len());
+        for channel in &self.channels {
+            let rows = input.narrow(0, channel.rows.start, channel.rows.len())?;
+            let mut own = Vec::new();
+            for prefix in self
+                .composition
+                .channel_prefixes(&channel.setup)
+                .iter()
+                .rev()
+            {
+                own.extend(prefix.key_value_prefix(layer, &rows, mode)?);
+            }
+            parts.push(own);
+        }
+        if parts.iter().all(Vec::is_empty) {
             return Ok(None);
         }
-        // Each channel's keys and values `[rows, own, hidden]`, the last adapter's in front.
-        let mut parts = Vec::with_capacity(per_channel.len());
-        for (channel, prefixes) in self.channels.iter().zip(&per_channel) {
-            let rows = input.narrow(0, channel.rows.start, channel.rows.len())?;
-            let (mut keys, mut values) = (Vec::new(), Vec::new());
-            for prefix in prefixes.iter().rev() {
-                let (k, v) = prefix.at(layer, mode).expect("runs at the layer")?;
-                let (k, v) = prefix.for_rows(layer, &k, &v, &rows)?;
-                keys.push(k);
-                values.push(v);
-            }
-            parts.push((keys, values));
-        }
         let lengths = (parts.iter())
-            .map(|(keys, _)| keys.iter().map(|k| k.dim(1)).sum::<Result<usize>>())
+            .map(|own| own.iter().map(|p| p.keys.dim(1)).sum::<Result<usize>>())
             .collect::<Result<Vec<_>>>()?;
         let longest = lengths.iter().copied().max().unwrap_or(0);
         let (_, _, hidden) = input.dims3()?;
         let device = input.device();
         let (mut keys, mut values, mut biases) = (Vec::new(), Vec::new(), Vec::new());
-        for ((channel, (k, v)), own) in self.channels.iter().zip(parts).zip(lengths) {
+        for ((channel, parts), own) in self.channels.iter().zip(&parts).zip(lengths) {
             let rows = channel.rows.len();
             let pad = longest - own;
-            let padded = |mut parts: Vec<Tensor>| -> Result<Tensor> {
+            let padded = |pick: fn(&KeyValuePrefix) -> &Tensor| -> Result<Tensor> {
+                let mut all = Vec::with_capacity(parts.len() + 1);
                 if pad > 0 {
-                    parts.insert(0, Tensor::zeros((rows, pad, hidden), DType::F32, device)?);
+                    all.push(Tensor::zeros((rows, pad, hidden), DType::F32, device)?);
                 }
-                Tensor::cat(&parts, 1)
+                all.extend(parts.iter().map(|p| pick(p).clone()));
+                Tensor::cat(&all, 1)
             };
-            keys.push(padded(k)?);
-            values.push(padded(v)?);
+            keys.push(padded(|p| &p.keys)?);
+            values.push(padded(|p| &p.values)?);
             let hidden_positions = Tensor::full(f32::MIN, pad, device)?;
             let shown = Tensor::zeros(own, DType::F32, device)?;
             let bias = Tensor::cat(&[&hidden_positions, &shown], 0)?;
