@@ -145,11 +145,11 @@ pub fn bf16_matmul_rate(n: usize, runs: usize) -> (f64, &'static str) {
     let (x, w) = (random(n * n), random(n * n));
     let packed = PackedBf16::pack(&w, n, n);
     let mut out = vec![0f32; n * n];
-    matmul(&x, n, &packed, &mut out);
+    matmul(&x, n, &packed, None, &mut out);
     let mut best = f64::INFINITY;
     for _ in 0..runs.max(1) {
         let start = Instant::now();
-        matmul(&x, n, &packed, &mut out);
+        matmul(&x, n, &packed, None, &mut out);
         best = best.min(start.elapsed().as_secs_f64());
     }
     let path = if avx512_bf16() {

@@ -66,21 +66,19 @@ impl PackedBf16 {
 }
 
 /// A row of `x` as bf16 pairs: `pairs[p]` holds positions `2p` (low half) and `2p + 1`.
-fn row_pairs(row: &[f32], pairs: usize) -> Vec<u32> {
-    (0..pairs)
-        .map(|p| {
-            let low = bits(row[2 * p]) as u32;
-            let high = row.get(2 * p + 1).map_or(0, |&v| bits(v)) as u32;
-            low | (high << 16)
-        })
-        .collect()
+fn pair(row: &[f32], p: usize) -> u32 {
+    let low = bits(row[2 * p]) as u32;
+    let high = row.get(2 * p + 1).map_or(0, |&v| bits(v)) as u32;
+    low | (high << 16)
 }
 
-/// `out = x W^T`, `x` row-major `[m, k]`, `out` `[m, n]`, both factors rounded to bf16 and the
-/// products summed in f32 (a pair of products at a time, as `vdpbf16ps` sums them).
-pub fn matmul(x: &[f32], m: usize, w: &PackedBf16, out: &mut [f32]) {
+/// `out = x W^T + bias`, `x` row-major `[m, k]`, `out` `[m, n]`, both factors rounded to bf16
+/// and the products summed in f32 (a pair of products at a time, as `vdpbf16ps` sums them),
+/// onto the bias if there is one.
+pub fn matmul(x: &[f32], m: usize, w: &PackedBf16, bias: Option<&[f32]>, out: &mut [f32]) {
     assert_eq!(x.len(), m * w.k, "x of {m} x {}", w.k);
     assert_eq!(out.len(), m * w.n, "out of {m} x {}", w.n);
+    assert!(bias.is_none_or(|b| b.len() == w.n), "a bias of {}", w.n);
     // Rows split over candle's threads, each block of rows computed whole.
     par_rows(out, w.n, |first, out| {
         let rows = out.len() / w.n.max(1);
@@ -88,10 +86,10 @@ pub fn matmul(x: &[f32], m: usize, w: &PackedBf16, out: &mut [f32]) {
         #[cfg(target_arch = "x86_64")]
         if avx512_bf16() {
             // SAFETY: the CPU has the instructions (checked just now).
-            unsafe { matmul_avx512_bf16(x, rows, w, out) };
+            unsafe { avx512::matmul(x, rows, w, bias, out) };
             return;
         }
-        matmul_portable(x, rows, w, out);
+        matmul_portable(x, rows, w, bias, out);
     });
 }
 
@@ -110,10 +108,11 @@ pub fn avx512_bf16() -> bool {
 
 /// [`matmul`] without special instructions: each output sums its pairs in order, each pair's
 /// two products first, as the instruction does.
-pub fn matmul_portable(x: &[f32], m: usize, w: &PackedBf16, out: &mut [f32]) {
+pub fn matmul_portable(x: &[f32], m: usize, w: &PackedBf16, bias: Option<&[f32]>, out: &mut [f32]) {
     let widen = |b: u16| f32::from_bits((b as u32) << 16);
     for r in 0..m {
-        let pairs = row_pairs(&x[r * w.k..(r + 1) * w.k], w.pairs);
+        let row = &x[r * w.k..(r + 1) * w.k];
+        let pairs: Vec<u32> = (0..w.pairs).map(|p| pair(row, p)).collect();
         for j in 0..w.n {
             let mut sum = 0f32;
             for (p, &pair) in pairs.iter().enumerate() {
@@ -122,62 +121,114 @@ pub fn matmul_portable(x: &[f32], m: usize, w: &PackedBf16, out: &mut [f32]) {
                 let (w0, w1) = (widen(w.data[at]), widen(w.data[at + 1]));
                 sum += x0 * w0 + x1 * w1;
             }
-            out[r * w.n + j] = sum;
+            out[r * w.n + j] = sum + bias.map_or(0.0, |b| b[j]);
         }
     }
 }
 
-/// [`matmul`] on `vdpbf16ps`: four rows at a time against one panel of 16 output columns, so
-/// that each load of the weight serves four rows (their pairs broadcast to every lane), then the
-/// rows left one at a time.
-///
-/// # Safety
-/// The CPU must have AVX-512F and AVX-512 BF16.
+/// The `vdpbf16ps` path. The rows of `x` are converted to bf16 pairs once (16 values an
+/// instruction). A register block of [`ROWS`] rows x 32 columns (16 accumulators) then runs
+/// over every pair: each weight load serves `ROWS` rows and each broadcast two panels, and the
+/// 16 independent sums hide the instruction's latency. Columns go in chunks of
+/// [`CHUNK_PANELS`] panels, whose weights stay in the L2 cache while every row block passes.
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx512bf16")]
-unsafe fn matmul_avx512_bf16(x: &[f32], m: usize, w: &PackedBf16, out: &mut [f32]) {
-    let pairs: Vec<Vec<u32>> = (0..m)
-        .map(|r| row_pairs(&x[r * w.k..(r + 1) * w.k], w.pairs))
-        .collect();
-    let mut r = 0;
-    while r + 4 <= m {
-        rows_avx512_bf16::<4>(&pairs[r..r + 4], r, w, out);
-        r += 4;
-    }
-    for r in r..m {
-        rows_avx512_bf16::<1>(&pairs[r..r + 1], r, w, out);
-    }
-}
-
-/// `R` rows (their pairs), the first of them row `first` of `out`, against every panel.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx512bf16")]
-unsafe fn rows_avx512_bf16<const R: usize>(
-    pairs: &[Vec<u32>],
-    first: usize,
-    w: &PackedBf16,
-    out: &mut [f32],
-) {
+mod avx512 {
+    use super::{pair, PackedBf16, LANES};
     use std::arch::x86_64::*;
-    let mut sums = [0f32; LANES];
-    for panel in 0..w.n_padded / LANES {
-        let mut acc = [_mm512_setzero_ps(); R];
-        let start = PackedBf16::at(w.pairs, panel, 0, 0);
-        for p in 0..w.pairs {
-            // SAFETY: the panel's pair `p` is 32 values inside `data`.
-            let b: __m512bh = std::mem::transmute(_mm512_loadu_si512(
-                w.data.as_ptr().add(start + p * LANES * 2) as *const __m512i,
-            ));
-            for (acc, row) in acc.iter_mut().zip(pairs) {
-                let a: __m512bh = std::mem::transmute(_mm512_set1_epi32(row[p] as i32));
-                *acc = _mm512_dpbf16_ps(*acc, a, b);
+
+    /// Rows of a register block.
+    const ROWS: usize = 8;
+    /// Panels (of 16 columns) of a column chunk: 128 columns, ~400 KB of weight at k = 1536.
+    const CHUNK_PANELS: usize = 8;
+
+    /// # Safety
+    /// The CPU must have AVX-512F and AVX-512 BF16.
+    #[target_feature(enable = "avx512f,avx512bf16")]
+    pub(super) unsafe fn matmul(
+        x: &[f32],
+        m: usize,
+        w: &PackedBf16,
+        bias: Option<&[f32]>,
+        out: &mut [f32],
+    ) {
+        let (k, pairs) = (w.k, w.pairs);
+        // Each row as pairs, `[m][pairs]`, plus a block's worth of zero rows that the last
+        // register block may read (their sums are never stored).
+        let mut a = vec![0u32; (m + ROWS) * pairs];
+        for (row, a) in x.chunks_exact(k).zip(a.chunks_exact_mut(pairs)) {
+            let whole = k / 16;
+            for c in 0..whole {
+                // SAFETY: values `16c..16c + 16` of the row and pairs `8c..8c + 8` exist.
+                let v = _mm512_loadu_ps(row.as_ptr().add(16 * c));
+                let h: __m256i = std::mem::transmute(_mm512_cvtneps_pbh(v));
+                _mm256_storeu_si256(a.as_mut_ptr().add(8 * c) as *mut __m256i, h);
+            }
+            for (p, a) in a.iter_mut().enumerate().skip(8 * whole) {
+                *a = pair(row, p);
             }
         }
-        let column = panel * LANES;
-        let count = LANES.min(w.n - column.min(w.n));
-        for (i, acc) in acc.iter().enumerate() {
-            _mm512_storeu_ps(sums.as_mut_ptr(), *acc);
-            out[(first + i) * w.n + column..][..count].copy_from_slice(&sums[..count]);
+        let panels = w.n_padded / LANES;
+        for chunk in (0..panels).step_by(CHUNK_PANELS) {
+            let chunk_end = (chunk + CHUNK_PANELS).min(panels);
+            for first in (0..m).step_by(ROWS) {
+                let rows = ROWS.min(m - first);
+                let a = &a[first * pairs..(first + ROWS) * pairs];
+                let mut panel = chunk;
+                while panel + 2 <= chunk_end {
+                    tile::<2>(a, first, rows, panel, w, bias, out);
+                    panel += 2;
+                }
+                if panel < chunk_end {
+                    tile::<1>(a, first, rows, panel, w, bias, out);
+                }
+            }
+        }
+    }
+
+    /// `P` panels from `panel` on, for the `ROWS` rows whose pairs are `a` (`[ROWS][pairs]`,
+    /// the first of them row `first` of `out`, `rows` of them real): every pair, then onto
+    /// the bias, stored.
+    #[target_feature(enable = "avx512f,avx512bf16")]
+    unsafe fn tile<const P: usize>(
+        a: &[u32],
+        first: usize,
+        rows: usize,
+        panel: usize,
+        w: &PackedBf16,
+        bias: Option<&[f32]>,
+        out: &mut [f32],
+    ) {
+        let mut acc = [[_mm512_setzero_ps(); P]; ROWS];
+        let starts: [usize; P] = std::array::from_fn(|i| PackedBf16::at(w.pairs, panel + i, 0, 0));
+        let (weights, a) = (w.data.as_ptr(), a.as_ptr());
+        for p in 0..w.pairs {
+            // SAFETY: pair `p` of each panel is 32 values inside `data`, and `a` holds
+            // `ROWS * pairs` values.
+            let b: [__m512bh; P] = std::array::from_fn(|i| {
+                std::mem::transmute(_mm512_loadu_si512(
+                    weights.add(starts[i] + p * LANES * 2) as *const __m512i
+                ))
+            });
+            for (r, acc) in acc.iter_mut().enumerate() {
+                let x: __m512bh =
+                    std::mem::transmute(_mm512_set1_epi32(*a.add(r * w.pairs + p) as i32));
+                for (acc, b) in acc.iter_mut().zip(&b) {
+                    *acc = _mm512_dpbf16_ps(*acc, x, *b);
+                }
+            }
+        }
+        for (i, panel) in (panel..panel + P).enumerate() {
+            let column = panel * LANES;
+            let count = LANES.min(w.n.saturating_sub(column));
+            let mask: __mmask16 = if count == LANES { !0 } else { (1 << count) - 1 };
+            let bias = match bias {
+                Some(b) => _mm512_maskz_loadu_ps(mask, b.as_ptr().add(column)),
+                None => _mm512_setzero_ps(),
+            };
+            for (r, acc) in acc.iter().enumerate().take(rows) {
+                let at = out.as_mut_ptr().add((first + r) * w.n + column);
+                _mm512_mask_storeu_ps(at, mask, _mm512_add_ps(acc[i], bias));
+            }
         }
     }
 }
@@ -217,18 +268,35 @@ mod tests {
     #[test]
     fn products_match_the_rounded_factors_on_every_path() {
         let mut rng = SeededRng::new(11);
-        for (m, n, k) in [(1, 1, 1), (3, 17, 7), (5, 40, 64), (8, 384, 384)] {
+        // Sizes around the register block (8 rows x 2 panels), an odd panel count, several
+        // column chunks (of 128) and a deep product.
+        for (m, n, k) in [
+            (1, 1, 1),
+            (3, 17, 7),
+            (5, 40, 64),
+            (8, 384, 384),
+            (13, 150, 33),
+            (17, 272, 1536),
+            (40, 300, 1024),
+        ] {
             let (x, w) = (random(&mut rng, m * k), random(&mut rng, n * k));
+            let bias = random(&mut rng, n);
             let packed = PackedBf16::pack(&w, n, k);
             let round =
                 |v: &[f32]| -> Vec<f32> { v.iter().map(|&a| bf16::from_f32(a).to_f32()).collect() };
-            let exact_rounded = reference(&round(&x), m, &round(&w), n, k);
-            let exact = reference(&x, m, &w, n, k);
+            let with_bias = |mut out: Vec<f32>| {
+                for (o, b) in out.iter_mut().zip(bias.iter().cycle()) {
+                    *o += b;
+                }
+                out
+            };
+            let exact_rounded = with_bias(reference(&round(&x), m, &round(&w), n, k));
+            let exact = with_bias(reference(&x, m, &w, n, k));
             let mut paths = vec![("portable", vec![0f32; m * n])];
-            matmul_portable(&x, m, &packed, &mut paths[0].1);
+            matmul_portable(&x, m, &packed, Some(&bias), &mut paths[0].1);
             if avx512_bf16() {
                 let mut fast = vec![0f32; m * n];
-                matmul(&x, m, &packed, &mut fast);
+                matmul(&x, m, &packed, Some(&bias), &mut fast);
                 paths.push(("avx512_bf16", fast));
             }
             let scale = (k as f32).sqrt();
