@@ -30,7 +30,7 @@ use crate::methods::composition::Setup;
 use crate::methods::lora_config::CompositionMode;
 use crate::model::layer::Positions;
 use crate::model::load::Pretrained;
-use crate::model::{BertModel, Mode};
+use crate::model::{BertModel, Mode, Precision};
 use crate::pooling::Pooling;
 use crate::predictor::{predictions, Prediction};
 use crate::tokenizer::TextTokenizer;
@@ -82,6 +82,12 @@ impl AdapterSet {
             encoder: pretrained.model.frozen(),
             device: device.clone(),
         })
+    }
+
+    /// The precision of the encoder's frozen products (`model::precision`), for every adapter
+    /// loaded after.
+    pub fn set_precision(&mut self, precision: Precision) -> Result<()> {
+        Ok(self.encoder.set_precision(precision)?)
     }
 
     pub fn device(&self) -> &Device {

@@ -26,7 +26,7 @@ use crate::heads::{scores, Head};
 use crate::io::adapter_dir;
 use crate::methods::composition::Setup;
 use crate::model::load::Pretrained;
-use crate::model::Mode;
+use crate::model::{Mode, Precision};
 use crate::tokenizer::TextTokenizer;
 
 /// What a head predicts for one text, decoded: the JSON objects `adapterkit predict` prints.
@@ -178,6 +178,18 @@ impl Predictor {
                     adapter.set_skip_layers(layers);
                 }
             }
+        }
+        Ok(())
+    }
+
+    /// The precision of the encoder's frozen products (`model::precision`).
+    pub fn set_precision(&mut self, precision: Precision) -> Result<()> {
+        match &mut self.tuned {
+            Tuned::One { model, merged } => {
+                model.encoder.set_precision(precision)?;
+                merged.encoder.set_precision(precision)?;
+            }
+            Tuned::Composed(model) => model.encoder.set_precision(precision)?,
         }
         Ok(())
     }

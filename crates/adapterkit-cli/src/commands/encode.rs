@@ -29,6 +29,8 @@ pub struct Args {
     batch_size: usize,
     #[command(flatten)]
     max_seq_len: super::MaxSeqLen,
+    #[command(flatten)]
+    dtype: super::DtypeArg,
     /// One JSON object per line (`text`, `embedding`) instead of space-separated numbers.
     #[arg(long)]
     json: bool,
@@ -47,6 +49,7 @@ pub fn run(args: Args) -> Result<()> {
     let texts = crate::input::texts(&args.texts)?;
     let device = Device::Cpu;
     let mut set = AdapterSet::load(&args.model, &device)?;
+    set.set_precision(args.dtype.dtype)?;
     args.max_seq_len.apply(&mut set.tokenizer)?;
     let adapter = match &args.adapter {
         Some(dir) => Some(set.load_adapter("adapter", dir)?),

@@ -21,6 +21,8 @@ pub struct Args {
     drop: super::DropArgs,
     #[command(flatten)]
     max_seq_len: super::MaxSeqLen,
+    #[command(flatten)]
+    dtype: super::DtypeArg,
     /// Print one JSON object (`accuracy`, `macro_f1`, `mcc`, ... and `examples`).
     #[arg(long)]
     json: bool,
@@ -32,6 +34,7 @@ pub fn run(args: Args) -> Result<()> {
     let data = args.data.one(&args.split)?;
     let (tokenizer, mut model) = args.tuned.load(&args.max_seq_len, &device)?;
     args.drop.apply(&mut model)?;
+    model.encoder.set_precision(args.dtype.dtype)?;
     let encoded = EncodedDataset::new(&data, &tokenizer, &model.head.config)?;
     let metrics = evaluate(
         &model,

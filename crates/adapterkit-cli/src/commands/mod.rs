@@ -19,6 +19,7 @@ use std::collections::BTreeSet;
 use adapterkit::adapter_model::AdapterModel;
 use adapterkit::io::adapter_dir;
 use adapterkit::model::load::Pretrained;
+use adapterkit::model::Precision;
 use adapterkit::tokenizer::TextTokenizer;
 
 /// A pre-trained model and trained adapter (or fusion) directories to run on it.
@@ -78,6 +79,15 @@ impl MaxSeqLen {
         }
         Ok(())
     }
+}
+
+/// `--dtype`: the precision of the encoder's frozen matrix products.
+#[derive(clap::Args, Debug, Clone, Default)]
+pub struct DtypeArg {
+    /// f32, or bf16: the frozen encoder's matrix products in bf16 with f32 sums (adapters,
+    /// heads, attention scores, softmax and LayerNorm stay in f32).
+    #[arg(long, default_value = "f32", value_name = "f32|bf16")]
+    pub dtype: Precision,
 }
 
 /// AdapterDrop at inference: which layers' adapters to skip.

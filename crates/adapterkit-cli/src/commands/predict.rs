@@ -21,6 +21,8 @@ pub struct Args {
     drop: super::DropArgs,
     #[command(flatten)]
     max_seq_len: super::MaxSeqLen,
+    #[command(flatten)]
+    dtype: super::DtypeArg,
     /// Read texts from this file, one per line.
     #[arg(long)]
     file: Option<PathBuf>,
@@ -46,6 +48,7 @@ pub fn run(args: Args) -> Result<()> {
         &Device::Cpu,
     )?;
     predictor.set_skip_layers(&args.drop.layers())?;
+    predictor.set_precision(args.dtype.dtype)?;
     args.max_seq_len.apply(&mut predictor.tokenizer)?;
     // Every batch the setup cannot run (batch_split sizes) is an error before any output.
     let (full, rest) = (

@@ -25,6 +25,12 @@ pub struct PackedBf16 {
     data: Vec<u16>,
 }
 
+impl std::fmt::Debug for PackedBf16 {
+    fn fmt(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        write!(f, "PackedBf16 [{}, {}]", self.n, self.k)
+    }
+}
+
 /// `x` rounded to bf16 (nearest, ties to even), as bits.
 fn bits(x: f32) -> u16 {
     bf16::from_f32(x).to_bits()

@@ -7,9 +7,13 @@
 
 use candle_core::{CpuStorage, CustomOp1, CustomOp3, Layout, Result, Shape, Tensor};
 
+use std::sync::Arc;
+
+use crate::kernels::bf16::{self, PackedBf16};
 use crate::kernels::matmul::{matmul_into, matmul_onto_bias, View};
 use crate::kernels::parallel::{par_rows, par_vec, par_zeros, threads, ROW};
 use crate::kernels::simd::{dot, erf, exp, softmax_in_place, with_wide_simd};
+use crate::model::precision::Bf16Weight;
 
 pub(crate) fn contiguous<'a>(storage: &'a CpuStorage, layout: &Layout) -> Result<&'a [f32]> {
     let (start, end) = layout
@@ -199,6 +203,9 @@ pub struct FrozenLinear {
     pub weight: Tensor,
     /// `[out]`
     pub bias: Tensor,
+    /// The weight in bf16, when the model runs in bf16 (`model::precision`): the forward
+    /// product then takes it (the backward one keeps the f32 weight).
+    pub bf16: Option<Arc<PackedBf16>>,
 }
 
 impl FrozenLinear {
@@ -209,7 +216,19 @@ impl FrozenLinear {
         (!weight.track_op() && !bias.track_op()).then(|| Self {
             weight: weight.clone(),
             bias: bias.clone(),
+            bf16: None,
         })
+    }
+
+    /// This Linear with its product in bf16 when `copy` is given: `copy` itself when it was
+    /// made from this weight, else a copy packed now (weights the hooks changed).
+    pub fn in_bf16(mut self, copy: Option<&Bf16Weight>) -> Result<Self> {
+        self.bf16 = match copy {
+            None => None,
+            Some(copy) if copy.is_of(&self.weight) => Some(copy.packed.clone()),
+            Some(_) => Some(Bf16Weight::pack(&self.weight)?.packed),
+        };
+        Ok(self)
     }
 
     /// `(out, in)`, checked against the bias.
@@ -228,6 +247,14 @@ impl FrozenLinear {
     /// `x W^T + b` for the `rows` rows of `x`.
     pub fn forward(&self, x: &[f32], rows: usize) -> Result<Vec<f32>> {
         let dims = self.dims()?;
+        if let Some(packed) = &self.bf16 {
+            let mut out = vec![0f32; rows * dims.0];
+            with_values(&self.bias, |b| {
+                bf16::matmul(x, rows, packed, Some(b), &mut out);
+                Ok(())
+            })?;
+            return Ok(out);
+        }
         with_all_values(&[&self.weight, &self.bias], |v| {
             Ok(linear_forward(x, rows, v[0], v[1], dims))
         })
@@ -381,7 +408,11 @@ pub(crate) mod testing {
 
     pub fn frozen(weight: &Tensor, bias: &Tensor) -> FrozenLinear {
         let (weight, bias) = (weight.clone(), bias.clone());
-        FrozenLinear { weight, bias }
+        FrozenLinear {
+            weight,
+            bias,
+            bf16: None,
+        }
     }
 
     /// Asserts that `fused` and `nodes` (the same function of `x`) agree within 1e-5, and so

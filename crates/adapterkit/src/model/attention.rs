@@ -13,6 +13,7 @@ use crate::model::hooks::{KeyValuePrefix, LayerHooks, LinearSite, Position};
 use crate::model::layer::Positions;
 use crate::model::layer_norm::LayerNorm;
 use crate::model::ops;
+use crate::model::precision::{bf16_weights, Bf16Weight, Precision};
 
 /// `attention.self`: query, key and value projections and scaled dot-product attention.
 #[derive(Debug, Clone)]
@@ -111,6 +112,8 @@ impl BertSelfOutput {
 pub struct BertAttention {
     pub self_attention: BertSelfAttention,
     pub output: BertSelfOutput,
+    /// Query, key, value and output weights in bf16 (`Precision::Bf16`).
+    bf16: Option<[Bf16Weight; 4]>,
 }
 
 impl BertAttention {
@@ -118,7 +121,15 @@ impl BertAttention {
         Ok(Self {
             self_attention: BertSelfAttention::load(vb.pp("self"), config)?,
             output: BertSelfOutput::load(vb.pp("output"), config)?,
+            bf16: None,
         })
+    }
+
+    /// The precision of the frozen block's products (see `model::precision`).
+    pub fn set_precision(&mut self, precision: Precision) -> Result<()> {
+        let s = &self.self_attention;
+        self.bf16 = bf16_weights(precision, [&s.query, &s.key, &s.value, &self.output.dense])?;
+        Ok(())
     }
 
     /// The sub-layer's output at `positions` of `hidden` `[batch, seq, hidden]`.
@@ -195,7 +206,8 @@ impl BertAttention {
         {
             return Ok(None);
         }
-        let Some([q, k, v, o]) = ops::frozen_linears(hooks, layer, linears) else {
+        let Some([q, k, v, o]) = ops::frozen_linears(hooks, layer, linears, self.bf16.as_ref())?
+        else {
             return Ok(None);
         };
         let prefix = prefix

@@ -13,6 +13,7 @@ use crate::model::hooks::LayerHooks;
 use crate::model::layer::{BertLayer, Positions};
 use crate::model::layer_norm::{EncoderLayerNorms, LayerNorm};
 use crate::model::ops;
+use crate::model::precision::Precision;
 
 /// `pooler`: tanh of a projection of the first (`[CLS]`) token.
 #[derive(Debug, Clone)]
@@ -35,6 +36,8 @@ pub struct BertModel {
     pub layers: Vec<BertLayer>,
     /// Present when the checkpoint has `pooler.dense.*`.
     pub pooler: Option<BertPooler>,
+    /// Of the frozen blocks' products; set with [`set_precision`](Self::set_precision).
+    precision: Precision,
 }
 
 impl BertModel {
@@ -58,7 +61,25 @@ impl BertModel {
             embeddings,
             layers,
             pooler,
+            precision: Precision::F32,
         })
+    }
+
+    /// The precision of the frozen blocks' matrix products (`model::precision`): in bf16 each
+    /// layer packs bf16 copies of its weights now.
+    pub fn set_precision(&mut self, precision: Precision) -> Result<()> {
+        let device = self.embeddings.word_embeddings.embeddings().device();
+        if precision != Precision::F32 && !device.is_cpu() {
+            candle_core::bail!("--dtype {precision} runs on the CPU only");
+        }
+        self.precision = precision;
+        self.layers
+            .iter_mut()
+            .try_for_each(|layer| layer.set_precision(precision))
+    }
+
+    pub fn precision(&self) -> Precision {
+        self.precision
     }
 
     /// The last hidden state, `[batch, seq, hidden]`.
@@ -202,6 +223,11 @@ impl BertModel {
     pub fn frozen(&self) -> Self {
         let mut copy = self.clone();
         copy.visit_tensors_mut(&mut |_, t| *t = t.detach());
+        if self.precision != Precision::F32 {
+            // Detached weights are new tensors: their bf16 copies are made anew.
+            copy.set_precision(self.precision)
+                .expect("packing weights that packed before");
+        }
         copy
     }
 
@@ -238,7 +264,9 @@ impl BertModel {
             unknown.sort();
             return Err(format!("tensors the model does not have: {unknown:?}"));
         }
-        Ok(())
+        // New weights need new bf16 copies.
+        self.set_precision(self.precision)
+            .map_err(|e| e.to_string())
     }
 
     /// Calls `f` on every tensor with its name as BERT's checkpoints have it (other

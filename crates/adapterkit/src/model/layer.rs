@@ -10,6 +10,7 @@ use crate::model::dropout::Mode;
 use crate::model::hooks::{LayerHooks, LinearSite, Position};
 use crate::model::layer_norm::LayerNorm;
 use crate::model::ops::{self, Activation};
+use crate::model::precision::{bf16_weights, Bf16Weight, Precision};
 
 /// The positions a layer computes its output at. A classification head reads the first
 /// token's state alone (`[CLS]`), so the last layer need not compute the others: with `First`
@@ -43,6 +44,8 @@ pub struct BertLayer {
     pub attention: BertAttention,
     pub intermediate: BertIntermediate,
     pub output: BertOutput,
+    /// The feed-forward block's weights in bf16 (`Precision::Bf16`).
+    bf16: Option<[Bf16Weight; 2]>,
 }
 
 impl BertLayer {
@@ -64,7 +67,16 @@ impl BertLayer {
                 )?,
                 dropout: config.hidden_dropout_prob,
             },
+            bf16: None,
         })
+    }
+
+    /// The precision of the frozen blocks' products (see `model::precision`).
+    pub fn set_precision(&mut self, precision: Precision) -> Result<()> {
+        self.attention.set_precision(precision)?;
+        let linears = [&self.intermediate.dense, &self.output.dense];
+        self.bf16 = bf16_weights(precision, linears)?;
+        Ok(())
     }
 
     /// `hidden`: `[batch, seq, hidden]`; `bias`: the additive attention mask `[batch, 1, 1, seq]`.
@@ -121,7 +133,8 @@ impl BertLayer {
             (LinearSite::Intermediate, &self.intermediate.dense),
             (LinearSite::Output, &self.output.dense),
         ];
-        let Some([expand, project]) = ops::frozen_linears(hooks, self.index, linears) else {
+        let bf16 = self.bf16.as_ref();
+        let Some([expand, project]) = ops::frozen_linears(hooks, self.index, linears, bf16)? else {
             return Ok(None);
         };
         let dropout = mode.dropout_mask(x.elem_count(), self.output.dropout);

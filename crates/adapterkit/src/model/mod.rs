@@ -13,6 +13,7 @@ pub mod layer;
 pub mod layer_norm;
 pub mod load;
 pub mod ops;
+pub mod precision;
 pub mod random;
 
 pub use architecture::Architecture;
@@ -20,3 +21,4 @@ pub use bert::BertModel;
 pub use config::BertConfig;
 pub use dropout::Mode;
 pub use hooks::{LayerHooks, LinearSite, NoHooks};
+pub use precision::Precision;

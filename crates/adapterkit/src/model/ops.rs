@@ -7,6 +7,7 @@ use serde::{Deserialize, Serialize};
 use crate::kernels::attention::AttentionOp;
 use crate::kernels::fused::FrozenLinear;
 use crate::model::hooks::{LayerHooks, LinearChange, LinearSite};
+use crate::model::precision::Bf16Weight;
 use crate::model::Mode;
 
 /// A non-linearity, by the names `transformers` (`hidden_act`) and AdapterHub (`non_linearity`) use.
@@ -178,21 +179,27 @@ pub fn hooked_linear(
 }
 
 /// A block's Linears as the fused ops take them (frozen, with the hooks' weights where they
-/// give some), or `None` when one is trainable or the hooks change one otherwise.
+/// give some, with their products in bf16 when the block has `bf16` copies), or `None` when
+/// one is trainable or the hooks change one otherwise.
 pub fn frozen_linears<const N: usize>(
     hooks: &dyn LayerHooks,
     layer: usize,
     linears: [(LinearSite, &candle_nn::Linear); N],
-) -> Option<[FrozenLinear; N]> {
-    let frozen: Vec<FrozenLinear> = linears
-        .into_iter()
-        .map(|(site, base)| match hooks.linear(layer, site, base) {
+    bf16: Option<&[Bf16Weight; N]>,
+) -> Result<Option<[FrozenLinear; N]>> {
+    let mut frozen = Vec::with_capacity(N);
+    for (i, (site, base)) in linears.into_iter().enumerate() {
+        let linear = match hooks.linear(layer, site, base) {
             None => FrozenLinear::of(base),
             Some(LinearChange::Weights(changed)) => FrozenLinear::of(&changed),
             Some(LinearChange::Apply(_)) => None,
-        })
-        .collect::<Option<_>>()?;
-    frozen.try_into().ok()
+        };
+        let Some(linear) = linear else {
+            return Ok(None);
+        };
+        frozen.push(linear.in_bf16(bf16.map(|copies| &copies[i]))?);
+    }
+    Ok(frozen.try_into().ok())
 }
 
 /// The dropout mask over the attention probabilities `[batch, heads, queries, keys]` (`bias`

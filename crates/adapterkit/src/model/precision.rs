@@ -1,0 +1,83 @@
+//! The precision of the encoder's frozen matrix products (`--dtype`): f32, or bf16 with f32
+//! sums. In bf16 each frozen Linear of the fused attention and feed-forward blocks keeps a
+//! bf16 copy of its weight, packed once for `kernels::bf16`, and multiplies its input rounded
+//! to bf16; everything else (attention scores, softmax, LayerNorm, GELU, adapters, heads, and
+//! any weight that trains) stays in f32, as PyTorch's bf16 autocast leaves its reductions.
+
+use std::fmt;
+use std::str::FromStr;
+use std::sync::Arc;
+
+use candle_core::{Result, Tensor, TensorId};
+use candle_nn::Linear;
+
+use crate::kernels::bf16::PackedBf16;
+use crate::kernels::fused::with_values;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Precision {
+    #[default]
+    F32,
+    Bf16,
+}
+
+impl FromStr for Precision {
+    type Err = String;
+
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "f32" => Ok(Self::F32),
+            "bf16" => Ok(Self::Bf16),
+            other => Err(format!("unknown dtype '{other}' (f32 or bf16)")),
+        }
+    }
+}
+
+impl fmt::Display for Precision {
+    fn fmt(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str(match self {
+            Self::F32 => "f32",
+            Self::Bf16 => "bf16",
+        })
+    }
+}
+
+/// A Linear's weight in bf16, packed, and which weight tensor it was made from: a copy is used
+/// only while the Linear still holds that tensor, so weights replaced later are never read stale.
+#[derive(Debug, Clone)]
+pub struct Bf16Weight {
+    of: TensorId,
+    pub packed: Arc<PackedBf16>,
+}
+
+impl Bf16Weight {
+    /// Packs `weight` (`[out, in]`, f32 on CPU).
+    pub fn pack(weight: &Tensor) -> Result<Self> {
+        let (n, k) = weight.dims2()?;
+        let packed = with_values(weight, |w| Ok(PackedBf16::pack(w, n, k)))?;
+        Ok(Self {
+            of: weight.id(),
+            packed: Arc::new(packed),
+        })
+    }
+
+    /// Whether this is a copy of `weight`.
+    pub fn is_of(&self, weight: &Tensor) -> bool {
+        self.of == weight.id()
+    }
+}
+
+/// bf16 copies of a block's Linears in `precision` (none in f32), in the order given.
+pub fn bf16_weights<const N: usize>(
+    precision: Precision,
+    linears: [&Linear; N],
+) -> Result<Option<[Bf16Weight; N]>> {
+    if precision == Precision::F32 {
+        return Ok(None);
+    }
+    let packed = linears
+        .iter()
+        .map(|l| Bf16Weight::pack(l.weight()))
+        .collect::<Result<Vec<_>>>()?;
+    Ok(packed.try_into().ok())
+}

@@ -1,0 +1,117 @@
+//! `--dtype bf16`: the encoder's frozen products in bf16 give what the same model gives in f32
+//! node by node with both factors of every Linear rounded to bf16 (whose products f32 holds
+//! exactly, so only the order of the sums differs), on every path: all positions or the first,
+//! with and without dropout, after its weights are replaced, and in a frozen copy.
+
+mod common;
+
+use std::collections::HashMap;
+
+use candle_core::{DType, Device, Result, Tensor};
+use candle_nn::Linear;
+
+use adapterkit::batch::Batch;
+use adapterkit::model::hooks::{LayerHooks, LinearChange, LinearSite};
+use adapterkit::model::layer::Positions;
+use adapterkit::model::{BertModel, Mode, NoHooks, Precision};
+use common::{max_abs_diff, tiny_encoder};
+
+/// Every Linear as `round(x) round(W)^T + b`, node by node (a change applied to the output
+/// keeps each block off the fused ops).
+struct RoundedToBf16;
+
+fn round(t: &Tensor) -> Result<Tensor> {
+    t.to_dtype(DType::BF16)?.to_dtype(DType::F32)
+}
+
+impl LayerHooks for RoundedToBf16 {
+    fn linear(&self, _layer: usize, _site: LinearSite, base: &Linear) -> Option<LinearChange<'_>> {
+        let (weight, bias) = (base.weight().clone(), base.bias().cloned());
+        Some(LinearChange::Apply(Box::new(
+            move |x: &Tensor, _out: Tensor, _mode: &mut Mode| {
+                let rounded = Linear::new(round(&weight)?, bias.clone());
+                adapterkit::model::ops::linear(&rounded, &round(x)?)
+            },
+        )))
+    }
+}
+
+fn batch() -> Batch {
+    let ids = Tensor::new(
+        &[[2u32, 5, 6, 3, 8, 9, 3], [2, 11, 12, 95, 3, 0, 0]],
+        &Device::Cpu,
+    );
+    let mask = Tensor::new(&[[1u32; 7], [1, 1, 1, 1, 1, 0, 0]], &Device::Cpu);
+    Batch {
+        input_ids: ids.unwrap(),
+        token_type_ids: Tensor::zeros((2, 7), DType::U32, &Device::Cpu).unwrap(),
+        attention_mask: mask.unwrap(),
+    }
+}
+
+fn run(encoder: &BertModel, hooks: &dyn LayerHooks, positions: Positions, train: bool) -> Tensor {
+    let mut mode = if train { Mode::train(7) } else { Mode::Eval };
+    encoder
+        .forward_at(&batch(), positions, hooks, &mut mode)
+        .unwrap()
+}
+
+/// `encoder` in bf16 against its rounded reference on every path; returns the largest
+/// difference of bf16 to plain f32.
+fn assert_matches_rounded_reference(encoder: &BertModel, case: &str) -> f32 {
+    let mut in_bf16 = encoder.clone();
+    in_bf16.set_precision(Precision::Bf16).unwrap();
+    let mut off_f32 = 0f32;
+    for positions in [Positions::All, Positions::First] {
+        for train in [false, true] {
+            let fast = run(&in_bf16, &NoHooks, positions, train);
+            let reference = run(encoder, &RoundedToBf16, positions, train);
+            let diff = max_abs_diff(&fast, &reference);
+            let case = format!("{case}, {positions:?}, train {train}");
+            assert!(diff < 2e-6, "{case}: {diff} off the rounded reference");
+            off_f32 = off_f32.max(max_abs_diff(
+                &fast,
+                &run(encoder, &NoHooks, positions, train),
+            ));
+        }
+    }
+    off_f32
+}
+
+#[test]
+fn bf16_products_are_the_rounded_factors_summed_in_f32() {
+    let encoder = tiny_encoder();
+    let off_f32 = assert_matches_rounded_reference(&encoder, "as loaded");
+    // bf16 keeps 8 bits of mantissa: the states move, but not far.
+    assert!(off_f32 > 1e-5 && off_f32 < 0.1, "bf16 is {off_f32} off f32");
+}
+
+#[test]
+fn replaced_weights_and_frozen_copies_get_new_bf16_copies() {
+    let mut encoder = tiny_encoder();
+    encoder.set_precision(Precision::Bf16).unwrap();
+    // New weights for one Linear: its bf16 copy must follow.
+    let name = "encoder.layer.1.intermediate.dense.weight";
+    let old = encoder
+        .named_tensors()
+        .into_iter()
+        .find(|(n, _)| n == name)
+        .unwrap()
+        .1;
+    let new = (old * -1.5).unwrap();
+    encoder
+        .set_tensors(&HashMap::from([(name.to_string(), new)]))
+        .unwrap();
+    let mut in_f32 = encoder.clone();
+    in_f32.set_precision(Precision::F32).unwrap();
+    assert_matches_rounded_reference(&in_f32, "replaced weights");
+    let bf16 = run(&encoder, &NoHooks, Positions::All, false);
+    let frozen = run(&encoder.frozen(), &NoHooks, Positions::All, false);
+    assert_eq!(
+        max_abs_diff(&bf16, &frozen),
+        0.0,
+        "a frozen copy computes alike"
+    );
+    let reference = run(&in_f32, &RoundedToBf16, Positions::All, false);
+    assert!(max_abs_diff(&bf16, &reference) < 2e-6);
+}
