@@ -67,7 +67,11 @@ def main():
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--what", default="inference,adapter,full")
+    # bf16: PyTorch's fastest CPU mode, `torch.autocast("cpu", dtype=torch.bfloat16)` around
+    # each forward pass (its products in bf16, reductions in f32; weights stay f32).
+    parser.add_argument("--dtype", default="f32", choices=["f32", "bf16"])
     args = parser.parse_args()
+    autocast = lambda: torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.dtype == "bf16")
     torch.set_num_threads(args.threads)
     torch.manual_seed(1)
     config = AutoConfig.for_model(**SHAPES[args.shape])
@@ -84,7 +88,7 @@ def main():
             model.eval()
 
             def step():
-                with torch.inference_mode():
+                with torch.inference_mode(), autocast():
                     model(input_ids=ids, attention_mask=mask).logits.sum().item()
 
             step_flops = flops
@@ -96,7 +100,7 @@ def main():
             model.eval()
 
             def step():
-                with torch.inference_mode():
+                with torch.inference_mode(), autocast():
                     model(input_ids=ids, attention_mask=mask).logits.sum().item()
 
             step_flops = flops
@@ -111,8 +115,9 @@ def main():
             optimizer = torch.optim.AdamW(trainable, lr=1e-4, weight_decay=0.01)
 
             def step():
-                loss = torch.nn.functional.cross_entropy(
-                    model(input_ids=ids, attention_mask=mask).logits, labels)
+                with autocast():
+                    logits = model(input_ids=ids, attention_mask=mask).logits
+                loss = torch.nn.functional.cross_entropy(logits.float(), labels)
                 loss.backward()
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
@@ -132,7 +137,7 @@ def main():
             "peak_rss_mib_so_far": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         })
     print(json.dumps({
-        "engine": f"torch {torch.__version__}",
+        "engine": f"torch {torch.__version__}", "dtype": args.dtype,
         "shape": args.shape, "seq_len": args.seq_len, "batch_size": args.batch_size,
         "threads": args.threads, "matmul_peak_gflop_per_second": peak / 1e9, "results": rows,
     }, indent=2))

@@ -3,6 +3,9 @@ one process per measurement (so peak RSS is that measurement's), and prints both
 ratios as a Markdown table.
 
     python3 benches/side_by_side.py --python V/bin/python [--shape minilm] [--rounds 2] [--steps 3]
+        [--dtype bf16]
+
+`--dtype bf16` runs ours with `--dtype bf16` and PyTorch under bf16 autocast.
 
 By default it measures inference (ours as `predict` runs it: the last layer at the first token
 alone), inference-all-positions (every position, the work PyTorch does), adapter and full.
@@ -37,9 +40,10 @@ def main():
     parser.add_argument("--steps", default="3")
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--what", default="inference,inference-all-positions,adapter,full")
+    parser.add_argument("--dtype", default="f32", choices=["f32", "bf16"])
     args = parser.parse_args()
     common = ["--shape", args.shape, "--seq-len", args.seq_len, "--batch-size", args.batch_size,
-              "--threads", args.threads, "--steps", args.steps]
+              "--threads", args.threads, "--steps", args.steps, "--dtype", args.dtype]
     sides = {
         "adapterkit": lambda what: [args.binary, "bench", *common, "--what", what, "--json"],
         "pytorch": lambda what: [args.python, str(ROOT / "benches/pytorch_baseline.py"), *common, "--what", what],
@@ -56,7 +60,7 @@ def main():
     def median(side, what, key):
         return statistics.median(r[key] for r in results[(side, what)])
 
-    print(f"| {args.shape}, seq {args.seq_len}, batch {args.batch_size}, {args.threads} threads, "
+    print(f"| {args.shape}, seq {args.seq_len}, batch {args.batch_size}, {args.threads} threads, {args.dtype}, "
           f"median of {args.rounds} rounds | adapterkit seq/s | PyTorch seq/s | ratio | adapterkit peak RSS MiB "
           f"| PyTorch peak RSS MiB | ratio |")
     print("|---|---|---|---|---|---|---|")

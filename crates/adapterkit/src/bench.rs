@@ -138,18 +138,18 @@ pub fn matmul_peak(n: usize, runs: usize, device: &Device) -> Result<f64> {
 /// FLOP/s of `kernels::bf16::matmul` on an `n x n` by `n x n` product (the weight packed once,
 /// outside the timing), best of `runs` after one untimed product, and the path it took.
 pub fn bf16_matmul_rate(n: usize, runs: usize) -> (f64, &'static str) {
-    use crate::kernels::bf16::{avx512_bf16, matmul, PackedBf16};
+    use crate::kernels::bf16::{avx512_bf16, matmul, Onto, PackedBf16};
     let mut rng = SeededRng::new(1);
     let mut random =
         |len: usize| -> Vec<f32> { (0..len).map(|_| rng.normal_f64() as f32).collect() };
     let (x, w) = (random(n * n), random(n * n));
     let packed = PackedBf16::pack(&w, n, n);
     let mut out = vec![0f32; n * n];
-    matmul(&x, n, &packed, None, &mut out);
+    matmul(&x, n, &packed, Onto::Zeros, &mut out);
     let mut best = f64::INFINITY;
     for _ in 0..runs.max(1) {
         let start = Instant::now();
-        matmul(&x, n, &packed, None, &mut out);
+        matmul(&x, n, &packed, Onto::Zeros, &mut out);
         best = best.min(start.elapsed().as_secs_f64());
     }
     let path = if avx512_bf16() {

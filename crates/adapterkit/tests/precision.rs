@@ -1,13 +1,14 @@
 //! `--dtype bf16`: the encoder's frozen products in bf16 give what the same model gives in f32
 //! node by node with both factors of every Linear rounded to bf16 (whose products f32 holds
 //! exactly, so only the order of the sums differs), on every path: all positions or the first,
-//! with and without dropout, after its weights are replaced, and in a frozen copy.
+//! with and without dropout, after its weights are replaced, and in a frozen copy; and so do
+//! the gradients they pass back (the output's gradient rounded to bf16 as well).
 
 mod common;
 
 use std::collections::HashMap;
 
-use candle_core::{DType, Device, Result, Tensor};
+use candle_core::{CpuStorage, CustomOp1, DType, Device, Layout, Result, Shape, Tensor};
 use candle_nn::Linear;
 
 use adapterkit::batch::Batch;
@@ -17,11 +18,44 @@ use adapterkit::model::{BertModel, Mode, NoHooks, Precision};
 use common::{max_abs_diff, tiny_encoder};
 
 /// Every Linear as `round(x) round(W)^T + b`, node by node (a change applied to the output
-/// keeps each block off the fused ops).
+/// keeps each block off the fused ops), and its input's gradient as `round(g) round(W)`.
 struct RoundedToBf16;
 
 fn round(t: &Tensor) -> Result<Tensor> {
     t.to_dtype(DType::BF16)?.to_dtype(DType::F32)
+}
+
+/// Rounds values to bf16 going forward, passes gradients back as they are (`Value`), or the
+/// other way round (`Gradient`).
+enum Round {
+    Value,
+    Gradient,
+}
+
+impl CustomOp1 for Round {
+    fn name(&self) -> &'static str {
+        "round-to-bf16"
+    }
+
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (start, end) = layout.contiguous_offsets().expect("contiguous");
+        let values = &storage.as_slice::<f32>()?[start..end];
+        let out = match self {
+            Round::Value => values
+                .iter()
+                .map(|&v| half::bf16::from_f32(v).to_f32())
+                .collect(),
+            Round::Gradient => values.to_vec(),
+        };
+        Ok((CpuStorage::F32(out), layout.shape().clone()))
+    }
+
+    fn bwd(&self, _arg: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        Ok(Some(match self {
+            Round::Value => grad.clone(),
+            Round::Gradient => round(grad)?,
+        }))
+    }
 }
 
 impl LayerHooks for RoundedToBf16 {
@@ -30,7 +64,8 @@ impl LayerHooks for RoundedToBf16 {
         Some(LinearChange::Apply(Box::new(
             move |x: &Tensor, _out: Tensor, _mode: &mut Mode| {
                 let rounded = Linear::new(round(&weight)?, bias.clone());
-                adapterkit::model::ops::linear(&rounded, &round(x)?)
+                let x = x.contiguous()?.apply_op1(Round::Value)?;
+                adapterkit::model::ops::linear(&rounded, &x)?.apply_op1(Round::Gradient)
             },
         )))
     }
@@ -114,4 +149,55 @@ fn replaced_weights_and_frozen_copies_get_new_bf16_copies() {
     );
     let reference = run(&in_f32, &RoundedToBf16, Positions::All, false);
     assert!(max_abs_diff(&bf16, &reference) < 2e-6);
+}
+
+/// Training the LayerNorms beside the frozen blocks: their gradients, which every frozen
+/// block's backward product carries, match the rounded reference's.
+#[test]
+fn bf16_gradients_are_the_rounded_factors_summed_in_f32() {
+    let mut encoder = tiny_encoder();
+    let params = encoder
+        .make_trainable(|name| name.contains("LayerNorm"))
+        .unwrap();
+    let mut in_bf16 = encoder.clone();
+    in_bf16.set_precision(Precision::Bf16).unwrap();
+    let gradients = |encoder: &BertModel, hooks: &dyn LayerHooks, positions, train| {
+        let out = run(encoder, hooks, positions, train);
+        let probe = (out.ones_like().unwrap().cumsum(2).unwrap().sin()).unwrap();
+        let grads = (out * probe)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        let all: Vec<Tensor> = params
+            .iter()
+            .map(|(_, var)| grads.get(var.as_tensor()).unwrap().flatten_all().unwrap())
+            .collect();
+        Tensor::cat(&all, 0).unwrap()
+    };
+    for positions in [Positions::All, Positions::First] {
+        for train in [false, true] {
+            let fast = gradients(&in_bf16, &NoHooks, positions, train);
+            let reference = gradients(&encoder, &RoundedToBf16, positions, train);
+            let scale = reference
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
+            let diff = max_abs_diff(&fast, &reference) / scale;
+            assert!(
+                diff < 1e-6,
+                "{positions:?}, train {train}: {diff} off, relative"
+            );
+            let f32_grads = gradients(&encoder, &NoHooks, positions, train);
+            let off_f32 = max_abs_diff(&fast, &f32_grads) / scale;
+            assert!(
+                off_f32 > 1e-6,
+                "{positions:?}, train {train}: bf16 never ran"
+            );
+        }
+    }
 }

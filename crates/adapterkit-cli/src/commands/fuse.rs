@@ -38,6 +38,7 @@ pub fn run(args: Args) -> Result<()> {
     let splits = args.data.splits()?;
     let mut pretrained = Pretrained::load(&args.model, &device)?;
     args.training.max_seq_len.apply(&mut pretrained.tokenizer)?;
+    pretrained.model.set_precision(args.training.dtype.dtype)?;
     let adapters = args
         .adapters
         .iter()

@@ -91,6 +91,8 @@ pub struct TrainingArgs {
     quiet: bool,
     #[command(flatten)]
     pub max_seq_len: super::MaxSeqLen,
+    #[command(flatten)]
+    pub dtype: super::DtypeArg,
     /// Continue a killed run from the checkpoint it left in --out (kept after every epoch);
     /// with the same options and --threads, the result is the uninterrupted run's, bit for bit.
     #[arg(long)]
@@ -186,6 +188,7 @@ pub fn run(args: Args) -> Result<()> {
     let splits = args.data.splits()?;
     let mut pretrained = Pretrained::load(&args.model, &device)?;
     args.training.max_seq_len.apply(&mut pretrained.tokenizer)?;
+    pretrained.model.set_precision(args.training.dtype.dtype)?;
     let name = args
         .name
         .clone()

@@ -78,13 +78,36 @@ fn pair(row: &[f32], p: usize) -> u32 {
     low | (high << 16)
 }
 
-/// `out = x W^T + bias`, `x` row-major `[m, k]`, `out` `[m, n]`, both factors rounded to bf16
+/// What [`matmul`] adds its product onto.
+#[derive(Debug, Clone, Copy)]
+pub enum Onto<'a> {
+    Zeros,
+    /// A bias of `n`, for every row.
+    Bias(&'a [f32]),
+    /// What `out` holds (`out += x W^T`).
+    Out,
+}
+
+impl Onto<'_> {
+    /// The value under output `(row, column)`, whose current value is `current`.
+    fn at(self, column: usize, current: f32) -> f32 {
+        match self {
+            Onto::Zeros => 0.0,
+            Onto::Bias(b) => b[column],
+            Onto::Out => current,
+        }
+    }
+}
+
+/// `out = x W^T + onto`, `x` row-major `[m, k]`, `out` `[m, n]`, both factors rounded to bf16
 /// and the products summed in f32 (a pair of products at a time, as `vdpbf16ps` sums them),
-/// onto the bias if there is one.
-pub fn matmul(x: &[f32], m: usize, w: &PackedBf16, bias: Option<&[f32]>, out: &mut [f32]) {
+/// then added onto zeros, a bias, or `out` itself.
+pub fn matmul(x: &[f32], m: usize, w: &PackedBf16, onto: Onto, out: &mut [f32]) {
     assert_eq!(x.len(), m * w.k, "x of {m} x {}", w.k);
     assert_eq!(out.len(), m * w.n, "out of {m} x {}", w.n);
-    assert!(bias.is_none_or(|b| b.len() == w.n), "a bias of {}", w.n);
+    if let Onto::Bias(b) = onto {
+        assert_eq!(b.len(), w.n, "a bias of {}", w.n);
+    }
     // Rows split over candle's threads, each block of rows computed whole.
     par_rows(out, w.n, |first, out| {
         let rows = out.len() / w.n.max(1);
@@ -92,10 +115,10 @@ pub fn matmul(x: &[f32], m: usize, w: &PackedBf16, bias: Option<&[f32]>, out: &m
         #[cfg(target_arch = "x86_64")]
         if avx512_bf16() {
             // SAFETY: the CPU has the instructions (checked just now).
-            unsafe { avx512::matmul(x, rows, w, bias, out) };
+            unsafe { avx512::matmul(x, rows, w, onto, out) };
             return;
         }
-        matmul_portable(x, rows, w, bias, out);
+        matmul_portable(x, rows, w, onto, out);
     });
 }
 
@@ -114,7 +137,7 @@ pub fn avx512_bf16() -> bool {
 
 /// [`matmul`] without special instructions: each output sums its pairs in order, each pair's
 /// two products first, as the instruction does.
-pub fn matmul_portable(x: &[f32], m: usize, w: &PackedBf16, bias: Option<&[f32]>, out: &mut [f32]) {
+pub fn matmul_portable(x: &[f32], m: usize, w: &PackedBf16, onto: Onto, out: &mut [f32]) {
     let widen = |b: u16| f32::from_bits((b as u32) << 16);
     for r in 0..m {
         let row = &x[r * w.k..(r + 1) * w.k];
@@ -127,7 +150,8 @@ pub fn matmul_portable(x: &[f32], m: usize, w: &PackedBf16, bias: Option<&[f32]>
                 let (w0, w1) = (widen(w.data[at]), widen(w.data[at + 1]));
                 sum += x0 * w0 + x1 * w1;
             }
-            out[r * w.n + j] = sum + bias.map_or(0.0, |b| b[j]);
+            let out = &mut out[r * w.n + j];
+            *out = sum + onto.at(j, *out);
         }
     }
 }
@@ -139,7 +163,7 @@ pub fn matmul_portable(x: &[f32], m: usize, w: &PackedBf16, bias: Option<&[f32]>
 /// [`CHUNK_PANELS`] panels, whose weights stay in the L2 cache while every row block passes.
 #[cfg(target_arch = "x86_64")]
 mod avx512 {
-    use super::{pair, PackedBf16, LANES};
+    use super::{pair, Onto, PackedBf16, LANES};
     use std::arch::x86_64::*;
 
     /// Rows of a register block.
@@ -150,13 +174,7 @@ mod avx512 {
     /// # Safety
     /// The CPU must have AVX-512F and AVX-512 BF16.
     #[target_feature(enable = "avx512f,avx512bf16")]
-    pub(super) unsafe fn matmul(
-        x: &[f32],
-        m: usize,
-        w: &PackedBf16,
-        bias: Option<&[f32]>,
-        out: &mut [f32],
-    ) {
+    pub(super) unsafe fn matmul(x: &[f32], m: usize, w: &PackedBf16, onto: Onto, out: &mut [f32]) {
         let (k, pairs) = (w.k, w.pairs);
         // Each row as pairs, `[m][pairs]`, plus a block's worth of zero rows that the last
         // register block may read (their sums are never stored).
@@ -181,19 +199,19 @@ mod avx512 {
                 let a = &a[first * pairs..(first + ROWS) * pairs];
                 let mut panel = chunk;
                 while panel + 2 <= chunk_end {
-                    tile::<2>(a, first, rows, panel, w, bias, out);
+                    tile::<2>(a, first, rows, panel, w, onto, out);
                     panel += 2;
                 }
                 if panel < chunk_end {
-                    tile::<1>(a, first, rows, panel, w, bias, out);
+                    tile::<1>(a, first, rows, panel, w, onto, out);
                 }
             }
         }
     }
 
     /// `P` panels from `panel` on, for the `ROWS` rows whose pairs are `a` (`[ROWS][pairs]`,
-    /// the first of them row `first` of `out`, `rows` of them real): every pair, then onto
-    /// the bias, stored.
+    /// the first of them row `first` of `out`, `rows` of them real): every pair, then added
+    /// onto `onto`, stored.
     #[target_feature(enable = "avx512f,avx512bf16")]
     unsafe fn tile<const P: usize>(
         a: &[u32],
@@ -201,7 +219,7 @@ mod avx512 {
         rows: usize,
         panel: usize,
         w: &PackedBf16,
-        bias: Option<&[f32]>,
+        onto: Onto,
         out: &mut [f32],
     ) {
         let mut acc = [[_mm512_setzero_ps(); P]; ROWS];
@@ -227,13 +245,17 @@ mod avx512 {
             let column = panel * LANES;
             let count = LANES.min(w.n.saturating_sub(column));
             let mask: __mmask16 = if count == LANES { !0 } else { (1 << count) - 1 };
-            let bias = match bias {
-                Some(b) => _mm512_maskz_loadu_ps(mask, b.as_ptr().add(column)),
-                None => _mm512_setzero_ps(),
+            let bias = match onto {
+                Onto::Bias(b) => _mm512_maskz_loadu_ps(mask, b.as_ptr().add(column)),
+                Onto::Zeros | Onto::Out => _mm512_setzero_ps(),
             };
             for (r, acc) in acc.iter().enumerate().take(rows) {
                 let at = out.as_mut_ptr().add((first + r) * w.n + column);
-                _mm512_mask_storeu_ps(at, mask, _mm512_add_ps(acc[i], bias));
+                let under = match onto {
+                    Onto::Out => _mm512_maskz_loadu_ps(mask, at),
+                    Onto::Zeros | Onto::Bias(_) => bias,
+                };
+                _mm512_mask_storeu_ps(at, mask, _mm512_add_ps(acc[i], under));
             }
         }
     }
@@ -298,12 +320,19 @@ mod tests {
             };
             let exact_rounded = with_bias(reference(&round(&x), m, &round(&w), n, k));
             let exact = with_bias(reference(&x, m, &w, n, k));
-            let mut paths = vec![("portable", vec![0f32; m * n])];
-            matmul_portable(&x, m, &packed, Some(&bias), &mut paths[0].1);
+            // The bias given, or already in `out` (the product added onto it).
+            let mut onto_bias = vec![0f32; m * n];
+            let mut onto_out = with_bias(vec![0f32; m * n]);
+            matmul_portable(&x, m, &packed, Onto::Bias(&bias), &mut onto_bias);
+            matmul_portable(&x, m, &packed, Onto::Out, &mut onto_out);
+            let mut paths = vec![("portable", onto_bias), ("portable onto out", onto_out)];
             if avx512_bf16() {
-                let mut fast = vec![0f32; m * n];
-                matmul(&x, m, &packed, Some(&bias), &mut fast);
-                paths.push(("avx512_bf16", fast));
+                let mut onto_bias = vec![0f32; m * n];
+                let mut onto_out = with_bias(vec![0f32; m * n]);
+                matmul(&x, m, &packed, Onto::Bias(&bias), &mut onto_bias);
+                matmul(&x, m, &packed, Onto::Out, &mut onto_out);
+                paths.push(("avx512_bf16", onto_bias));
+                paths.push(("avx512_bf16 onto out", onto_out));
             }
             let scale = (k as f32).sqrt();
             for (path, out) in &paths {
@@ -318,9 +347,9 @@ mod tests {
                     "{path} {m}x{n}x{k}: {bf16_error}"
                 );
             }
-            if let [(_, portable), (_, fast)] = &paths[..] {
-                let diff = max_diff(portable, fast);
-                assert!(diff < 1e-5 * scale, "paths differ at {m}x{n}x{k}: {diff}");
+            for (path, out) in &paths[1..] {
+                let diff = max_diff(&paths[0].1, out);
+                assert!(diff < 1e-5 * scale, "{path} differs at {m}x{n}x{k}: {diff}");
             }
         }
     }

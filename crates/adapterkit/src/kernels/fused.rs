@@ -5,15 +5,14 @@
 //! threads; `ops` picks these on CPU for f32 and keeps the composed ones elsewhere.
 //! `docs/BENCHMARKS.md` has the comparison. LayerNorm is in `layer_norm`.
 
-use candle_core::{CpuStorage, CustomOp1, CustomOp3, Layout, Result, Shape, Tensor};
+use std::sync::{Arc, OnceLock};
 
-use std::sync::Arc;
+use candle_core::{CpuStorage, CustomOp1, CustomOp3, Layout, Result, Shape, Tensor, TensorId};
 
-use crate::kernels::bf16::{self, PackedBf16};
+use crate::kernels::bf16::{self, Onto, PackedBf16};
 use crate::kernels::matmul::{matmul_into, matmul_onto_bias, View};
 use crate::kernels::parallel::{par_rows, par_vec, par_zeros, threads, ROW};
 use crate::kernels::simd::{dot, erf, exp, softmax_in_place, with_wide_simd};
-use crate::model::precision::Bf16Weight;
 
 pub(crate) fn contiguous<'a>(storage: &'a CpuStorage, layout: &Layout) -> Result<&'a [f32]> {
     let (start, end) = layout
@@ -203,9 +202,48 @@ pub struct FrozenLinear {
     pub weight: Tensor,
     /// `[out]`
     pub bias: Tensor,
-    /// The weight in bf16, when the model runs in bf16 (`model::precision`): the forward
-    /// product then takes it (the backward one keeps the f32 weight).
-    pub bf16: Option<Arc<PackedBf16>>,
+    /// The weight in bf16, when the model runs in bf16 (`model::precision`): both products
+    /// (forward and backward) then take it.
+    pub bf16: Option<Bf16Weight>,
+}
+
+/// A Linear's weight `W` (`[out, in]`) in bf16, packed for the forward product (`x W^T`) and,
+/// on first use, transposed for the backward one (`g W`); and which weight tensor it was made
+/// from: a copy is used only while the Linear still holds that tensor, so weights replaced
+/// later are never read stale.
+#[derive(Debug, Clone)]
+pub struct Bf16Weight {
+    of: TensorId,
+    forward: Arc<PackedBf16>,
+    backward: Arc<OnceLock<PackedBf16>>,
+}
+
+impl Bf16Weight {
+    /// Packs `weight` (f32 on CPU).
+    pub fn pack(weight: &Tensor) -> Result<Self> {
+        let (n, k) = weight.dims2()?;
+        let forward = with_values(weight, |w| Ok(PackedBf16::pack(w, n, k)))?;
+        Ok(Self {
+            of: weight.id(),
+            forward: Arc::new(forward),
+            backward: Arc::new(OnceLock::new()),
+        })
+    }
+
+    /// Whether this is a copy of `weight`.
+    pub fn is_of(&self, weight: &Tensor) -> bool {
+        self.of == weight.id()
+    }
+
+    /// `W^T` packed (`weight` is `W`, the tensor this was made from).
+    fn transposed(&self, weight: &Tensor) -> Result<&PackedBf16> {
+        if let Some(packed) = self.backward.get() {
+            return Ok(packed);
+        }
+        let (n, k) = weight.dims2()?;
+        let packed = with_values(&weight.t()?, |wt| Ok(PackedBf16::pack(wt, k, n)))?;
+        Ok(self.backward.get_or_init(|| packed))
+    }
 }
 
 impl FrozenLinear {
@@ -225,8 +263,8 @@ impl FrozenLinear {
     pub fn in_bf16(mut self, copy: Option<&Bf16Weight>) -> Result<Self> {
         self.bf16 = match copy {
             None => None,
-            Some(copy) if copy.is_of(&self.weight) => Some(copy.packed.clone()),
-            Some(_) => Some(Bf16Weight::pack(&self.weight)?.packed),
+            Some(copy) if copy.is_of(&self.weight) => Some(copy.clone()),
+            Some(_) => Some(Bf16Weight::pack(&self.weight)?),
         };
         Ok(self)
     }
@@ -247,10 +285,10 @@ impl FrozenLinear {
     /// `x W^T + b` for the `rows` rows of `x`.
     pub fn forward(&self, x: &[f32], rows: usize) -> Result<Vec<f32>> {
         let dims = self.dims()?;
-        if let Some(packed) = &self.bf16 {
+        if let Some(bf16) = &self.bf16 {
             let mut out = vec![0f32; rows * dims.0];
             with_values(&self.bias, |b| {
-                bf16::matmul(x, rows, packed, Some(b), &mut out);
+                bf16::matmul(x, rows, &bf16.forward, Onto::Bias(b), &mut out);
                 Ok(())
             })?;
             return Ok(out);
@@ -269,6 +307,11 @@ impl FrozenLinear {
         accumulate: bool,
     ) -> Result<()> {
         let dims = self.dims()?;
+        if let Some(bf16) = &self.bf16 {
+            let onto = if accumulate { Onto::Out } else { Onto::Zeros };
+            bf16::matmul(g, rows, bf16.transposed(&self.weight)?, onto, dx);
+            return Ok(());
+        }
         with_values(&self.weight, |w| {
             linear_input_grad_into(g, rows, w, dims, dx, accumulate);
             Ok(())

@@ -6,6 +6,7 @@ use candle_nn::{Linear, VarBuilder};
 
 use crate::kernels::attention::AttentionOp;
 use crate::kernels::attention_block::{AttentionBlockOp, PrefixValues};
+use crate::kernels::fused::Bf16Weight;
 use crate::model::architecture::Architecture;
 use crate::model::config::BertConfig;
 use crate::model::dropout::Mode;
@@ -13,7 +14,7 @@ use crate::model::hooks::{KeyValuePrefix, LayerHooks, LinearSite, Position};
 use crate::model::layer::Positions;
 use crate::model::layer_norm::LayerNorm;
 use crate::model::ops;
-use crate::model::precision::{bf16_weights, Bf16Weight, Precision};
+use crate::model::precision::{bf16_weights, Precision};
 
 /// `attention.self`: query, key and value projections and scaled dot-product attention.
 #[derive(Debug, Clone)]

@@ -4,13 +4,14 @@ use candle_core::{Result, Tensor};
 use candle_nn::{Linear, VarBuilder};
 
 use crate::kernels::feed_forward::FeedForwardOp;
+use crate::kernels::fused::Bf16Weight;
 use crate::model::attention::BertAttention;
 use crate::model::config::BertConfig;
 use crate::model::dropout::Mode;
 use crate::model::hooks::{LayerHooks, LinearSite, Position};
 use crate::model::layer_norm::LayerNorm;
 use crate::model::ops::{self, Activation};
-use crate::model::precision::{bf16_weights, Bf16Weight, Precision};
+use crate::model::precision::{bf16_weights, Precision};
 
 /// The positions a layer computes its output at. A classification head reads the first
 /// token's state alone (`[CLS]`), so the last layer need not compute the others: with `First`

@@ -5,9 +5,9 @@ use candle_core::{DType, Result, Tensor, D};
 use serde::{Deserialize, Serialize};
 
 use crate::kernels::attention::AttentionOp;
+use crate::kernels::fused::Bf16Weight;
 use crate::kernels::fused::FrozenLinear;
 use crate::model::hooks::{LayerHooks, LinearChange, LinearSite};
-use crate::model::precision::Bf16Weight;
 use crate::model::Mode;
 
 /// A non-linearity, by the names `transformers` (`hidden_act`) and AdapterHub (`non_linearity`) use.

@@ -1,18 +1,17 @@
 //! The precision of the encoder's frozen matrix products (`--dtype`): f32, or bf16 with f32
 //! sums. In bf16 each frozen Linear of the fused attention and feed-forward blocks keeps a
 //! bf16 copy of its weight, packed once for `kernels::bf16`, and multiplies its input rounded
-//! to bf16; everything else (attention scores, softmax, LayerNorm, GELU, adapters, heads, and
-//! any weight that trains) stays in f32, as PyTorch's bf16 autocast leaves its reductions.
+//! to bf16 (in training also the gradient it passes back, with a transposed copy made on first
+//! use); everything else (attention scores, softmax, LayerNorm, GELU, adapters, heads, and any
+//! weight that trains, with its optimizer state) stays in f32.
 
 use std::fmt;
 use std::str::FromStr;
-use std::sync::Arc;
 
-use candle_core::{Result, Tensor, TensorId};
+use candle_core::Result;
 use candle_nn::Linear;
 
-use crate::kernels::bf16::PackedBf16;
-use crate::kernels::fused::with_values;
+use crate::kernels::fused::Bf16Weight;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Precision {
@@ -39,31 +38,6 @@ impl fmt::Display for Precision {
             Self::F32 => "f32",
             Self::Bf16 => "bf16",
         })
-    }
-}
-
-/// A Linear's weight in bf16, packed, and which weight tensor it was made from: a copy is used
-/// only while the Linear still holds that tensor, so weights replaced later are never read stale.
-#[derive(Debug, Clone)]
-pub struct Bf16Weight {
-    of: TensorId,
-    pub packed: Arc<PackedBf16>,
-}
-
-impl Bf16Weight {
-    /// Packs `weight` (`[out, in]`, f32 on CPU).
-    pub fn pack(weight: &Tensor) -> Result<Self> {
-        let (n, k) = weight.dims2()?;
-        let packed = with_values(weight, |w| Ok(PackedBf16::pack(w, n, k)))?;
-        Ok(Self {
-            of: weight.id(),
-            packed: Arc::new(packed),
-        })
-    }
-
-    /// Whether this is a copy of `weight`.
-    pub fn is_of(&self, weight: &Tensor) -> bool {
-        self.of == weight.id()
     }
 }
 

@@ -181,7 +181,8 @@ pub fn train(
     let mut stopped_early = false;
     let mut start_epoch = 1;
     let mut in_epoch: Option<checkpoint::InEpoch> = None;
-    let fingerprint = fingerprint(config, train, validation, &params);
+    let precision = model.encoder.precision();
+    let fingerprint = fingerprint(config, train, validation, &params, precision);
     if config.resume {
         let dir = output
             .ok_or_else(|| Error::input("resuming needs the output directory of the run"))?
@@ -191,7 +192,7 @@ pub fn train(
             if p.fingerprint != fingerprint {
                 return Err(Error::input(format!(
                     "the checkpoint in {} is of another run (settings, data, parameters or \
-                     --threads differ): resume with the same ones, or train afresh elsewhere\n\
+                     --threads or --dtype differ): resume with the same ones, or train afresh elsewhere\n\
                      checkpoint: {}\nthis run:   {fingerprint}",
                     dir.display(),
                     p.fingerprint
@@ -395,6 +396,7 @@ fn fingerprint(
     train: &EncodedDataset,
     validation: &EncodedDataset,
     params: &crate::params::Params,
+    precision: crate::model::Precision,
 ) -> String {
     // How often checkpoints are written changes nothing the run computes.
     let settings = TrainConfig {
@@ -413,8 +415,13 @@ fn fingerprint(
         .fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
             (h ^ b as u64).wrapping_mul(0x0100_0000_01b3)
         });
+    // f32 runs' checkpoints read as they did before `--dtype` existed.
+    let products = match precision {
+        crate::model::Precision::F32 => String::new(),
+        other => format!("; {other} products"),
+    };
     format!(
-        "{settings:?}; {} train / {} validation examples; {} parameter tensors (shapes {hash:016x}); {} threads",
+        "{settings:?}; {} train / {} validation examples; {} parameter tensors (shapes {hash:016x}); {} threads{products}",
         train.len(),
         validation.len(),
         shapes.len(),
