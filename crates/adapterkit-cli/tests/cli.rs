@@ -295,6 +295,52 @@ fn every_command_takes_a_thread_count() {
 }
 
 #[test]
+fn encode_takes_a_dtype() {
+    let tiny = tiny_bert();
+    let embed = |dtype: &str| {
+        let out = adapterkit(
+            &[
+                "encode",
+                "--model",
+                s(&tiny),
+                "--json",
+                "--dtype",
+                dtype,
+                "a text",
+            ],
+            b"",
+        );
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let line: serde_json::Value = serde_json::from_str(stdout(&out).trim()).unwrap();
+        let values = line["embedding"].as_array().unwrap().iter();
+        values.map(|v| v.as_f64().unwrap()).collect::<Vec<_>>()
+    };
+    let (f32, bf16) = (embed("f32"), embed("bf16"));
+    let off = f32
+        .iter()
+        .zip(&bf16)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0.0, f64::max);
+    // bf16 products: near f32's, not equal (tests/precision.rs checks them exactly).
+    assert!(off > 0.0 && off < 0.05, "bf16 is {off} off f32");
+    // A usage error, as clap reports them (exit code 2).
+    let out = adapterkit(&["encode", "--model", s(&tiny), "--dtype", "f16", "x"], b"");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && !stderr.contains("panicked"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("unknown dtype 'f16' (f32 or bf16)"),
+        "{stderr}"
+    );
+}
+
+#[test]
 fn an_adapter_is_also_found_by_its_hub_id_in_the_cache() {
     // A Hub cache as hf-hub lays it out, holding an adapter made by Python's `adapters`.
     let home = tempfile::tempdir().unwrap();

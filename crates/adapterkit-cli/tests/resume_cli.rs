@@ -117,3 +117,58 @@ fn a_run_killed_and_resumed_ends_as_the_uninterrupted_run() {
     let epochs = std::fs::read_to_string(out.join("training_log.jsonl")).unwrap();
     assert_eq!(epochs.lines().count(), 8);
 }
+
+/// A bf16 run's checkpoint resumes in bf16 only: its products differ from f32's.
+#[test]
+fn a_checkpoint_resumes_only_with_the_dtype_it_was_made_with() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = tiny_bert();
+    let train = write_csv(dir.path(), "train.csv", 24);
+    let out = dir.path().join("run");
+    let run = |dtype: &str, resume: bool| {
+        let mut args = vec![
+            "train",
+            "--model",
+            s(&model),
+            "--train",
+            s(&train),
+            "--validation",
+            s(&train),
+            "--epochs",
+            "1",
+            "--batch-size",
+            "4",
+            "--dtype",
+            dtype,
+            "--out",
+            s(&out),
+            "--quiet",
+        ];
+        if resume {
+            args.push("--resume");
+        }
+        Command::new(env!("CARGO_BIN_EXE_adapterkit"))
+            .args(&args)
+            .output()
+            .unwrap()
+    };
+    let first = run("bf16", false);
+    assert!(
+        first.status.success(),
+        "{}",
+        String::from_utf8_lossy(&first.stderr)
+    );
+    let other = run("f32", true);
+    let stderr = String::from_utf8_lossy(&other.stderr);
+    assert!(!other.status.success(), "resumed in f32");
+    assert!(
+        stderr.contains("--dtype differ") && stderr.contains("bf16 products"),
+        "{stderr}"
+    );
+    let same = run("bf16", true);
+    assert!(
+        same.status.success(),
+        "{}",
+        String::from_utf8_lossy(&same.stderr)
+    );
+}
