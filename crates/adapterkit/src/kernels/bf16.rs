@@ -1,7 +1,7 @@
 //! bf16 matrix products of frozen weights, summed in f32: `x W^T` with `x` and `W` rounded to
-//! bf16 (round to nearest even), the first step of `--dtype bf16` (issue 18; the model does not
-//! call it yet). The weight is packed once ([`PackedBf16`]); rows are split over threads, and
-//! the product dispatches at run time
+//! bf16 (round to nearest even), what `--dtype bf16` runs the frozen blocks' Linears on
+//! (`model::precision`). The weight is packed once ([`PackedBf16`]); rows are split over
+//! threads, and the product dispatches at run time
 //! to `vdpbf16ps` (AVX-512 BF16: each instruction multiplies 32 pairs of bf16 and adds them into
 //! 16 f32 sums) and otherwise runs a portable loop that computes the same sums in the same
 //! order per output, so the two agree to f32 rounding.
