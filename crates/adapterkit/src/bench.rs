@@ -155,7 +155,7 @@ pub fn bf16_matmul_rate(n: usize, runs: usize) -> (f64, &'static str) {
     let path = if avx512_bf16() {
         "avx512_bf16"
     } else {
-        "portable"
+        "fallback: f32 gemm on bf16-rounded values"
     };
     (2.0 * (n * n * n) as f64 / best, path)
 }

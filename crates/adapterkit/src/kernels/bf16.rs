@@ -3,26 +3,37 @@
 //! (`model::precision`). The weight is packed once ([`PackedBf16`]); rows are split over
 //! threads, and the product dispatches at run time
 //! to `vdpbf16ps` (AVX-512 BF16: each instruction multiplies 32 pairs of bf16 and adds them into
-//! 16 f32 sums) and otherwise runs a portable loop that computes the same sums in the same
-//! order per output, so the two agree to f32 rounding.
+//! 16 f32 sums); elsewhere it runs `gemm` in f32 on the rounded factors, whose products f32
+//! holds exactly, so both compute the same sums (in another order) and the fallback costs what
+//! f32 costs.
+
+use std::borrow::Cow;
 
 use half::bf16;
 
-use crate::kernels::parallel::par_rows;
+use crate::kernels::matmul::{matmul_into, View};
+use crate::kernels::parallel::{par_rows, threads};
 
 /// Output columns one AVX-512 register holds.
 const LANES: usize = 16;
 
-/// A weight `[n, k]` (a Linear's, out x in) in bf16, packed for [`matmul`]: in panels of 16
-/// output columns, each panel `[k/2][16][2]` (for each pair of input positions `2p, 2p + 1` and
-/// each of the panel's columns, the two values side by side), so that a panel is read
-/// contiguously; `k` is padded to even and `n` to a multiple of 16 with zeros.
+/// A weight `[n, k]` (a Linear's, out x in) in bf16, laid out for [`matmul`].
 pub struct PackedBf16 {
     n: usize,
     k: usize,
     n_padded: usize,
     pairs: usize,
-    data: Vec<u16>,
+    layout: Layout,
+}
+
+enum Layout {
+    /// For `vdpbf16ps`: panels of 16 output columns, each `[k/2][16][2]` (for each pair of
+    /// input positions `2p, 2p + 1` and each of the panel's columns, the two values side by
+    /// side), so that a panel is read contiguously; `k` padded to even and `n` to a multiple
+    /// of 16 with zeros.
+    Panels(Vec<u16>),
+    /// For the fallback: the rounded values widened back to f32, row-major `[n, k]`.
+    Rounded(Vec<f32>),
 }
 
 impl std::fmt::Debug for PackedBf16 {
@@ -36,30 +47,60 @@ fn bits(x: f32) -> u16 {
     bf16::from_f32(x).to_bits()
 }
 
+/// `x` rounded to bf16 and widened back.
+fn rounded(x: f32) -> f32 {
+    bf16::from_f32(x).to_f32()
+}
+
 impl PackedBf16 {
-    /// Packs `weight`, row-major `[n, k]`.
+    /// Packs `weight`, row-major `[n, k]`, for the path this CPU takes.
     pub fn pack(weight: &[f32], n: usize, k: usize) -> Self {
+        Self::pack_for(weight, n, k, avx512_bf16())
+    }
+
+    /// [`pack`](Self::pack) in panels (`panels`) or as rounded f32 values.
+    fn pack_for(weight: &[f32], n: usize, k: usize, panels: bool) -> Self {
         assert_eq!(weight.len(), n * k, "a weight of {n} x {k}");
         let (pairs, n_padded) = (k.div_ceil(2), n.div_ceil(LANES) * LANES);
-        let mut data = vec![0u16; pairs * n_padded * 2];
-        for j in 0..n {
-            let (panel, lane) = (j / LANES, j % LANES);
-            for i in 0..k {
-                data[Self::at(pairs, panel, i / 2, lane) + i % 2] = bits(weight[j * k + i]);
+        let layout = if panels {
+            let mut data = vec![0u16; pairs * n_padded * 2];
+            for j in 0..n {
+                let (panel, lane) = (j / LANES, j % LANES);
+                for i in 0..k {
+                    data[Self::at(pairs, panel, i / 2, lane) + i % 2] = bits(weight[j * k + i]);
+                }
             }
-        }
+            Layout::Panels(data)
+        } else {
+            Layout::Rounded(weight.iter().map(|&w| rounded(w)).collect())
+        };
         Self {
             n,
             k,
             n_padded,
             pairs,
-            data,
+            layout,
         }
     }
 
-    /// Where pair `p` of column `lane` of panel `panel` starts in `data`.
+    /// Where pair `p` of column `lane` of panel `panel` starts in the panels.
     fn at(pairs: usize, panel: usize, p: usize, lane: usize) -> usize {
         ((panel * pairs + p) * LANES + lane) * 2
+    }
+
+    /// The rounded weight as f32, `[n, k]`: kept, or read back from the panels.
+    fn rounded_weight(&self) -> Cow<'_, [f32]> {
+        match &self.layout {
+            Layout::Rounded(values) => Cow::Borrowed(values),
+            Layout::Panels(data) => {
+                let widen = |b: u16| f32::from_bits((b as u32) << 16);
+                let (n, k) = (self.n, self.k);
+                let value = |j: usize, i: usize| {
+                    widen(data[Self::at(self.pairs, j / LANES, i / 2, j % LANES) + i % 2])
+                };
+                Cow::Owned((0..n * k).map(|e| value(e / k, e % k)).collect())
+            }
+        }
     }
 
     pub fn rows(&self) -> usize {
@@ -108,18 +149,19 @@ pub fn matmul(x: &[f32], m: usize, w: &PackedBf16, onto: Onto, out: &mut [f32]) 
     if let Onto::Bias(b) = onto {
         assert_eq!(b.len(), w.n, "a bias of {}", w.n);
     }
-    // Rows split over candle's threads, each block of rows computed whole.
-    par_rows(out, w.n, |first, out| {
-        let rows = out.len() / w.n.max(1);
-        let x = &x[first * w.k..(first + rows) * w.k];
-        #[cfg(target_arch = "x86_64")]
-        if avx512_bf16() {
-            // SAFETY: the CPU has the instructions (checked just now).
-            unsafe { avx512::matmul(x, rows, w, onto, out) };
-            return;
-        }
-        matmul_portable(x, rows, w, onto, out);
-    });
+    #[cfg(target_arch = "x86_64")]
+    if let Layout::Panels(data) = &w.layout {
+        // Rows split over candle's threads, each block of rows computed whole. Panels are made
+        // only where the CPU has the instructions.
+        par_rows(out, w.n, |first, out| {
+            let rows = out.len() / w.n.max(1);
+            let x = &x[first * w.k..(first + rows) * w.k];
+            // SAFETY: panels are made only where `avx512_bf16()` holds.
+            unsafe { avx512::matmul(x, rows, w, data, onto, out) };
+        });
+        return;
+    }
+    matmul_portable(x, m, w, onto, out);
 }
 
 /// Whether `matmul` runs on `vdpbf16ps` here.
@@ -135,25 +177,20 @@ pub fn avx512_bf16() -> bool {
     }
 }
 
-/// [`matmul`] without special instructions: each output sums its pairs in order, each pair's
-/// two products first, as the instruction does.
+/// [`matmul`] without special instructions: `x` rounded to bf16, then `gemm` in f32 on the
+/// rounded factors (whose products f32 holds exactly: the same sums as the instruction's, in
+/// another order), so bf16 costs no more than f32 where the CPU cannot do better.
 pub fn matmul_portable(x: &[f32], m: usize, w: &PackedBf16, onto: Onto, out: &mut [f32]) {
-    let widen = |b: u16| f32::from_bits((b as u32) << 16);
-    for r in 0..m {
-        let row = &x[r * w.k..(r + 1) * w.k];
-        let pairs: Vec<u32> = (0..w.pairs).map(|p| pair(row, p)).collect();
-        for j in 0..w.n {
-            let mut sum = 0f32;
-            for (p, &pair) in pairs.iter().enumerate() {
-                let at = PackedBf16::at(w.pairs, j / LANES, p, j % LANES);
-                let (x0, x1) = (widen(pair as u16), widen((pair >> 16) as u16));
-                let (w0, w1) = (widen(w.data[at]), widen(w.data[at + 1]));
-                sum += x0 * w0 + x1 * w1;
-            }
-            let out = &mut out[r * w.n + j];
-            *out = sum + onto.at(j, *out);
+    let x: Vec<f32> = x.iter().map(|&v| rounded(v)).collect();
+    let weight = w.rounded_weight();
+    let (x, weight) = (View::rows(&x, m, w.k), View::rows(&weight, w.n, w.k));
+    if let Onto::Bias(b) = onto {
+        for row in out.chunks_exact_mut(w.n.max(1)) {
+            row.copy_from_slice(b);
         }
     }
+    let accumulate = !matches!(onto, Onto::Zeros);
+    matmul_into(out, w.n, x, weight.t(), accumulate, threads());
 }
 
 /// The `vdpbf16ps` path. The rows of `x` are converted to bf16 pairs once (16 values an
@@ -174,7 +211,14 @@ mod avx512 {
     /// # Safety
     /// The CPU must have AVX-512F and AVX-512 BF16.
     #[target_feature(enable = "avx512f,avx512bf16")]
-    pub(super) unsafe fn matmul(x: &[f32], m: usize, w: &PackedBf16, onto: Onto, out: &mut [f32]) {
+    pub(super) unsafe fn matmul(
+        x: &[f32],
+        m: usize,
+        w: &PackedBf16,
+        panels: &[u16],
+        onto: Onto,
+        out: &mut [f32],
+    ) {
         let (k, pairs) = (w.k, w.pairs);
         // Each row as pairs, `[m][pairs]`, plus a block's worth of zero rows that the last
         // register block may read (their sums are never stored).
@@ -191,42 +235,42 @@ mod avx512 {
                 *a = pair(row, p);
             }
         }
-        let panels = w.n_padded / LANES;
-        for chunk in (0..panels).step_by(CHUNK_PANELS) {
-            let chunk_end = (chunk + CHUNK_PANELS).min(panels);
+        let panel_count = w.n_padded / LANES;
+        for chunk in (0..panel_count).step_by(CHUNK_PANELS) {
+            let chunk_end = (chunk + CHUNK_PANELS).min(panel_count);
             for first in (0..m).step_by(ROWS) {
                 let rows = ROWS.min(m - first);
                 let a = &a[first * pairs..(first + ROWS) * pairs];
                 let mut panel = chunk;
                 while panel + 2 <= chunk_end {
-                    tile::<2>(a, first, rows, panel, w, onto, out);
+                    tile::<2>(a, first..first + rows, panel, w, panels, onto, out);
                     panel += 2;
                 }
                 if panel < chunk_end {
-                    tile::<1>(a, first, rows, panel, w, onto, out);
+                    tile::<1>(a, first..first + rows, panel, w, panels, onto, out);
                 }
             }
         }
     }
 
-    /// `P` panels from `panel` on, for the `ROWS` rows whose pairs are `a` (`[ROWS][pairs]`,
-    /// the first of them row `first` of `out`, `rows` of them real): every pair, then added
-    /// onto `onto`, stored.
+    /// `P` panels from `panel` on, for the `ROWS` rows whose pairs are `a` (`[ROWS][pairs]`;
+    /// rows `rows` of `out` are the real ones among them): every pair, then added onto `onto`,
+    /// stored.
     #[target_feature(enable = "avx512f,avx512bf16")]
     unsafe fn tile<const P: usize>(
         a: &[u32],
-        first: usize,
-        rows: usize,
+        rows: std::ops::Range<usize>,
         panel: usize,
         w: &PackedBf16,
+        panels: &[u16],
         onto: Onto,
         out: &mut [f32],
     ) {
         let mut acc = [[_mm512_setzero_ps(); P]; ROWS];
         let starts: [usize; P] = std::array::from_fn(|i| PackedBf16::at(w.pairs, panel + i, 0, 0));
-        let (weights, a) = (w.data.as_ptr(), a.as_ptr());
+        let (weights, a) = (panels.as_ptr(), a.as_ptr());
         for p in 0..w.pairs {
-            // SAFETY: pair `p` of each panel is 32 values inside `data`, and `a` holds
+            // SAFETY: pair `p` of each panel is 32 values inside `panels`, and `a` holds
             // `ROWS * pairs` values.
             let b: [__m512bh; P] = std::array::from_fn(|i| {
                 std::mem::transmute(_mm512_loadu_si512(
@@ -249,8 +293,8 @@ mod avx512 {
                 Onto::Bias(b) => _mm512_maskz_loadu_ps(mask, b.as_ptr().add(column)),
                 Onto::Zeros | Onto::Out => _mm512_setzero_ps(),
             };
-            for (r, acc) in acc.iter().enumerate().take(rows) {
-                let at = out.as_mut_ptr().add((first + r) * w.n + column);
+            for (row, acc) in rows.clone().zip(&acc) {
+                let at = out.as_mut_ptr().add(row * w.n + column);
                 let under = match onto {
                     Onto::Out => _mm512_maskz_loadu_ps(mask, at),
                     Onto::Zeros | Onto::Bias(_) => bias,
@@ -309,7 +353,6 @@ mod tests {
         ] {
             let (x, w) = (random(&mut rng, m * k), random(&mut rng, n * k));
             let bias = random(&mut rng, n);
-            let packed = PackedBf16::pack(&w, n, k);
             let round =
                 |v: &[f32]| -> Vec<f32> { v.iter().map(|&a| bf16::from_f32(a).to_f32()).collect() };
             let with_bias = |mut out: Vec<f32>| {
@@ -320,19 +363,26 @@ mod tests {
             };
             let exact_rounded = with_bias(reference(&round(&x), m, &round(&w), n, k));
             let exact = with_bias(reference(&x, m, &w, n, k));
-            // The bias given, or already in `out` (the product added onto it).
-            let mut onto_bias = vec![0f32; m * n];
-            let mut onto_out = with_bias(vec![0f32; m * n]);
-            matmul_portable(&x, m, &packed, Onto::Bias(&bias), &mut onto_bias);
-            matmul_portable(&x, m, &packed, Onto::Out, &mut onto_out);
-            let mut paths = vec![("portable", onto_bias), ("portable onto out", onto_out)];
-            if avx512_bf16() {
+            // Each path onto the bias given, and onto the bias already in `out`.
+            let mut paths = Vec::new();
+            let mut run = |path: &str, product: &dyn Fn(Onto, &mut [f32])| {
                 let mut onto_bias = vec![0f32; m * n];
                 let mut onto_out = with_bias(vec![0f32; m * n]);
-                matmul(&x, m, &packed, Onto::Bias(&bias), &mut onto_bias);
-                matmul(&x, m, &packed, Onto::Out, &mut onto_out);
-                paths.push(("avx512_bf16", onto_bias));
-                paths.push(("avx512_bf16 onto out", onto_out));
+                product(Onto::Bias(&bias), &mut onto_bias);
+                product(Onto::Out, &mut onto_out);
+                paths.push((format!("{path}, onto a bias"), onto_bias));
+                paths.push((format!("{path}, onto out"), onto_out));
+            };
+            let rounded = PackedBf16::pack_for(&w, n, k, false);
+            run("fallback", &|onto, out| matmul(&x, m, &rounded, onto, out));
+            if avx512_bf16() {
+                let panels = PackedBf16::pack_for(&w, n, k, true);
+                run("avx512_bf16", &|onto, out| {
+                    matmul(&x, m, &panels, onto, out)
+                });
+                run("fallback on panels", &|onto, out| {
+                    matmul_portable(&x, m, &panels, onto, out)
+                });
             }
             let scale = (k as f32).sqrt();
             for (path, out) in &paths {
