@@ -129,17 +129,6 @@ pub enum Onto<'a> {
     Out,
 }
 
-impl Onto<'_> {
-    /// The value under output `(row, column)`, whose current value is `current`.
-    fn at(self, column: usize, current: f32) -> f32 {
-        match self {
-            Onto::Zeros => 0.0,
-            Onto::Bias(b) => b[column],
-            Onto::Out => current,
-        }
-    }
-}
-
 /// `out = x W^T + onto`, `x` row-major `[m, k]`, `out` `[m, n]`, both factors rounded to bf16
 /// and the products summed in f32 (a pair of products at a time, as `vdpbf16ps` sums them),
 /// then added onto zeros, a bias, or `out` itself.
