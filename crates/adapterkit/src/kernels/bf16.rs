@@ -133,24 +133,59 @@ pub enum Onto<'a> {
 /// and the products summed in f32 (a pair of products at a time, as `vdpbf16ps` sums them),
 /// then added onto zeros, a bias, or `out` itself.
 pub fn matmul(x: &[f32], m: usize, w: &PackedBf16, onto: Onto, out: &mut [f32]) {
-    assert_eq!(x.len(), m * w.k, "x of {m} x {}", w.k);
-    assert_eq!(out.len(), m * w.n, "out of {m} x {}", w.n);
-    if let Onto::Bias(b) = onto {
-        assert_eq!(b.len(), w.n, "a bias of {}", w.n);
-    }
+    check_sizes(x, m, w, onto, out.len());
     #[cfg(target_arch = "x86_64")]
-    if let Layout::Panels(data) = &w.layout {
-        // Rows split over candle's threads, each block of rows computed whole. Panels are made
-        // only where the CPU has the instructions.
-        par_rows(out, w.n, |first, out| {
-            let rows = out.len() / w.n.max(1);
-            let x = &x[first * w.k..(first + rows) * w.k];
-            // SAFETY: panels are made only where `avx512_bf16()` holds.
-            unsafe { avx512::matmul(x, rows, w, data, onto, out) };
-        });
+    if let Layout::Panels(panels) = &w.layout {
+        // SAFETY: `out` holds `m x n` values.
+        unsafe { on_panels(x, w, panels, onto, out) };
         return;
     }
     matmul_portable(x, m, w, onto, out);
+}
+
+/// `x W^T + bias` as a new `[m, n]` matrix, each value written once (no zero-fill before, a
+/// tenth of a bf16 forward pass when it was there).
+pub fn linear(x: &[f32], m: usize, w: &PackedBf16, bias: &[f32]) -> Vec<f32> {
+    let onto = Onto::Bias(bias);
+    #[cfg(target_arch = "x86_64")]
+    if let Layout::Panels(panels) = &w.layout {
+        check_sizes(x, m, w, onto, m * w.n);
+        let mut out = Vec::with_capacity(m * w.n);
+        // SAFETY: `on_panels` writes every one of the `m x n` values (it reads none: the
+        // product goes onto the bias), so all are initialised after it.
+        unsafe {
+            on_panels(x, w, panels, onto, &mut out.spare_capacity_mut()[..m * w.n]);
+            out.set_len(m * w.n);
+        }
+        return out;
+    }
+    let mut out = vec![0f32; m * w.n];
+    matmul(x, m, w, onto, &mut out);
+    out
+}
+
+fn check_sizes(x: &[f32], m: usize, w: &PackedBf16, onto: Onto, out: usize) {
+    assert_eq!(x.len(), m * w.k, "x of {m} x {}", w.k);
+    assert_eq!(out, m * w.n, "out of {m} x {}", w.n);
+    if let Onto::Bias(b) = onto {
+        assert_eq!(b.len(), w.n, "a bias of {}", w.n);
+    }
+}
+
+/// The `vdpbf16ps` product into `out` (`f32`, or `MaybeUninit<f32>` unless `onto` is
+/// [`Onto::Out`]), rows split over candle's threads, each block of rows computed whole.
+///
+/// # Safety
+/// `out` holds `m x n` values of f32's layout; `panels` are `w`'s (made only where
+/// `avx512_bf16()` holds).
+#[cfg(target_arch = "x86_64")]
+unsafe fn on_panels<T: Send>(x: &[f32], w: &PackedBf16, panels: &[u16], onto: Onto, out: &mut [T]) {
+    par_rows(out, w.n, |first, out| {
+        let rows = out.len() / w.n.max(1);
+        let x = &x[first * w.k..(first + rows) * w.k];
+        // SAFETY: as this function's; `out` is this block's rows.
+        unsafe { avx512::matmul(x, rows, w, panels, onto, out.as_mut_ptr() as *mut f32) };
+    });
 }
 
 /// Whether `matmul` runs on `vdpbf16ps` here.
@@ -198,7 +233,8 @@ mod avx512 {
     const CHUNK_PANELS: usize = 8;
 
     /// # Safety
-    /// The CPU must have AVX-512F and AVX-512 BF16.
+    /// The CPU must have AVX-512F and AVX-512 BF16; `out` points to `m x n` f32 values
+    /// (initialised where `onto` is [`Onto::Out`]).
     #[target_feature(enable = "avx512f,avx512bf16")]
     pub(super) unsafe fn matmul(
         x: &[f32],
@@ -206,7 +242,7 @@ mod avx512 {
         w: &PackedBf16,
         panels: &[u16],
         onto: Onto,
-        out: &mut [f32],
+        out: *mut f32,
     ) {
         let (k, pairs) = (w.k, w.pairs);
         // Each row as pairs, `[m][pairs]`, plus a block's worth of zero rows that the last
@@ -253,7 +289,7 @@ mod avx512 {
         w: &PackedBf16,
         panels: &[u16],
         onto: Onto,
-        out: &mut [f32],
+        out: *mut f32,
     ) {
         let mut acc = [[_mm512_setzero_ps(); P]; ROWS];
         let starts: [usize; P] = std::array::from_fn(|i| PackedBf16::at(w.pairs, panel + i, 0, 0));
@@ -283,7 +319,7 @@ mod avx512 {
                 Onto::Zeros | Onto::Out => _mm512_setzero_ps(),
             };
             for (row, acc) in rows.clone().zip(&acc) {
-                let at = out.as_mut_ptr().add(row * w.n + column);
+                let at = out.add(row * w.n + column);
                 let under = match onto {
                     Onto::Out => _mm512_maskz_loadu_ps(mask, at),
                     Onto::Zeros | Onto::Bias(_) => bias,
@@ -363,15 +399,17 @@ mod tests {
                 paths.push((format!("{path}, onto out"), onto_out));
             };
             let rounded = PackedBf16::pack_for(&w, n, k, false);
+            let panels = avx512_bf16().then(|| PackedBf16::pack_for(&w, n, k, true));
             run("fallback", &|onto, out| matmul(&x, m, &rounded, onto, out));
-            if avx512_bf16() {
-                let panels = PackedBf16::pack_for(&w, n, k, true);
-                run("avx512_bf16", &|onto, out| {
-                    matmul(&x, m, &panels, onto, out)
-                });
+            if let Some(panels) = &panels {
+                run("avx512_bf16", &|onto, out| matmul(&x, m, panels, onto, out));
                 run("fallback on panels", &|onto, out| {
-                    matmul_portable(&x, m, &panels, onto, out)
+                    matmul_portable(&x, m, panels, onto, out)
                 });
+            }
+            // A new matrix, written once.
+            for packed in std::iter::once(&rounded).chain(&panels) {
+                paths.push(("linear".into(), linear(&x, m, packed, &bias)));
             }
             let scale = (k as f32).sqrt();
             for (path, out) in &paths {

@@ -286,12 +286,7 @@ impl FrozenLinear {
     pub fn forward(&self, x: &[f32], rows: usize) -> Result<Vec<f32>> {
         let dims = self.dims()?;
         if let Some(bf16) = &self.bf16 {
-            let mut out = vec![0f32; rows * dims.0];
-            with_values(&self.bias, |b| {
-                bf16::matmul(x, rows, &bf16.forward, Onto::Bias(b), &mut out);
-                Ok(())
-            })?;
-            return Ok(out);
+            return with_values(&self.bias, |b| Ok(bf16::linear(x, rows, &bf16.forward, b)));
         }
         with_all_values(&[&self.weight, &self.bias], |v| {
             Ok(linear_forward(x, rows, v[0], v[1], dims))
