@@ -63,6 +63,8 @@ pub struct Args {
     max_adapters: Option<usize>,
     #[command(flatten)]
     max_seq_len: crate::commands::MaxSeqLen,
+    #[command(flatten)]
+    dtype: crate::commands::DtypeArg,
 }
 
 pub fn run(args: Args) -> Result<()> {
@@ -92,6 +94,7 @@ pub fn run(args: Args) -> Result<()> {
 
     let mut set = AdapterSet::load(&args.model, &Device::Cpu)?;
     args.max_seq_len.apply(&mut set.tokenizer)?;
+    set.set_precision(args.dtype.dtype)?;
     let registry = Arc::new(Registry::new(
         Arc::new(set),
         adapter_dir.clone(),
