@@ -70,6 +70,9 @@ def main():
     # bf16: PyTorch's fastest CPU mode, `torch.autocast("cpu", dtype=torch.bfloat16)` around
     # each forward pass (its products in bf16, reductions in f32; weights stay f32).
     parser.add_argument("--dtype", default="f32", choices=["f32", "bf16"])
+    # Also train the encoder's LayerNorms in the adapter, lora and ia3 measurements (as
+    # `adapterkit bench --train-layer-norms`); off: AdapterHub's `train_adapter` freezes them.
+    parser.add_argument("--train-layer-norms", action="store_true")
     args = parser.parse_args()
     autocast = lambda: torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.dtype == "bf16")
     torch.set_num_threads(args.threads)
@@ -110,6 +113,10 @@ def main():
             if what in adapter_configs:
                 model.add_adapter("bench", config=adapter_configs[what])
                 model.train_adapter("bench")
+                if args.train_layer_norms:
+                    for name, parameter in model.named_parameters():
+                        if "LayerNorm" in name or "layer_norm" in name:
+                            parameter.requires_grad = True
             model.train()
             trainable = [p for p in model.parameters() if p.requires_grad]
             optimizer = torch.optim.AdamW(trainable, lr=1e-4, weight_decay=0.01)

@@ -41,9 +41,13 @@ def main():
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--what", default="inference,inference-all-positions,adapter,full")
     parser.add_argument("--dtype", default="f32", choices=["f32", "bf16"])
+    # Train the encoder's LayerNorms too, on both sides, in the training measurements.
+    parser.add_argument("--train-layer-norms", action="store_true")
     args = parser.parse_args()
     common = ["--shape", args.shape, "--seq-len", args.seq_len, "--batch-size", args.batch_size,
               "--threads", args.threads, "--steps", args.steps, "--dtype", args.dtype]
+    if args.train_layer_norms:
+        common.append("--train-layer-norms")
     sides = {
         "adapterkit": lambda what: [args.binary, "bench", *common, "--what", what, "--json"],
         "pytorch": lambda what: [args.python, str(ROOT / "benches/pytorch_baseline.py"), *common, "--what", what],

@@ -139,25 +139,54 @@ pub fn matmul_peak(n: usize, runs: usize, device: &Device) -> Result<f64> {
 /// outside the timing), best of `runs` after one untimed product, and the path it took.
 pub fn bf16_matmul_rate(n: usize, runs: usize) -> (f64, &'static str) {
     use crate::kernels::bf16::{avx512_bf16, matmul, Onto, PackedBf16};
-    let mut rng = SeededRng::new(1);
-    let mut random =
-        |len: usize| -> Vec<f32> { (0..len).map(|_| rng.normal_f64() as f32).collect() };
-    let (x, w) = (random(n * n), random(n * n));
+    let (x, w) = square_factors(n);
     let packed = PackedBf16::pack(&w, n, n);
     let mut out = vec![0f32; n * n];
-    matmul(&x, n, &packed, Onto::Zeros, &mut out);
-    let mut best = f64::INFINITY;
-    for _ in 0..runs.max(1) {
-        let start = Instant::now();
-        matmul(&x, n, &packed, Onto::Zeros, &mut out);
-        best = best.min(start.elapsed().as_secs_f64());
-    }
+    let rate = product_rate(n, runs, || matmul(&x, n, &packed, Onto::Zeros, &mut out));
     let path = if avx512_bf16() {
         "avx512_bf16"
     } else {
         "fallback: f32 gemm on bf16-rounded values"
     };
-    (2.0 * (n * n * n) as f64 / best, path)
+    (rate, path)
+}
+
+/// [`bf16_matmul_rate`] for `kernels::int8::linear` (the activations quantised inside the
+/// timing, as at inference).
+pub fn int8_matmul_rate(n: usize, runs: usize) -> (f64, &'static str) {
+    use crate::kernels::int8::{avx512_vnni, linear, QuantizedI8};
+    let (x, w) = square_factors(n);
+    let packed = QuantizedI8::pack(&w, n, n);
+    let bias = vec![0f32; n];
+    let rate = product_rate(n, runs, || {
+        linear(&x, n, &packed, &bias);
+    });
+    let path = if avx512_vnni() {
+        "avx512_vnni"
+    } else {
+        "portable (scalar)"
+    };
+    (rate, path)
+}
+
+/// Two random `n x n` factors.
+fn square_factors(n: usize) -> (Vec<f32>, Vec<f32>) {
+    let mut rng = SeededRng::new(1);
+    let mut random =
+        |len: usize| -> Vec<f32> { (0..len).map(|_| rng.normal_f64() as f32).collect() };
+    (random(n * n), random(n * n))
+}
+
+/// FLOP/s of `product` (an `n^3` product), best of `runs` after one untimed call.
+fn product_rate(n: usize, runs: usize, mut product: impl FnMut()) -> f64 {
+    product();
+    let mut best = f64::INFINITY;
+    for _ in 0..runs.max(1) {
+        let start = Instant::now();
+        product();
+        best = best.min(start.elapsed().as_secs_f64());
+    }
+    2.0 * (n * n * n) as f64 / best
 }
 
 /// The instruction-set extensions the CPU has that matter to matrix products (what a bf16 or

@@ -3,8 +3,8 @@ use candle_core::Device;
 
 use adapterkit::adapter_model::{AdapterModel, Method};
 use adapterkit::bench::{
-    bf16_matmul_rate, composed_step, cpu_features, forward_flops, inference_step, matmul_peak,
-    optimizer_for, peak_rss_bytes, random_batch, time_per_step, training_step,
+    bf16_matmul_rate, composed_step, cpu_features, forward_flops, inference_step, int8_matmul_rate,
+    matmul_peak, optimizer_for, peak_rss_bytes, random_batch, time_per_step, training_step,
 };
 use adapterkit::composed_model::ComposedModel;
 use adapterkit::data::TaskKind;
@@ -35,6 +35,7 @@ pub struct Args {
     /// unmerged, `stack(a,b)`),
     /// ops (fused against composed LayerNorm and softmax, forward + backward, at this shape),
     /// bf16-matmul (the bf16 kernel's GFLOP/s on a 1024^3 product, against the f32 peak),
+    /// int8-matmul (the same for the int8 kernel, not yet used by the model),
     /// multitask (--tasks adapters one by one, then in one Parallel pass with the adapters of
     /// the lowest k layers dropped, for every k), adapter-drop (adapter training with no
     /// adapters in the lowest k layers, for every k).
@@ -207,6 +208,16 @@ pub fn run(args: Args) -> Result<()> {
                 );
                 continue;
             }
+            "int8-matmul" => {
+                let (rate, path) = int8_matmul_rate(1024, 10);
+                println!(
+                    "int8 1024^3 product ({path}, {} threads, activations quantised per row inside): {:.1} GOP/s, {:.0}% of the f32 peak",
+                    candle_core::utils::get_num_threads(),
+                    rate / 1e9,
+                    100.0 * rate / f32_peak
+                );
+                continue;
+            }
             "multitask" => {
                 for (label, seconds, step_flops) in multitask(&encoder, &head, &batch, &args)? {
                     rows.push(row(&label, seconds, step_flops));
@@ -227,7 +238,7 @@ pub fn run(args: Args) -> Result<()> {
                 continue;
             }
             other => anyhow::bail!(
-                "unknown measurement '{other}' (inference, inference-all-positions, prefix, adapter, full, lora, ia3, lora-stack, ops, bf16-matmul, multitask, adapter-drop)"
+                "unknown measurement '{other}' (inference, inference-all-positions, prefix, adapter, full, lora, ia3, lora-stack, ops, bf16-matmul, int8-matmul, multitask, adapter-drop)"
             ),
         };
         rows.push(row(what, seconds, step_flops));

@@ -2,7 +2,8 @@
 //! passes for Linear, GELU, softmax, LayerNorm (`fused`, `layer_norm`), attention (`attention`),
 //! whole frozen attention and feed-forward blocks (`attention_block`, `feed_forward`), many plain
 //! bottleneck adapters side by side (`grouped_bottleneck`), the strided matrix products they call
-//! (`matmul`), bf16 products of frozen weights (`bf16`, behind `--dtype bf16`), the
+//! (`matmul`), bf16 products of frozen weights (`bf16`, behind `--dtype bf16`), int8 ones
+//! (`int8`, not yet used by the model), the
 //! vectorised maths (`simd`), dropout masks (`dropout`) and how the work is split over threads
 //! (`parallel`). `model/` builds BERT from them; elsewhere (other devices and dtypes) its ops are
 //! composed from candle's.
@@ -14,6 +15,7 @@ pub mod dropout;
 pub mod feed_forward;
 pub mod fused;
 pub mod grouped_bottleneck;
+pub mod int8;
 pub mod layer_norm;
 mod matmul;
 pub(crate) mod parallel;

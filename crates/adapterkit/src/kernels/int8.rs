@@ -1,0 +1,411 @@
+//! int8 products of frozen weights, for inference (issue 18; the model does not call it yet):
+//! `x W^T + b` with each row of `x` quantised on the fly to int8 with its own scale
+//! (`max |x_r| / 127`) and each output column of `W` once, at packing, with its own
+//! (`max |W_j| / 127`); the integer sums are exact, then scaled back to f32. Where the CPU has
+//! AVX-512 VNNI the sums run on `vpdpbusd` (64 byte products into 16 i32 sums an instruction);
+//! it multiplies unsigned bytes by signed ones, so activations go in as `q + 128` and the
+//! packed weight's column sums times 128 are taken off again. Elsewhere a portable loop
+//! computes the same integer sums, so both paths give the same result to the bit.
+
+use crate::kernels::parallel::par_rows;
+
+/// Output columns one AVX-512 register holds (16 i32 sums).
+const LANES: usize = 16;
+/// Rows of a register block.
+const ROWS: usize = 8;
+
+/// A weight `[n, k]` (a Linear's, out x in) quantised per output column to int8, packed in
+/// panels of 16 columns, each `[k/4][16][4]` (for each group of four input positions and each
+/// column, its four values side by side); `k` padded to a multiple of 4 and `n` to one of 16
+/// with zeros.
+pub struct QuantizedI8 {
+    n: usize,
+    k: usize,
+    n_padded: usize,
+    quads: usize,
+    data: Vec<i8>,
+    /// Per column: what one unit of its int8 values is worth.
+    scales: Vec<f32>,
+    /// Per column: 128 times the sum of its int8 values, which the `+ 128` on every activation
+    /// adds to its integer sum.
+    offsets: Vec<i32>,
+}
+
+impl std::fmt::Debug for QuantizedI8 {
+    fn fmt(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        write!(f, "QuantizedI8 [{}, {}]", self.n, self.k)
+    }
+}
+
+/// The scale that maps the largest magnitude of `values` to 127, and its inverse; 0 for all
+/// zeros (NaN for values that are not finite: the output is NaN, as f32's would be).
+fn scale_of(max_abs: f32) -> (f32, f32) {
+    if max_abs == 0.0 {
+        (0.0, 0.0)
+    } else if !max_abs.is_finite() {
+        (f32::NAN, 0.0)
+    } else {
+        (max_abs / 127.0, 127.0 / max_abs)
+    }
+}
+
+/// `v` in units of `1 / inverse`, to the nearest integer (ties to even, as `vcvtps2dq`).
+fn level(v: f32, inverse: f32) -> i8 {
+    (v * inverse).round_ties_even().clamp(-127.0, 127.0) as i8
+}
+
+/// `values` as int8 with a scale such that the largest magnitude maps to 127; returns the scale.
+fn quantize(values: &[f32], out: &mut [i8]) -> f32 {
+    let max = values.iter().fold(0f32, |m, v| m.max(v.abs()));
+    let (scale, inverse) = scale_of(max);
+    for (q, &v) in out.iter_mut().zip(values) {
+        *q = level(v, inverse);
+    }
+    scale
+}
+
+impl QuantizedI8 {
+    /// Quantises and packs `weight`, row-major `[n, k]`.
+    pub fn pack(weight: &[f32], n: usize, k: usize) -> Self {
+        assert_eq!(weight.len(), n * k, "a weight of {n} x {k}");
+        let (quads, n_padded) = (k.div_ceil(4), n.div_ceil(LANES) * LANES);
+        let mut data = vec![0i8; quads * n_padded * 4];
+        let (mut scales, mut offsets) = (vec![0f32; n], vec![0i32; n]);
+        let mut row = vec![0i8; k];
+        for j in 0..n {
+            scales[j] = quantize(&weight[j * k..(j + 1) * k], &mut row);
+            offsets[j] = 128 * row.iter().map(|&q| q as i32).sum::<i32>();
+            let (panel, lane) = (j / LANES, j % LANES);
+            for (i, &q) in row.iter().enumerate() {
+                data[Self::at(quads, panel, i / 4, lane) + i % 4] = q;
+            }
+        }
+        Self {
+            n,
+            k,
+            n_padded,
+            quads,
+            data,
+            scales,
+            offsets,
+        }
+    }
+
+    /// Where group `g` of column `lane` of panel `panel` starts in `data`.
+    fn at(quads: usize, panel: usize, g: usize, lane: usize) -> usize {
+        ((panel * quads + g) * LANES + lane) * 4
+    }
+
+    pub fn rows(&self) -> usize {
+        self.n
+    }
+
+    pub fn columns(&self) -> usize {
+        self.k
+    }
+}
+
+/// Rows of `x` quantised: each row's `q + 128` as bytes, four to a `u32` (`[m][k/4]`; the
+/// padding is 128, that is `q = 0`, against padding weights of 0), and each row's scale.
+fn quantize_rows(x: &[f32], m: usize, k: usize) -> (Vec<u32>, Vec<f32>) {
+    quantize_rows_on(x, m, k, avx512_vnni())
+}
+
+/// [`quantize_rows`] with AVX-512 (`fast`) or without.
+fn quantize_rows_on(x: &[f32], m: usize, k: usize, fast: bool) -> (Vec<u32>, Vec<f32>) {
+    let quads = k.div_ceil(4);
+    let mut packed = vec![0x8080_8080u32; m * quads];
+    let mut scales = vec![0f32; m];
+    for r in 0..m {
+        let row = &x[r * k..(r + 1) * k];
+        let bytes = &mut packed[r * quads..(r + 1) * quads];
+        #[cfg(target_arch = "x86_64")]
+        if fast {
+            // SAFETY: `fast` only where the CPU has AVX-512.
+            scales[r] = unsafe { avx512::quantize_row(row, bytes) };
+            continue;
+        }
+        let (scale, inverse) = scale_of(row.iter().fold(0f32, |m, v| m.max(v.abs())));
+        for (g, word) in bytes.iter_mut().enumerate() {
+            let byte = |i: usize| {
+                row.get(4 * g + i)
+                    .map_or(128u32, |&v| (level(v, inverse) as u8 ^ 0x80) as u32)
+            };
+            *word = byte(0) | byte(1) << 8 | byte(2) << 16 | byte(3) << 24;
+        }
+        scales[r] = scale;
+    }
+    (packed, scales)
+}
+
+/// `x W^T + bias`, `x` row-major `[m, k]`, as a new `[m, n]` matrix: int8 products, exact
+/// integer sums, scaled back per row and column.
+pub fn linear(x: &[f32], m: usize, w: &QuantizedI8, bias: &[f32]) -> Vec<f32> {
+    assert_eq!(x.len(), m * w.k, "x of {m} x {}", w.k);
+    assert_eq!(bias.len(), w.n, "a bias of {}", w.n);
+    let mut out = vec![0f32; m * w.n];
+    par_rows(&mut out, w.n, |first, out| {
+        let rows = out.len() / w.n.max(1);
+        let (mut a, row_scales) = quantize_rows(&x[first * w.k..(first + rows) * w.k], rows, w.k);
+        // Whole register blocks: rows of zeros (`q + 128` = 0x80) after the last.
+        a.resize(rows.div_ceil(ROWS) * ROWS * w.quads, 0x8080_8080);
+        #[cfg(target_arch = "x86_64")]
+        if avx512_vnni() {
+            // SAFETY: the CPU has the instructions (checked just now).
+            unsafe { avx512::sums(&a, rows, w, &row_scales, bias, out) };
+            return;
+        }
+        sums_portable(&a, rows, w, &row_scales, bias, out);
+    });
+    out
+}
+
+/// Whether [`linear`] runs on `vpdpbusd` here.
+pub fn avx512_vnni() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::arch::is_x86_feature_detected!("avx512f")
+            && std::arch::is_x86_feature_detected!("avx512vnni")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// What one output is from its integer sum.
+fn scaled(sum: i32, offset: i32, row_scale: f32, column_scale: f32, bias: f32) -> f32 {
+    (sum - offset) as f32 * (row_scale * column_scale) + bias
+}
+
+/// The integer sums one by one, as `vpdpbusd` forms them (exact, so in any order).
+fn sums_portable(
+    a: &[u32],
+    m: usize,
+    w: &QuantizedI8,
+    row_scales: &[f32],
+    bias: &[f32],
+    out: &mut [f32],
+) {
+    for r in 0..m {
+        for j in 0..w.n {
+            let mut sum = 0i32;
+            for g in 0..w.quads {
+                let word = a[r * w.quads + g];
+                let at = QuantizedI8::at(w.quads, j / LANES, g, j % LANES);
+                for i in 0..4 {
+                    let unsigned = (word >> (8 * i)) as u8 as i32;
+                    sum += unsigned * w.data[at + i] as i32;
+                }
+            }
+            out[r * w.n + j] = scaled(sum, w.offsets[j], row_scales[r], w.scales[j], bias[j]);
+        }
+    }
+}
+
+/// The `vpdpbusd` path: 8 rows x 32 columns of i32 sums per register block over every group
+/// of four, in chunks of 8 panels whose weights stay in L2, as the bf16 kernel's; the sums are
+/// scaled back 16 at a time.
+#[cfg(target_arch = "x86_64")]
+mod avx512 {
+    use super::{level, scale_of, QuantizedI8, LANES, ROWS};
+    use std::arch::x86_64::*;
+
+    const CHUNK_PANELS: usize = 8;
+
+    /// One row quantised into `bytes` (`q + 128`, four to a word), 16 values an instruction;
+    /// returns its scale. The same levels as the portable loop: `vcvtps2dq` rounds ties to
+    /// even, and no level passes 127 in magnitude, so the saturating narrowing never clips.
+    ///
+    /// # Safety
+    /// The CPU must have AVX-512F.
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn quantize_row(row: &[f32], bytes: &mut [u32]) -> f32 {
+        let whole = row.len() / 16;
+        let mut max = _mm512_setzero_ps();
+        for c in 0..whole {
+            max = _mm512_max_ps(
+                max,
+                _mm512_abs_ps(_mm512_loadu_ps(row.as_ptr().add(16 * c))),
+            );
+        }
+        let tail = row[16 * whole..].iter().fold(0f32, |m, v| m.max(v.abs()));
+        let (scale, inverse) = scale_of(_mm512_reduce_max_ps(max).max(tail));
+        let (factor, flip) = (_mm512_set1_ps(inverse), _mm_set1_epi8(0x80u8 as i8));
+        for c in 0..whole {
+            let levels = _mm512_cvtps_epi32(_mm512_mul_ps(
+                _mm512_loadu_ps(row.as_ptr().add(16 * c)),
+                factor,
+            ));
+            let packed = _mm_xor_si128(_mm512_cvtsepi32_epi8(levels), flip);
+            // SAFETY: values 16c..16c + 16 are words 4c..4c + 4 of `bytes`.
+            _mm_storeu_si128(bytes.as_mut_ptr().add(4 * c) as *mut __m128i, packed);
+        }
+        for i in 16 * whole..row.len() {
+            let byte = (level(row[i], inverse) as u8 ^ 0x80) as u32;
+            let word = &mut bytes[i / 4];
+            *word = (*word & !(0xff << (8 * (i % 4)))) | byte << (8 * (i % 4));
+        }
+        scale
+    }
+
+    /// `a` holds whole blocks of `ROWS` rows (the last padded).
+    ///
+    /// # Safety
+    /// The CPU must have AVX-512F and AVX-512 VNNI.
+    #[target_feature(enable = "avx512f,avx512vnni")]
+    pub(super) unsafe fn sums(
+        a: &[u32],
+        m: usize,
+        w: &QuantizedI8,
+        row_scales: &[f32],
+        bias: &[f32],
+        out: &mut [f32],
+    ) {
+        let panels = w.n_padded / LANES;
+        for chunk in (0..panels).step_by(CHUNK_PANELS) {
+            let chunk_end = (chunk + CHUNK_PANELS).min(panels);
+            for first in (0..m).step_by(ROWS) {
+                let block = &a[first * w.quads..(first + ROWS) * w.quads];
+                let rows = first..m.min(first + ROWS);
+                let mut panel = chunk;
+                while panel + 2 <= chunk_end {
+                    tile::<2>(block, rows.clone(), panel, w, row_scales, bias, out);
+                    panel += 2;
+                }
+                if panel < chunk_end {
+                    tile::<1>(block, rows, panel, w, row_scales, bias, out);
+                }
+            }
+        }
+    }
+
+    /// `P` panels from `panel` on, for the `ROWS` rows whose groups are `a` (`[ROWS][quads]`;
+    /// rows `rows` of `out` are the real ones among them).
+    #[target_feature(enable = "avx512f,avx512vnni")]
+    unsafe fn tile<const P: usize>(
+        a: &[u32],
+        rows: std::ops::Range<usize>,
+        panel: usize,
+        w: &QuantizedI8,
+        row_scales: &[f32],
+        bias: &[f32],
+        out: &mut [f32],
+    ) {
+        let mut acc = [[_mm512_setzero_si512(); P]; ROWS];
+        let starts: [usize; P] = std::array::from_fn(|i| QuantizedI8::at(w.quads, panel + i, 0, 0));
+        let (weights, a) = (w.data.as_ptr(), a.as_ptr());
+        for g in 0..w.quads {
+            // SAFETY: group `g` of each panel is 64 bytes inside `data`, and `a` holds
+            // `ROWS * quads` words.
+            let b: [__m512i; P] = std::array::from_fn(|i| {
+                _mm512_loadu_si512(weights.add(starts[i] + g * LANES * 4) as *const __m512i)
+            });
+            for (r, acc) in acc.iter_mut().enumerate() {
+                let x = _mm512_set1_epi32(*a.add(r * w.quads + g) as i32);
+                for (acc, b) in acc.iter_mut().zip(&b) {
+                    *acc = _mm512_dpbusd_epi32(*acc, x, *b);
+                }
+            }
+        }
+        for (i, panel) in (panel..panel + P).enumerate() {
+            let column = panel * LANES;
+            let count = LANES.min(w.n.saturating_sub(column));
+            let mask: __mmask16 = if count == LANES { !0 } else { (1 << count) - 1 };
+            let offsets = _mm512_maskz_loadu_epi32(mask, w.offsets.as_ptr().add(column));
+            let scales = _mm512_maskz_loadu_ps(mask, w.scales.as_ptr().add(column));
+            let bias = _mm512_maskz_loadu_ps(mask, bias.as_ptr().add(column));
+            for (row, acc) in rows.clone().zip(&acc) {
+                // (sum - offset) * (row scale * column scale) + bias, as `scaled`.
+                let sums = _mm512_cvtepi32_ps(_mm512_sub_epi32(acc[i], offsets));
+                let scale = _mm512_mul_ps(_mm512_set1_ps(row_scales[row]), scales);
+                let value = _mm512_add_ps(_mm512_mul_ps(sums, scale), bias);
+                _mm512_mask_storeu_ps(out.as_mut_ptr().add(row * w.n + column), mask, value);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::rng::SeededRng;
+
+    fn random(rng: &mut SeededRng, len: usize) -> Vec<f32> {
+        (0..len).map(|_| rng.normal_f64() as f32).collect()
+    }
+
+    /// Both paths give the same values to the bit (exact integer sums), and they are the f64
+    /// product of the dequantised factors within f32 rounding, and the f32 product within
+    /// int8's quantisation error.
+    #[test]
+    fn products_are_the_dequantised_factors_on_every_path() {
+        let mut rng = SeededRng::new(12);
+        for (m, n, k) in [
+            (1, 1, 1),
+            (3, 17, 7),
+            (9, 40, 64),
+            (13, 150, 33),
+            (20, 272, 384),
+        ] {
+            let (mut x, w, bias) = (
+                random(&mut rng, m * k),
+                random(&mut rng, n * k),
+                random(&mut rng, n),
+            );
+            // A row of zeros (scale 0) among the others.
+            x[..k].iter_mut().for_each(|v| *v = 0.0);
+            let packed = QuantizedI8::pack(&w, n, k);
+            // The dequantised factors, and the exact products of the two sets.
+            let dequantise = |v: &[f32], rows: usize| -> Vec<f64> {
+                let mut q = vec![0i8; k];
+                let mut out = Vec::with_capacity(v.len());
+                for r in 0..rows {
+                    let scale = quantize(&v[r * k..(r + 1) * k], &mut q);
+                    out.extend(q.iter().map(|&q| q as f64 * scale as f64));
+                }
+                out
+            };
+            let (xd, wd) = (dequantise(&x, m), dequantise(&w, n));
+            let product =
+                |a: &dyn Fn(usize) -> f64, b: &dyn Fn(usize) -> f64, r: usize, j: usize| {
+                    (0..k).map(|i| a(r * k + i) * b(j * k + i)).sum::<f64>() + bias[j] as f64
+                };
+            let (a, row_scales) = quantize_rows_on(&x, m, k, false);
+            let fast = quantize_rows_on(&x, m, k, avx512_vnni());
+            assert_eq!(
+                (&a, &row_scales),
+                (&fast.0, &fast.1),
+                "quantised rows differ"
+            );
+            let mut portable = vec![0f32; m * n];
+            sums_portable(&a, m, &packed, &row_scales, &bias, &mut portable);
+            let fast = linear(&x, m, &packed, &bias);
+            let path = if avx512_vnni() {
+                "avx512_vnni"
+            } else {
+                "portable"
+            };
+            assert_eq!(
+                portable, fast,
+                "{path} differs from the portable sums at {m}x{n}x{k}"
+            );
+            let magnitude = (k as f64).sqrt();
+            for r in 0..m {
+                for j in 0..n {
+                    let got = fast[r * n + j] as f64;
+                    let exact = product(&|i| xd[i], &|i| wd[i], r, j);
+                    assert!(
+                        (got - exact).abs() < 1e-5 * magnitude,
+                        "{m}x{n}x{k} ({r}, {j}): {got} vs {exact}"
+                    );
+                    let f32_product = product(&|i| x[i] as f64, &|i| w[i] as f64, r, j);
+                    assert!(
+                        (got - f32_product).abs() < 0.05 * magnitude,
+                        "quantisation error at ({r}, {j})"
+                    );
+                }
+            }
+        }
+    }
+}
