@@ -319,14 +319,13 @@ fn encode_takes_a_dtype() {
         let values = line["embedding"].as_array().unwrap().iter();
         values.map(|v| v.as_f64().unwrap()).collect::<Vec<_>>()
     };
-    let (f32, bf16) = (embed("f32"), embed("bf16"));
-    let off = f32
-        .iter()
-        .zip(&bf16)
-        .map(|(a, b)| (a - b).abs())
-        .fold(0.0, f64::max);
-    // bf16 products: near f32's, not equal (tests/precision.rs checks them exactly).
-    assert!(off > 0.0 && off < 0.05, "bf16 is {off} off f32");
+    let f32 = embed("f32");
+    for dtype in ["bf16", "int8"] {
+        let other = embed(dtype);
+        let off = (f32.iter().zip(&other)).fold(0.0, |m: f64, (a, b)| m.max((a - b).abs()));
+        // Near f32's, not equal (tests/precision.rs checks them exactly).
+        assert!(off > 0.0 && off < 0.1, "{dtype} is {off} off f32");
+    }
     // A usage error, as clap reports them (exit code 2).
     let out = adapterkit(&["encode", "--model", s(&tiny), "--dtype", "f16", "x"], b"");
     let stderr = String::from_utf8_lossy(&out.stderr);
@@ -335,7 +334,7 @@ fn encode_takes_a_dtype() {
         "{stderr}"
     );
     assert!(
-        stderr.contains("unknown dtype 'f16' (f32 or bf16)"),
+        stderr.contains("unknown dtype 'f16' (f32, bf16 or int8)"),
         "{stderr}"
     );
 }

@@ -118,7 +118,8 @@ fn a_run_killed_and_resumed_ends_as_the_uninterrupted_run() {
     assert_eq!(epochs.lines().count(), 8);
 }
 
-/// A bf16 run's checkpoint resumes in bf16 only: its products differ from f32's.
+/// A bf16 run's checkpoint resumes in bf16 only: its products differ from f32's. int8 does
+/// not train.
 #[test]
 fn a_checkpoint_resumes_only_with_the_dtype_it_was_made_with() {
     let dir = tempfile::tempdir().unwrap();
@@ -170,5 +171,12 @@ fn a_checkpoint_resumes_only_with_the_dtype_it_was_made_with() {
         same.status.success(),
         "{}",
         String::from_utf8_lossy(&same.stderr)
+    );
+    // int8 is for inference.
+    let int8 = run("int8", false);
+    let stderr = String::from_utf8_lossy(&int8.stderr);
+    assert!(
+        !int8.status.success() && stderr.contains("int8 is for inference"),
+        "{stderr}"
     );
 }

@@ -2,7 +2,9 @@
 //! node by node with both factors of every Linear rounded to bf16 (whose products f32 holds
 //! exactly, so only the order of the sums differs), on every path: all positions or the first,
 //! with and without dropout, after its weights are replaced, and in a frozen copy; and so do
-//! the gradients they pass back (the output's gradient rounded to bf16 as well).
+//! the gradients they pass back (the output's gradient rounded to bf16 as well). int8 likewise
+//! against every Linear as `dq(q(x)) dq(q(W))^T + b`, each row of `x` and of `W` quantised
+//! with its own scale.
 
 mod common;
 
@@ -199,5 +201,61 @@ fn bf16_gradients_are_the_rounded_factors_summed_in_f32() {
                 "{positions:?}, train {train}: bf16 never ran"
             );
         }
+    }
+}
+
+/// Every Linear with each row of its input and of its weight quantised to int8 levels of
+/// `max |row| / 127` (ties to even) and back, node by node.
+struct QuantizedToInt8;
+
+fn quantized(t: &Tensor) -> Result<Tensor> {
+    let k = t.dim(candle_core::D::Minus1)?;
+    let values = t.flatten_all()?.to_vec1::<f32>()?;
+    let mut out = Vec::with_capacity(values.len());
+    for row in values.chunks(k) {
+        let max = row.iter().fold(0f32, |m, v| m.max(v.abs()));
+        let (scale, inverse) = if max == 0.0 {
+            (0.0, 0.0)
+        } else {
+            (max / 127.0, 127.0 / max)
+        };
+        out.extend(
+            row.iter()
+                .map(|v| (v * inverse).round_ties_even().clamp(-127.0, 127.0) * scale),
+        );
+    }
+    Tensor::from_vec(out, t.shape(), t.device())
+}
+
+impl LayerHooks for QuantizedToInt8 {
+    fn linear(&self, _layer: usize, _site: LinearSite, base: &Linear) -> Option<LinearChange<'_>> {
+        let (weight, bias) = (base.weight().clone(), base.bias().cloned());
+        Some(LinearChange::Apply(Box::new(
+            move |x: &Tensor, _out: Tensor, _mode: &mut Mode| {
+                let quantized_weights = Linear::new(quantized(&weight)?, bias.clone());
+                adapterkit::model::ops::linear(&quantized_weights, &quantized(x)?)
+            },
+        )))
+    }
+}
+
+#[test]
+fn int8_products_are_the_dequantised_factors() {
+    let encoder = tiny_encoder();
+    let mut in_int8 = encoder.clone();
+    in_int8.set_precision(Precision::Int8).unwrap();
+    for positions in [Positions::All, Positions::First] {
+        let fast = run(&in_int8, &NoHooks, positions, false);
+        let reference = run(&encoder, &QuantizedToInt8, positions, false);
+        let diff = max_abs_diff(&fast, &reference);
+        assert!(
+            diff < 1e-5,
+            "{positions:?}: {diff} off the dequantised reference"
+        );
+        let off_f32 = max_abs_diff(&fast, &run(&encoder, &NoHooks, positions, false));
+        assert!(
+            off_f32 > 1e-4 && off_f32 < 0.5,
+            "{positions:?}: int8 is {off_f32} off f32"
+        );
     }
 }

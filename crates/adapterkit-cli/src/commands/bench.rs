@@ -94,6 +94,13 @@ pub fn run(args: Args) -> Result<()> {
     let (peak, path) = match args.dtype.dtype {
         Precision::F32 => (f32_peak, "f32 gemm"),
         Precision::Bf16 => bf16_matmul_rate(1024, 10),
+        Precision::Int8 => {
+            let training = ["adapter", "full", "lora", "ia3", "adapter-drop"];
+            if let Some(what) = args.what.iter().find(|w| training.contains(&w.as_str())) {
+                anyhow::bail!("--dtype int8 is for inference; '{what}' trains");
+            }
+            int8_matmul_rate(1024, 10)
+        }
     };
 
     let row = |what: &str, seconds: f64, step_flops: f64| {

@@ -84,9 +84,10 @@ impl MaxSeqLen {
 /// `--dtype`: the precision of the encoder's frozen matrix products.
 #[derive(clap::Args, Debug, Clone, Default)]
 pub struct DtypeArg {
-    /// f32, or bf16: the frozen encoder's matrix products in bf16 with f32 sums (adapters,
-    /// heads, attention scores, softmax and LayerNorm stay in f32).
-    #[arg(long, default_value = "f32", value_name = "f32|bf16")]
+    /// f32; bf16: the frozen encoder's matrix products in bf16 with f32 sums; int8 (inference
+    /// only): in int8, each input row and weight column quantised with its own scale. Adapters,
+    /// heads, attention scores, softmax and LayerNorm stay in f32.
+    #[arg(long, default_value = "f32", value_name = "f32|bf16|int8")]
     pub dtype: Precision,
 }
 

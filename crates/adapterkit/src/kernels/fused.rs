@@ -10,6 +10,7 @@ use std::sync::{Arc, OnceLock};
 use candle_core::{CpuStorage, CustomOp1, CustomOp3, Layout, Result, Shape, Tensor, TensorId};
 
 use crate::kernels::bf16::{self, Onto, PackedBf16};
+use crate::kernels::int8::{self, QuantizedI8};
 use crate::kernels::matmul::{matmul_into, matmul_onto_bias, View};
 use crate::kernels::parallel::{par_rows, par_vec, par_zeros, threads, ROW};
 use crate::kernels::simd::{dot, erf, exp, softmax_in_place, with_wide_simd};
@@ -202,31 +203,53 @@ pub struct FrozenLinear {
     pub weight: Tensor,
     /// `[out]`
     pub bias: Tensor,
-    /// The weight in bf16, when the model runs in bf16 (`model::precision`): both products
-    /// (forward and backward) then take it.
-    pub bf16: Option<Bf16Weight>,
+    /// The weight in bf16 or int8, when the model runs so (`model::precision`): the forward
+    /// product takes it, and in bf16 the backward one too.
+    pub packed: Option<PackedWeight>,
 }
 
-/// A Linear's weight `W` (`[out, in]`) in bf16, packed for the forward product (`x W^T`) and,
-/// on first use, transposed for the backward one (`g W`); and which weight tensor it was made
-/// from: a copy is used only while the Linear still holds that tensor, so weights replaced
-/// later are never read stale.
+/// A Linear's weight `W` (`[out, in]`) in a lower precision, and which weight tensor it was
+/// made from: a copy is used only while the Linear still holds that tensor, so weights
+/// replaced later are never read stale.
 #[derive(Debug, Clone)]
-pub struct Bf16Weight {
+pub struct PackedWeight {
     of: TensorId,
-    forward: Arc<PackedBf16>,
-    backward: Arc<OnceLock<PackedBf16>>,
+    form: Packed,
 }
 
-impl Bf16Weight {
-    /// Packs `weight` (f32 on CPU).
-    pub fn pack(weight: &Tensor) -> Result<Self> {
+#[derive(Debug, Clone)]
+enum Packed {
+    /// Packed for the forward product (`x W^T`) and, on first use, transposed for the
+    /// backward one (`g W`).
+    Bf16 {
+        forward: Arc<PackedBf16>,
+        backward: Arc<OnceLock<PackedBf16>>,
+    },
+    /// Quantised per output column, for inference (the backward product keeps f32).
+    Int8(Arc<QuantizedI8>),
+}
+
+impl PackedWeight {
+    /// `weight` (f32 on CPU) packed in bf16.
+    pub fn bf16(weight: &Tensor) -> Result<Self> {
         let (n, k) = weight.dims2()?;
         let forward = with_values(weight, |w| Ok(PackedBf16::pack(w, n, k)))?;
         Ok(Self {
             of: weight.id(),
-            forward: Arc::new(forward),
-            backward: Arc::new(OnceLock::new()),
+            form: Packed::Bf16 {
+                forward: Arc::new(forward),
+                backward: Arc::new(OnceLock::new()),
+            },
+        })
+    }
+
+    /// `weight` (f32 on CPU) quantised to int8.
+    pub fn int8(weight: &Tensor) -> Result<Self> {
+        let (n, k) = weight.dims2()?;
+        let packed = with_values(weight, |w| Ok(QuantizedI8::pack(w, n, k)))?;
+        Ok(Self {
+            of: weight.id(),
+            form: Packed::Int8(Arc::new(packed)),
         })
     }
 
@@ -235,14 +258,12 @@ impl Bf16Weight {
         self.of == weight.id()
     }
 
-    /// `W^T` packed (`weight` is `W`, the tensor this was made from).
-    fn transposed(&self, weight: &Tensor) -> Result<&PackedBf16> {
-        if let Some(packed) = self.backward.get() {
-            return Ok(packed);
+    /// `weight` packed the way this is.
+    fn same_form(&self, weight: &Tensor) -> Result<Self> {
+        match self.form {
+            Packed::Bf16 { .. } => Self::bf16(weight),
+            Packed::Int8(_) => Self::int8(weight),
         }
-        let (n, k) = weight.dims2()?;
-        let packed = with_values(&weight.t()?, |wt| Ok(PackedBf16::pack(wt, k, n)))?;
-        Ok(self.backward.get_or_init(|| packed))
     }
 }
 
@@ -254,17 +275,17 @@ impl FrozenLinear {
         (!weight.track_op() && !bias.track_op()).then(|| Self {
             weight: weight.clone(),
             bias: bias.clone(),
-            bf16: None,
+            packed: None,
         })
     }
 
-    /// This Linear with its product in bf16 when `copy` is given: `copy` itself when it was
-    /// made from this weight, else a copy packed now (weights the hooks changed).
-    pub fn in_bf16(mut self, copy: Option<&Bf16Weight>) -> Result<Self> {
-        self.bf16 = match copy {
+    /// This Linear with its products on `copy` when given: `copy` itself when it was made
+    /// from this weight, else this weight packed the same way now (weights the hooks changed).
+    pub fn packed_as(mut self, copy: Option<&PackedWeight>) -> Result<Self> {
+        self.packed = match copy {
             None => None,
             Some(copy) if copy.is_of(&self.weight) => Some(copy.clone()),
-            Some(_) => Some(Bf16Weight::pack(&self.weight)?),
+            Some(copy) => Some(copy.same_form(&self.weight)?),
         };
         Ok(self)
     }
@@ -285,8 +306,14 @@ impl FrozenLinear {
     /// `x W^T + b` for the `rows` rows of `x`.
     pub fn forward(&self, x: &[f32], rows: usize) -> Result<Vec<f32>> {
         let dims = self.dims()?;
-        if let Some(bf16) = &self.bf16 {
-            return with_values(&self.bias, |b| Ok(bf16::linear(x, rows, &bf16.forward, b)));
+        match self.packed.as_ref().map(|p| &p.form) {
+            Some(Packed::Bf16 { forward, .. }) => {
+                return with_values(&self.bias, |b| Ok(bf16::linear(x, rows, forward, b)));
+            }
+            Some(Packed::Int8(quantized)) => {
+                return with_values(&self.bias, |b| Ok(int8::linear(x, rows, quantized, b)));
+            }
+            None => {}
         }
         with_all_values(&[&self.weight, &self.bias], |v| {
             Ok(linear_forward(x, rows, v[0], v[1], dims))
@@ -302,9 +329,17 @@ impl FrozenLinear {
         accumulate: bool,
     ) -> Result<()> {
         let dims = self.dims()?;
-        if let Some(bf16) = &self.bf16 {
+        if let Some(Packed::Bf16 { backward, .. }) = self.packed.as_ref().map(|p| &p.form) {
+            let transposed = match backward.get() {
+                Some(packed) => packed,
+                None => {
+                    let (n, k) = dims;
+                    let wt = with_values(&self.weight.t()?, |wt| Ok(PackedBf16::pack(wt, k, n)))?;
+                    backward.get_or_init(|| wt)
+                }
+            };
             let onto = if accumulate { Onto::Out } else { Onto::Zeros };
-            bf16::matmul(g, rows, bf16.transposed(&self.weight)?, onto, dx);
+            bf16::matmul(g, rows, transposed, onto, dx);
             return Ok(());
         }
         with_values(&self.weight, |w| {
@@ -449,7 +484,7 @@ pub(crate) mod testing {
         FrozenLinear {
             weight,
             bias,
-            bf16: None,
+            packed: None,
         }
     }
 

@@ -6,7 +6,7 @@ use candle_nn::{Linear, VarBuilder};
 
 use crate::kernels::attention::AttentionOp;
 use crate::kernels::attention_block::{AttentionBlockOp, PrefixValues};
-use crate::kernels::fused::Bf16Weight;
+use crate::kernels::fused::PackedWeight;
 use crate::model::architecture::Architecture;
 use crate::model::config::BertConfig;
 use crate::model::dropout::Mode;
@@ -14,7 +14,7 @@ use crate::model::hooks::{KeyValuePrefix, LayerHooks, LinearSite, Position};
 use crate::model::layer::Positions;
 use crate::model::layer_norm::LayerNorm;
 use crate::model::ops;
-use crate::model::precision::{bf16_weights, Precision};
+use crate::model::precision::{packed_weights, Precision};
 
 /// `attention.self`: query, key and value projections and scaled dot-product attention.
 #[derive(Debug, Clone)]
@@ -113,8 +113,8 @@ impl BertSelfOutput {
 pub struct BertAttention {
     pub self_attention: BertSelfAttention,
     pub output: BertSelfOutput,
-    /// Query, key, value and output weights in bf16 (`Precision::Bf16`).
-    bf16: Option<[Bf16Weight; 4]>,
+    /// Query, key, value and output weights in bf16 or int8 (`model::precision`).
+    packed: Option<[PackedWeight; 4]>,
 }
 
 impl BertAttention {
@@ -122,14 +122,14 @@ impl BertAttention {
         Ok(Self {
             self_attention: BertSelfAttention::load(vb.pp("self"), config)?,
             output: BertSelfOutput::load(vb.pp("output"), config)?,
-            bf16: None,
+            packed: None,
         })
     }
 
     /// The precision of the frozen block's products (see `model::precision`).
     pub fn set_precision(&mut self, precision: Precision) -> Result<()> {
         let s = &self.self_attention;
-        self.bf16 = bf16_weights(precision, [&s.query, &s.key, &s.value, &self.output.dense])?;
+        self.packed = packed_weights(precision, [&s.query, &s.key, &s.value, &self.output.dense])?;
         Ok(())
     }
 
@@ -207,7 +207,7 @@ impl BertAttention {
         {
             return Ok(None);
         }
-        let Some([q, k, v, o]) = ops::frozen_linears(hooks, layer, linears, self.bf16.as_ref())?
+        let Some([q, k, v, o]) = ops::frozen_linears(hooks, layer, linears, self.packed.as_ref())?
         else {
             return Ok(None);
         };

@@ -4,14 +4,14 @@ use candle_core::{Result, Tensor};
 use candle_nn::{Linear, VarBuilder};
 
 use crate::kernels::feed_forward::FeedForwardOp;
-use crate::kernels::fused::Bf16Weight;
+use crate::kernels::fused::PackedWeight;
 use crate::model::attention::BertAttention;
 use crate::model::config::BertConfig;
 use crate::model::dropout::Mode;
 use crate::model::hooks::{LayerHooks, LinearSite, Position};
 use crate::model::layer_norm::LayerNorm;
 use crate::model::ops::{self, Activation};
-use crate::model::precision::{bf16_weights, Precision};
+use crate::model::precision::{packed_weights, Precision};
 
 /// The positions a layer computes its output at. A classification head reads the first
 /// token's state alone (`[CLS]`), so the last layer need not compute the others: with `First`
@@ -45,8 +45,8 @@ pub struct BertLayer {
     pub attention: BertAttention,
     pub intermediate: BertIntermediate,
     pub output: BertOutput,
-    /// The feed-forward block's weights in bf16 (`Precision::Bf16`).
-    bf16: Option<[Bf16Weight; 2]>,
+    /// The feed-forward block's weights in bf16 or int8 (`model::precision`).
+    packed: Option<[PackedWeight; 2]>,
 }
 
 impl BertLayer {
@@ -68,7 +68,7 @@ impl BertLayer {
                 )?,
                 dropout: config.hidden_dropout_prob,
             },
-            bf16: None,
+            packed: None,
         })
     }
 
@@ -76,7 +76,7 @@ impl BertLayer {
     pub fn set_precision(&mut self, precision: Precision) -> Result<()> {
         self.attention.set_precision(precision)?;
         let linears = [&self.intermediate.dense, &self.output.dense];
-        self.bf16 = bf16_weights(precision, linears)?;
+        self.packed = packed_weights(precision, linears)?;
         Ok(())
     }
 
@@ -134,8 +134,9 @@ impl BertLayer {
             (LinearSite::Intermediate, &self.intermediate.dense),
             (LinearSite::Output, &self.output.dense),
         ];
-        let bf16 = self.bf16.as_ref();
-        let Some([expand, project]) = ops::frozen_linears(hooks, self.index, linears, bf16)? else {
+        let packed = self.packed.as_ref();
+        let Some([expand, project]) = ops::frozen_linears(hooks, self.index, linears, packed)?
+        else {
             return Ok(None);
         };
         let dropout = mode.dropout_mask(x.elem_count(), self.output.dropout);

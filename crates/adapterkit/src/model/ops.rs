@@ -5,8 +5,8 @@ use candle_core::{DType, Result, Tensor, D};
 use serde::{Deserialize, Serialize};
 
 use crate::kernels::attention::AttentionOp;
-use crate::kernels::fused::Bf16Weight;
 use crate::kernels::fused::FrozenLinear;
+use crate::kernels::fused::PackedWeight;
 use crate::model::hooks::{LayerHooks, LinearChange, LinearSite};
 use crate::model::Mode;
 
@@ -179,13 +179,13 @@ pub fn hooked_linear(
 }
 
 /// A block's Linears as the fused ops take them (frozen, with the hooks' weights where they
-/// give some, with their products in bf16 when the block has `bf16` copies), or `None` when
+/// give some, with their products on the block's `packed` copies when it has some), or `None` when
 /// one is trainable or the hooks change one otherwise.
 pub fn frozen_linears<const N: usize>(
     hooks: &dyn LayerHooks,
     layer: usize,
     linears: [(LinearSite, &candle_nn::Linear); N],
-    bf16: Option<&[Bf16Weight; N]>,
+    packed: Option<&[PackedWeight; N]>,
 ) -> Result<Option<[FrozenLinear; N]>> {
     let mut frozen = Vec::with_capacity(N);
     for (i, (site, base)) in linears.into_iter().enumerate() {
@@ -197,7 +197,7 @@ pub fn frozen_linears<const N: usize>(
         let Some(linear) = linear else {
             return Ok(None);
         };
-        frozen.push(linear.in_bf16(bf16.map(|copies| &copies[i]))?);
+        frozen.push(linear.packed_as(packed.map(|copies| &copies[i]))?);
     }
     Ok(frozen.try_into().ok())
 }

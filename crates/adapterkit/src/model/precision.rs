@@ -1,8 +1,13 @@
-//! The precision of the encoder's frozen matrix products (`--dtype`): f32, or bf16 with f32
-//! sums. In bf16 each frozen Linear of the fused attention and feed-forward blocks keeps a
-//! bf16 copy of its weight, packed once for `kernels::bf16`, and multiplies its input rounded
-//! to bf16 (in training also the gradient it passes back, with a transposed copy made on first
-//! use); everything else (attention scores, softmax, LayerNorm, GELU, adapters, heads, and any
+//! The precision of the encoder's frozen matrix products (`--dtype`): f32; bf16 with f32 sums;
+//! or int8 for inference. In bf16 or int8 each frozen Linear of the fused attention and
+//! feed-forward blocks keeps a copy of its weight packed once (`kernels::fused::PackedWeight`)
+//! and multiplies its input converted on the fly:
+//! - bf16 (`kernels::bf16`): the input rounded to bf16; in training also the gradient it
+//!   passes back, with a transposed copy made on first use.
+//! - int8 (`kernels::int8`): each row of the input quantised with its own scale, the weight
+//!   per output column, exact integer sums scaled back; for inference (training refuses it).
+//!
+//! Everything else (attention scores, softmax, LayerNorm, GELU, adapters, heads, and any
 //! weight that trains, with its optimizer state) stays in f32.
 
 use std::fmt;
@@ -11,13 +16,14 @@ use std::str::FromStr;
 use candle_core::Result;
 use candle_nn::Linear;
 
-use crate::kernels::fused::Bf16Weight;
+use crate::kernels::fused::PackedWeight;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Precision {
     #[default]
     F32,
     Bf16,
+    Int8,
 }
 
 impl FromStr for Precision {
@@ -27,7 +33,8 @@ impl FromStr for Precision {
         match s {
             "f32" => Ok(Self::F32),
             "bf16" => Ok(Self::Bf16),
-            other => Err(format!("unknown dtype '{other}' (f32 or bf16)")),
+            "int8" => Ok(Self::Int8),
+            other => Err(format!("unknown dtype '{other}' (f32, bf16 or int8)")),
         }
     }
 }
@@ -37,21 +44,24 @@ impl fmt::Display for Precision {
         f.write_str(match self {
             Self::F32 => "f32",
             Self::Bf16 => "bf16",
+            Self::Int8 => "int8",
         })
     }
 }
 
-/// bf16 copies of a block's Linears in `precision` (none in f32), in the order given.
-pub fn bf16_weights<const N: usize>(
+/// A block's Linears' weights packed for `precision` (none in f32), in the order given.
+pub fn packed_weights<const N: usize>(
     precision: Precision,
     linears: [&Linear; N],
-) -> Result<Option<[Bf16Weight; N]>> {
-    if precision == Precision::F32 {
-        return Ok(None);
-    }
+) -> Result<Option<[PackedWeight; N]>> {
+    let pack = match precision {
+        Precision::F32 => return Ok(None),
+        Precision::Bf16 => PackedWeight::bf16,
+        Precision::Int8 => PackedWeight::int8,
+    };
     let packed = linears
         .iter()
-        .map(|l| Bf16Weight::pack(l.weight()))
+        .map(|l| pack(l.weight()))
         .collect::<Result<Vec<_>>>()?;
     Ok(packed.try_into().ok())
 }

@@ -153,6 +153,11 @@ pub fn train(
     if config.save_steps == Some(0) {
         return Err(Error::input("save_steps must be at least 1 step"));
     }
+    if model.encoder.precision() == crate::model::Precision::Int8 {
+        return Err(Error::input(
+            "int8 is for inference (eval, predict, encode, serve): train in f32 or bf16",
+        ));
+    }
     let lower_is_better = metric == "mse";
 
     let params = model.trainable();
