@@ -1,11 +1,13 @@
-"""Runs `adapterkit bench` and `benches/pytorch_baseline.py` alternately (A, B, A, B, ...),
+"""Runs `adapterkit bench` and `benches/pytorch_baseline.py` (or `--baseline`) alternately (A, B, A, B, ...),
 one process per measurement (so peak RSS is that measurement's), and prints both sides and the
 ratios as a Markdown table.
 
     python3 benches/side_by_side.py --python V/bin/python [--shape minilm] [--rounds 2] [--steps 3]
         [--dtype bf16]
 
-`--dtype bf16` runs ours with `--dtype bf16` and PyTorch under bf16 autocast.
+`--dtype bf16` runs ours with `--dtype bf16` and PyTorch under bf16 autocast; `--baseline
+benches/onnx_baseline.py --what inference-all-positions --dtype int8` runs ours in int8 beside
+ONNX Runtime's dynamic int8 quantisation.
 
 By default it measures inference (ours as `predict` runs it: the last layer at the first token
 alone), inference-all-positions (every position, the work PyTorch does), adapter and full.
@@ -40,7 +42,10 @@ def main():
     parser.add_argument("--steps", default="3")
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--what", default="inference,inference-all-positions,adapter,full")
-    parser.add_argument("--dtype", default="f32", choices=["f32", "bf16"])
+    parser.add_argument("--dtype", default="f32", choices=["f32", "bf16", "int8"])
+    # The other side: PyTorch (benches/pytorch_baseline.py), or ONNX Runtime
+    # (benches/onnx_baseline.py, inference only, f32 or int8).
+    parser.add_argument("--baseline", default=str(ROOT / "benches/pytorch_baseline.py"))
     # Train the encoder's LayerNorms too, on both sides, in the training measurements.
     parser.add_argument("--train-layer-norms", action="store_true")
     args = parser.parse_args()
@@ -50,13 +55,16 @@ def main():
         common.append("--train-layer-norms")
     sides = {
         "adapterkit": lambda what: [args.binary, "bench", *common, "--what", what, "--json"],
-        "pytorch": lambda what: [args.python, str(ROOT / "benches/pytorch_baseline.py"), *common, "--what", what],
+        "baseline": lambda what: [args.python, args.baseline, *common, "--what", what],
     }
     results = {(side, what): [] for side in sides for what in args.what.split(",")}
+    engines = {}
     for round_ in range(args.rounds):
         for what in args.what.split(","):
             for side, command in sides.items():
-                row = run(command(what))["results"][0]
+                report = run(command(what))
+                engines[side] = report.get("engine", "adapterkit")
+                row = report["results"][0]
                 results[(side, what)].append(row)
                 print(f"round {round_ + 1} {side:<10} {what:<9} {row['sequences_per_second']:7.2f} seq/s "
                       f"{row['peak_rss_mib_so_far']:7.0f} MiB", file=sys.stderr)
@@ -64,9 +72,10 @@ def main():
     def median(side, what, key):
         return statistics.median(r[key] for r in results[(side, what)])
 
+    baseline = engines["baseline"]
     print(f"| {args.shape}, seq {args.seq_len}, batch {args.batch_size}, {args.threads} threads, {args.dtype}, "
-          f"median of {args.rounds} rounds | adapterkit seq/s | PyTorch seq/s | ratio | adapterkit peak RSS MiB "
-          f"| PyTorch peak RSS MiB | ratio |")
+          f"median of {args.rounds} rounds | adapterkit seq/s | {baseline} seq/s | ratio | adapterkit peak RSS MiB "
+          f"| {baseline} peak RSS MiB | ratio |")
     print("|---|---|---|---|---|---|---|")
     for what in args.what.split(","):
         ours, theirs = (median(s, what, "sequences_per_second") for s in sides)

@@ -35,7 +35,7 @@ pub struct Args {
     /// unmerged, `stack(a,b)`),
     /// ops (fused against composed LayerNorm and softmax, forward + backward, at this shape),
     /// bf16-matmul (the bf16 kernel's GFLOP/s on a 1024^3 product, against the f32 peak),
-    /// int8-matmul (the same for the int8 kernel, not yet used by the model),
+    /// int8-matmul (the same for the int8 kernel, activations quantised inside the timing),
     /// multitask (--tasks adapters one by one, then in one Parallel pass with the adapters of
     /// the lowest k layers dropped, for every k), adapter-drop (adapter training with no
     /// adapters in the lowest k layers, for every k).

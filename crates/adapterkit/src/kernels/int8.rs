@@ -1,4 +1,4 @@
-//! int8 products of frozen weights, for inference (issue 18; the model does not call it yet):
+//! int8 products of frozen weights, for inference (`--dtype int8`, `model::precision`):
 //! `x W^T + b` with each row of `x` quantised on the fly to int8 with its own scale
 //! (`max |x_r| / 127`) and each output column of `W` once, at packing, with its own
 //! (`max |W_j| / 127`); the integer sums are exact, then scaled back to f32. Where the CPU has

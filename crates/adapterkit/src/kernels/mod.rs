@@ -3,7 +3,7 @@
 //! whole frozen attention and feed-forward blocks (`attention_block`, `feed_forward`), many plain
 //! bottleneck adapters side by side (`grouped_bottleneck`), the strided matrix products they call
 //! (`matmul`), bf16 products of frozen weights (`bf16`, behind `--dtype bf16`), int8 ones
-//! (`int8`, not yet used by the model), the
+//! (`int8`, behind `--dtype int8`), the
 //! vectorised maths (`simd`), dropout masks (`dropout`) and how the work is split over threads
 //! (`parallel`). `model/` builds BERT from them; elsewhere (other devices and dtypes) its ops are
 //! composed from candle's.

@@ -1,17 +1,18 @@
 #!/usr/bin/env bash
-# bf16 against f32 on one task, paired by seed (docs/RESULTS.md, "bf16"): the Houlsby adapter
-# of the family comparison (scripts/peft-compare.sh, which must have run for DATASET and SEEDS:
-# its f32 runs, learning rate and settings are reused) trained again with --dtype bf16, and the
-# f32-trained adapter evaluated with --dtype bf16; test accuracy per seed and the differences.
+# bf16 and int8 against f32 on one task, paired by seed (docs/RESULTS.md, "bf16 and int8
+# against f32"): the Houlsby adapter of the family comparison (scripts/peft-compare.sh, which
+# must have run for DATASET and SEEDS: its f32 runs, learning rate and settings are reused)
+# trained again with --dtype bf16, and the f32-trained adapter evaluated with --dtype bf16 and
+# --dtype int8; test accuracy per seed and the differences.
 #
-#   scripts/bf16-accuracy.sh DATASET "SEEDS"        e.g. scripts/bf16-accuracy.sh trec6 "1 2 3"
+#   scripts/precision-accuracy.sh DATASET "SEEDS"   e.g. scripts/precision-accuracy.sh trec6 "1 2 3"
 #
 # Env: ADAPTERKIT_BIN (a fixed build), MODEL (assets/all-MiniLM-L6-v2), EPOCHS (3, as the
 # comparison), COMPARE (runs/DATASET/compare), OUT (runs/DATASET/bf16). Finished runs are skipped.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-dataset="${1:?usage: scripts/bf16-accuracy.sh DATASET \"SEEDS\"}"
+dataset="${1:?usage: scripts/precision-accuracy.sh DATASET \"SEEDS\"}"
 seeds="${2:-1 2 3}"
 model=${MODEL:-assets/all-MiniLM-L6-v2}
 compare=${COMPARE:-runs/$dataset/compare}
@@ -31,9 +32,11 @@ for seed in $seeds; do
     "$bin" train --model "$model" --data "$dataset" --method houlsby --lr "$lr" --seed "$seed" \
       --epochs "${EPOCHS:-3}" --freeze-layer-norms --dtype bf16 --out "$bf16_run" --quiet "${resume[@]}" >/dev/null
   fi
-  [ -f "$out/f32-adapter-in-bf16-seed$seed.json" ] ||
-    "$bin" eval --model "$model" --adapter "$f32_run" --data "$dataset" --dtype bf16 --json \
-      >"$out/f32-adapter-in-bf16-seed$seed.json"
+  for dtype in bf16 int8; do
+    [ -f "$out/f32-adapter-in-$dtype-seed$seed.json" ] ||
+      "$bin" eval --model "$model" --adapter "$f32_run" --data "$dataset" --dtype $dtype --json \
+        >"$out/f32-adapter-in-$dtype-seed$seed.json"
+  done
 done
 
 python3 - "$dataset" "$compare" "$out" $seeds <<'EOF'
@@ -43,14 +46,16 @@ test = lambda path: 100 * json.load(open(path))["test"]["accuracy"]
 rows = []
 for seed in seeds:
     f32 = test(f"{compare}/houlsby-seed{seed}/results.json")
-    bf16_trained = test(f"{out}/houlsby-seed{seed}/results.json")
-    bf16_inference = 100 * json.load(open(f"{out}/f32-adapter-in-bf16-seed{seed}.json"))["accuracy"]
-    rows.append((seed, f32, bf16_trained, bf16_inference))
+    trained = test(f"{out}/houlsby-seed{seed}/results.json")
+    evaluated = [100 * json.load(open(f"{out}/f32-adapter-in-{d}-seed{seed}.json"))["accuracy"]
+                 for d in ("bf16", "int8")]
+    rows.append((seed, f32, trained, *evaluated))
 print(f"| {dataset}, Houlsby, seed | f32 (trained and evaluated) | trained in bf16 | difference "
-      "| f32-trained, evaluated in bf16 | difference |")
-print("|---|---|---|---|---|---|")
-for seed, f32, trained, inference in rows:
-    print(f"| {seed} | {f32:.2f} | {trained:.2f} | {trained - f32:+.2f} | {inference:.2f} | {inference - f32:+.2f} |")
+      "| f32-trained, evaluated in bf16 | difference | f32-trained, evaluated in int8 | difference |")
+print("|---|---|---|---|---|---|---|---|")
+for seed, f32, *others in rows:
+    cells = " | ".join(f"{v:.2f} | {v - f32:+.2f}" for v in others)
+    print(f"| {seed} | {f32:.2f} | {cells} |")
 mean = lambda i: statistics.mean(r[i] - r[1] for r in rows)
-print(f"| mean difference | | | {mean(2):+.2f} | | {mean(3):+.2f} |")
+print(f"| mean difference | | | {mean(2):+.2f} | | {mean(3):+.2f} | | {mean(4):+.2f} |")
 EOF
