@@ -125,13 +125,11 @@ pub enum Onto<'a> {
     Zeros,
     /// A bias of `n`, for every row.
     Bias(&'a [f32]),
-    /// What `out` holds (`out += x W^T`).
-    Out,
 }
 
 /// `out = x W^T + onto`, `x` row-major `[m, k]`, `out` `[m, n]`, both factors rounded to bf16
 /// and the products summed in f32 (a pair of products at a time, as `vdpbf16ps` sums them),
-/// then added onto zeros, a bias, or `out` itself.
+/// then added onto zeros or a bias.
 pub fn matmul(x: &[f32], m: usize, w: &PackedBf16, onto: Onto, out: &mut [f32]) {
     check_sizes(x, m, w, onto, out.len());
     #[cfg(target_arch = "x86_64")]
@@ -172,8 +170,8 @@ fn check_sizes(x: &[f32], m: usize, w: &PackedBf16, onto: Onto, out: usize) {
     }
 }
 
-/// The `vdpbf16ps` product into `out` (`f32`, or `MaybeUninit<f32>` unless `onto` is
-/// [`Onto::Out`]), rows split over candle's threads, each block of rows computed whole.
+/// The `vdpbf16ps` product into `out` (`f32` or `MaybeUninit<f32>`: it is written, never
+/// read), rows split over candle's threads, each block of rows computed whole.
 ///
 /// # Safety
 /// `out` holds `m x n` values of f32's layout; `panels` are `w`'s (made only where
@@ -234,7 +232,7 @@ mod avx512 {
 
     /// # Safety
     /// The CPU must have AVX-512F and AVX-512 BF16; `out` points to `m x n` f32 values
-    /// (initialised where `onto` is [`Onto::Out`]).
+    /// (written, never read).
     #[target_feature(enable = "avx512f,avx512bf16")]
     pub(super) unsafe fn matmul(
         x: &[f32],
@@ -314,16 +312,12 @@ mod avx512 {
             let column = panel * LANES;
             let count = LANES.min(w.n.saturating_sub(column));
             let mask: __mmask16 = if count == LANES { !0 } else { (1 << count) - 1 };
-            let bias = match onto {
+            let under = match onto {
                 Onto::Bias(b) => _mm512_maskz_loadu_ps(mask, b.as_ptr().add(column)),
-                Onto::Zeros | Onto::Out => _mm512_setzero_ps(),
+                Onto::Zeros => _mm512_setzero_ps(),
             };
             for (row, acc) in rows.clone().zip(&acc) {
                 let at = out.add(row * w.n + column);
-                let under = match onto {
-                    Onto::Out => _mm512_maskz_loadu_ps(mask, at),
-                    Onto::Zeros | Onto::Bias(_) => bias,
-                };
                 _mm512_mask_storeu_ps(at, mask, _mm512_add_ps(acc[i], under));
             }
         }
@@ -388,15 +382,14 @@ mod tests {
             };
             let exact_rounded = with_bias(reference(&round(&x), m, &round(&w), n, k));
             let exact = with_bias(reference(&x, m, &w, n, k));
-            // Each path onto the bias given, and onto the bias already in `out`.
+            // Each path onto the bias, and onto zeros with the bias added after.
             let mut paths = Vec::new();
             let mut run = |path: &str, product: &dyn Fn(Onto, &mut [f32])| {
-                let mut onto_bias = vec![0f32; m * n];
-                let mut onto_out = with_bias(vec![0f32; m * n]);
+                let (mut onto_bias, mut onto_zeros) = (vec![0f32; m * n], vec![1f32; m * n]);
                 product(Onto::Bias(&bias), &mut onto_bias);
-                product(Onto::Out, &mut onto_out);
+                product(Onto::Zeros, &mut onto_zeros);
                 paths.push((format!("{path}, onto a bias"), onto_bias));
-                paths.push((format!("{path}, onto out"), onto_out));
+                paths.push((format!("{path}, onto zeros"), with_bias(onto_zeros)));
             };
             let rounded = PackedBf16::pack_for(&w, n, k, false);
             let panels = avx512_bf16().then(|| PackedBf16::pack_for(&w, n, k, true));

@@ -5,11 +5,11 @@
 //! threads; `ops` picks these on CPU for f32 and keeps the composed ones elsewhere.
 //! `docs/BENCHMARKS.md` has the comparison. LayerNorm is in `layer_norm`.
 
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 
 use candle_core::{CpuStorage, CustomOp1, CustomOp3, Layout, Result, Shape, Tensor, TensorId};
 
-use crate::kernels::bf16::{self, Onto, PackedBf16};
+use crate::kernels::bf16::{self, PackedBf16};
 use crate::kernels::int8::{self, QuantizedI8};
 use crate::kernels::matmul::{matmul_into, matmul_onto_bias, View};
 use crate::kernels::parallel::{par_rows, par_vec, par_zeros, threads, ROW};
@@ -204,7 +204,7 @@ pub struct FrozenLinear {
     /// `[out]`
     pub bias: Tensor,
     /// The weight in bf16 or int8, when the model runs so (`model::precision`): the forward
-    /// product takes it, and in bf16 the backward one too.
+    /// product takes it; the backward one keeps the f32 weight.
     pub packed: Option<PackedWeight>,
 }
 
@@ -219,13 +219,10 @@ pub struct PackedWeight {
 
 #[derive(Debug, Clone)]
 enum Packed {
-    /// Packed for the forward product (`x W^T`) and, on first use, transposed for the
-    /// backward one (`g W`).
-    Bf16 {
-        forward: Arc<PackedBf16>,
-        backward: Arc<OnceLock<PackedBf16>>,
-    },
-    /// Quantised per output column, for inference (the backward product keeps f32).
+    /// Packed for the forward product (`x W^T`); the backward one keeps f32 (see
+    /// `model::precision`).
+    Bf16(Arc<PackedBf16>),
+    /// Quantised per output column, for inference.
     Int8(Arc<QuantizedI8>),
 }
 
@@ -233,13 +230,10 @@ impl PackedWeight {
     /// `weight` (f32 on CPU) packed in bf16.
     pub fn bf16(weight: &Tensor) -> Result<Self> {
         let (n, k) = weight.dims2()?;
-        let forward = with_values(weight, |w| Ok(PackedBf16::pack(w, n, k)))?;
+        let packed = with_values(weight, |w| Ok(PackedBf16::pack(w, n, k)))?;
         Ok(Self {
             of: weight.id(),
-            form: Packed::Bf16 {
-                forward: Arc::new(forward),
-                backward: Arc::new(OnceLock::new()),
-            },
+            form: Packed::Bf16(Arc::new(packed)),
         })
     }
 
@@ -261,7 +255,7 @@ impl PackedWeight {
     /// `weight` packed the way this is.
     fn same_form(&self, weight: &Tensor) -> Result<Self> {
         match self.form {
-            Packed::Bf16 { .. } => Self::bf16(weight),
+            Packed::Bf16(_) => Self::bf16(weight),
             Packed::Int8(_) => Self::int8(weight),
         }
     }
@@ -307,8 +301,8 @@ impl FrozenLinear {
     pub fn forward(&self, x: &[f32], rows: usize) -> Result<Vec<f32>> {
         let dims = self.dims()?;
         match self.packed.as_ref().map(|p| &p.form) {
-            Some(Packed::Bf16 { forward, .. }) => {
-                return with_values(&self.bias, |b| Ok(bf16::linear(x, rows, forward, b)));
+            Some(Packed::Bf16(packed)) => {
+                return with_values(&self.bias, |b| Ok(bf16::linear(x, rows, packed, b)));
             }
             Some(Packed::Int8(quantized)) => {
                 return with_values(&self.bias, |b| Ok(int8::linear(x, rows, quantized, b)));
@@ -329,19 +323,6 @@ impl FrozenLinear {
         accumulate: bool,
     ) -> Result<()> {
         let dims = self.dims()?;
-        if let Some(Packed::Bf16 { backward, .. }) = self.packed.as_ref().map(|p| &p.form) {
-            let transposed = match backward.get() {
-                Some(packed) => packed,
-                None => {
-                    let (n, k) = dims;
-                    let wt = with_values(&self.weight.t()?, |wt| Ok(PackedBf16::pack(wt, k, n)))?;
-                    backward.get_or_init(|| wt)
-                }
-            };
-            let onto = if accumulate { Onto::Out } else { Onto::Zeros };
-            bf16::matmul(g, rows, transposed, onto, dx);
-            return Ok(());
-        }
         with_values(&self.weight, |w| {
             linear_input_grad_into(g, rows, w, dims, dx, accumulate);
             Ok(())
