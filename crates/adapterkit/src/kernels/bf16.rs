@@ -12,10 +12,8 @@ use std::borrow::Cow;
 use half::bf16;
 
 use crate::kernels::matmul::{matmul_into, View};
-use crate::kernels::parallel::{par_rows, threads};
-
-/// Output columns one AVX-512 register holds.
-const LANES: usize = 16;
+use crate::kernels::panels::LANES;
+use crate::kernels::parallel::{par_rows, par_vec, threads};
 
 /// A weight `[n, k]` (a Linear's, out x in) in bf16, laid out for [`matmul`].
 pub struct PackedBf16 {
@@ -102,14 +100,6 @@ impl PackedBf16 {
             }
         }
     }
-
-    pub fn rows(&self) -> usize {
-        self.n
-    }
-
-    pub fn columns(&self) -> usize {
-        self.k
-    }
 }
 
 /// A row of `x` as bf16 pairs: `pairs[p]` holds positions `2p` (low half) and `2p + 1`.
@@ -134,31 +124,29 @@ pub fn matmul(x: &[f32], m: usize, w: &PackedBf16, onto: Onto, out: &mut [f32]) 
     check_sizes(x, m, w, onto, out.len());
     #[cfg(target_arch = "x86_64")]
     if let Layout::Panels(panels) = &w.layout {
-        // SAFETY: `out` holds `m x n` values.
-        unsafe { on_panels(x, w, panels, onto, out) };
+        // SAFETY: panels are made only where the CPU has the instructions.
+        par_rows(out, w.n, |first, out| unsafe {
+            on_panels(x, first, w, panels, onto, out)
+        });
         return;
     }
     matmul_portable(x, m, w, onto, out);
 }
 
-/// `x W^T + bias` as a new `[m, n]` matrix, each value written once (no zero-fill before, a
-/// tenth of a bf16 forward pass when it was there).
+/// `x W^T + bias` as a new `[m, n]` matrix, each block of rows zeroed and written by its own
+/// thread (`par_vec`; a serial zero-fill first cost a tenth of a bf16 forward pass).
 pub fn linear(x: &[f32], m: usize, w: &PackedBf16, bias: &[f32]) -> Vec<f32> {
     let onto = Onto::Bias(bias);
+    check_sizes(x, m, w, onto, m * w.n);
     #[cfg(target_arch = "x86_64")]
     if let Layout::Panels(panels) = &w.layout {
-        check_sizes(x, m, w, onto, m * w.n);
-        let mut out = Vec::with_capacity(m * w.n);
-        // SAFETY: `on_panels` writes every one of the `m x n` values (it reads none: the
-        // product goes onto the bias), so all are initialised after it.
-        unsafe {
-            on_panels(x, w, panels, onto, &mut out.spare_capacity_mut()[..m * w.n]);
-            out.set_len(m * w.n);
-        }
-        return out;
+        // SAFETY: panels are made only where the CPU has the instructions.
+        return par_vec(m * w.n, w.n, |first, out| unsafe {
+            on_panels(x, first, w, panels, onto, out)
+        });
     }
     let mut out = vec![0f32; m * w.n];
-    matmul(x, m, w, onto, &mut out);
+    matmul_portable(x, m, w, onto, &mut out);
     out
 }
 
@@ -170,20 +158,24 @@ fn check_sizes(x: &[f32], m: usize, w: &PackedBf16, onto: Onto, out: usize) {
     }
 }
 
-/// The `vdpbf16ps` product into `out` (`f32` or `MaybeUninit<f32>`: it is written, never
-/// read), rows split over candle's threads, each block of rows computed whole.
+/// The `vdpbf16ps` product of the rows of `x` from `first` on into `out`, a block of whole
+/// rows of the output.
 ///
 /// # Safety
-/// `out` holds `m x n` values of f32's layout; `panels` are `w`'s (made only where
-/// `avx512_bf16()` holds).
+/// `panels` are `w`'s (made only where `avx512_bf16()` holds).
 #[cfg(target_arch = "x86_64")]
-unsafe fn on_panels<T: Send>(x: &[f32], w: &PackedBf16, panels: &[u16], onto: Onto, out: &mut [T]) {
-    par_rows(out, w.n, |first, out| {
-        let rows = out.len() / w.n.max(1);
-        let x = &x[first * w.k..(first + rows) * w.k];
-        // SAFETY: as this function's; `out` is this block's rows.
-        unsafe { avx512::matmul(x, rows, w, panels, onto, out.as_mut_ptr() as *mut f32) };
-    });
+unsafe fn on_panels(
+    x: &[f32],
+    first: usize,
+    w: &PackedBf16,
+    panels: &[u16],
+    onto: Onto,
+    out: &mut [f32],
+) {
+    let rows = out.len() / w.n.max(1);
+    let x = &x[first * w.k..(first + rows) * w.k];
+    // SAFETY: as this function's; `out` holds `rows x n` values.
+    unsafe { avx512::matmul(x, rows, w, panels, onto, out) };
 }
 
 /// Whether `matmul` runs on `vdpbf16ps` here.
@@ -216,23 +208,16 @@ pub fn matmul_portable(x: &[f32], m: usize, w: &PackedBf16, onto: Onto, out: &mu
 }
 
 /// The `vdpbf16ps` path. The rows of `x` are converted to bf16 pairs once (16 values an
-/// instruction). A register block of [`ROWS`] rows x 32 columns (16 accumulators) then runs
-/// over every pair: each weight load serves `ROWS` rows and each broadcast two panels, and the
-/// 16 independent sums hide the instruction's latency. Columns go in chunks of
-/// [`CHUNK_PANELS`] panels, whose weights stay in the L2 cache while every row block passes.
+/// instruction); each register block (`kernels::panels`) then runs over every pair, each
+/// weight load serving 8 rows and each broadcast two panels.
 #[cfg(target_arch = "x86_64")]
 mod avx512 {
-    use super::{pair, Onto, PackedBf16, LANES};
+    use super::{pair, Onto, PackedBf16};
+    use crate::kernels::panels::{for_each_block, lane_mask, LANES, ROWS};
     use std::arch::x86_64::*;
 
-    /// Rows of a register block.
-    const ROWS: usize = 8;
-    /// Panels (of 16 columns) of a column chunk: 128 columns, ~400 KB of weight at k = 1536.
-    const CHUNK_PANELS: usize = 8;
-
     /// # Safety
-    /// The CPU must have AVX-512F and AVX-512 BF16; `out` points to `m x n` f32 values
-    /// (written, never read).
+    /// The CPU must have AVX-512F and AVX-512 BF16; `out` holds `m x n` values.
     #[target_feature(enable = "avx512f,avx512bf16")]
     pub(super) unsafe fn matmul(
         x: &[f32],
@@ -240,7 +225,7 @@ mod avx512 {
         w: &PackedBf16,
         panels: &[u16],
         onto: Onto,
-        out: *mut f32,
+        out: &mut [f32],
     ) {
         let (k, pairs) = (w.k, w.pairs);
         // Each row as pairs, `[m][pairs]`, plus a block's worth of zero rows that the last
@@ -258,22 +243,17 @@ mod avx512 {
                 *a = pair(row, p);
             }
         }
-        let panel_count = w.n_padded / LANES;
-        for chunk in (0..panel_count).step_by(CHUNK_PANELS) {
-            let chunk_end = (chunk + CHUNK_PANELS).min(panel_count);
-            for first in (0..m).step_by(ROWS) {
-                let rows = ROWS.min(m - first);
-                let a = &a[first * pairs..(first + ROWS) * pairs];
-                let mut panel = chunk;
-                while panel + 2 <= chunk_end {
-                    tile::<2>(a, first..first + rows, panel, w, panels, onto, out);
-                    panel += 2;
-                }
-                if panel < chunk_end {
-                    tile::<1>(a, first..first + rows, panel, w, panels, onto, out);
+        for_each_block(m, w.n_padded / LANES, |rows, panel, two| {
+            let a = &a[rows.start * pairs..(rows.start + ROWS) * pairs];
+            // SAFETY: as this function's.
+            unsafe {
+                if two {
+                    tile::<2>(a, rows, panel, w, panels, onto, out);
+                } else {
+                    tile::<1>(a, rows, panel, w, panels, onto, out);
                 }
             }
-        }
+        });
     }
 
     /// `P` panels from `panel` on, for the `ROWS` rows whose pairs are `a` (`[ROWS][pairs]`;
@@ -287,7 +267,7 @@ mod avx512 {
         w: &PackedBf16,
         panels: &[u16],
         onto: Onto,
-        out: *mut f32,
+        out: &mut [f32],
     ) {
         let mut acc = [[_mm512_setzero_ps(); P]; ROWS];
         let starts: [usize; P] = std::array::from_fn(|i| PackedBf16::at(w.pairs, panel + i, 0, 0));
@@ -309,15 +289,13 @@ mod avx512 {
             }
         }
         for (i, panel) in (panel..panel + P).enumerate() {
-            let column = panel * LANES;
-            let count = LANES.min(w.n.saturating_sub(column));
-            let mask: __mmask16 = if count == LANES { !0 } else { (1 << count) - 1 };
+            let (column, mask) = (panel * LANES, lane_mask(w.n, panel));
             let under = match onto {
                 Onto::Bias(b) => _mm512_maskz_loadu_ps(mask, b.as_ptr().add(column)),
                 Onto::Zeros => _mm512_setzero_ps(),
             };
             for (row, acc) in rows.clone().zip(&acc) {
-                let at = out.add(row * w.n + column);
+                let at = out.as_mut_ptr().add(row * w.n + column);
                 _mm512_mask_storeu_ps(at, mask, _mm512_add_ps(acc[i], under));
             }
         }

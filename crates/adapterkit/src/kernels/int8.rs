@@ -7,12 +7,8 @@
 //! packed weight's column sums times 128 are taken off again. Elsewhere a portable loop
 //! computes the same integer sums, so both paths give the same result to the bit.
 
-use crate::kernels::parallel::par_rows;
-
-/// Output columns one AVX-512 register holds (16 i32 sums).
-const LANES: usize = 16;
-/// Rows of a register block.
-const ROWS: usize = 8;
+use crate::kernels::panels::{LANES, ROWS};
+use crate::kernels::parallel::par_vec;
 
 /// A weight `[n, k]` (a Linear's, out x in) quantised per output column to int8, packed in
 /// panels of 16 columns, each `[k/4][16][4]` (for each group of four input positions and each
@@ -95,14 +91,6 @@ impl QuantizedI8 {
     fn at(quads: usize, panel: usize, g: usize, lane: usize) -> usize {
         ((panel * quads + g) * LANES + lane) * 4
     }
-
-    pub fn rows(&self) -> usize {
-        self.n
-    }
-
-    pub fn columns(&self) -> usize {
-        self.k
-    }
 }
 
 /// Rows of `x` quantised: each row's `q + 128` as bytes, four to a `u32` (`[m][k/4]`; the
@@ -116,6 +104,7 @@ fn quantize_rows_on(x: &[f32], m: usize, k: usize, fast: bool) -> (Vec<u32>, Vec
     let quads = k.div_ceil(4);
     let mut packed = vec![0x8080_8080u32; m * quads];
     let mut scales = vec![0f32; m];
+    let mut levels = vec![0i8; k];
     for r in 0..m {
         let row = &x[r * k..(r + 1) * k];
         let bytes = &mut packed[r * quads..(r + 1) * quads];
@@ -125,15 +114,11 @@ fn quantize_rows_on(x: &[f32], m: usize, k: usize, fast: bool) -> (Vec<u32>, Vec
             scales[r] = unsafe { avx512::quantize_row(row, bytes) };
             continue;
         }
-        let (scale, inverse) = scale_of(row.iter().fold(0f32, |m, v| m.max(v.abs())));
-        for (g, word) in bytes.iter_mut().enumerate() {
-            let byte = |i: usize| {
-                row.get(4 * g + i)
-                    .map_or(128u32, |&v| (level(v, inverse) as u8 ^ 0x80) as u32)
-            };
+        scales[r] = quantize(row, &mut levels);
+        for (word, levels) in bytes.iter_mut().zip(levels.chunks(4)) {
+            let byte = |i: usize| levels.get(i).map_or(128u32, |&q| (q as u8 ^ 0x80) as u32);
             *word = byte(0) | byte(1) << 8 | byte(2) << 16 | byte(3) << 24;
         }
-        scales[r] = scale;
     }
     (packed, scales)
 }
@@ -143,8 +128,8 @@ fn quantize_rows_on(x: &[f32], m: usize, k: usize, fast: bool) -> (Vec<u32>, Vec
 pub fn linear(x: &[f32], m: usize, w: &QuantizedI8, bias: &[f32]) -> Vec<f32> {
     assert_eq!(x.len(), m * w.k, "x of {m} x {}", w.k);
     assert_eq!(bias.len(), w.n, "a bias of {}", w.n);
-    let mut out = vec![0f32; m * w.n];
-    par_rows(&mut out, w.n, |first, out| {
+    // Each thread zeroes and writes its own rows (a serial zero-fill first would cost a pass).
+    par_vec(m * w.n, w.n, |first, out| {
         let rows = out.len() / w.n.max(1);
         let (mut a, row_scales) = quantize_rows(&x[first * w.k..(first + rows) * w.k], rows, w.k);
         // Whole register blocks: rows of zeros (`q + 128` = 0x80) after the last.
@@ -156,8 +141,7 @@ pub fn linear(x: &[f32], m: usize, w: &QuantizedI8, bias: &[f32]) -> Vec<f32> {
             return;
         }
         sums_portable(&a, rows, w, &row_scales, bias, out);
-    });
-    out
+    })
 }
 
 /// Whether [`linear`] runs on `vpdpbusd` here.
@@ -203,15 +187,13 @@ fn sums_portable(
     }
 }
 
-/// The `vpdpbusd` path: 8 rows x 32 columns of i32 sums per register block over every group
-/// of four, in chunks of 8 panels whose weights stay in L2, as the bf16 kernel's; the sums are
-/// scaled back 16 at a time.
+/// The `vpdpbusd` path: each register block (`kernels::panels`) sums over every group of four
+/// in i32, then scales back 16 sums at a time.
 #[cfg(target_arch = "x86_64")]
 mod avx512 {
-    use super::{level, scale_of, QuantizedI8, LANES, ROWS};
+    use super::{level, scale_of, QuantizedI8};
+    use crate::kernels::panels::{for_each_block, lane_mask, LANES, ROWS};
     use std::arch::x86_64::*;
-
-    const CHUNK_PANELS: usize = 8;
 
     /// One row quantised into `bytes` (`q + 128`, four to a word), 16 values an instruction;
     /// returns its scale. The same levels as the portable loop: `vcvtps2dq` rounds ties to
@@ -262,22 +244,17 @@ mod avx512 {
         bias: &[f32],
         out: &mut [f32],
     ) {
-        let panels = w.n_padded / LANES;
-        for chunk in (0..panels).step_by(CHUNK_PANELS) {
-            let chunk_end = (chunk + CHUNK_PANELS).min(panels);
-            for first in (0..m).step_by(ROWS) {
-                let block = &a[first * w.quads..(first + ROWS) * w.quads];
-                let rows = first..m.min(first + ROWS);
-                let mut panel = chunk;
-                while panel + 2 <= chunk_end {
-                    tile::<2>(block, rows.clone(), panel, w, row_scales, bias, out);
-                    panel += 2;
-                }
-                if panel < chunk_end {
+        for_each_block(m, w.n_padded / LANES, |rows, panel, two| {
+            let block = &a[rows.start * w.quads..(rows.start + ROWS) * w.quads];
+            // SAFETY: as this function's.
+            unsafe {
+                if two {
+                    tile::<2>(block, rows, panel, w, row_scales, bias, out);
+                } else {
                     tile::<1>(block, rows, panel, w, row_scales, bias, out);
                 }
             }
-        }
+        });
     }
 
     /// `P` panels from `panel` on, for the `ROWS` rows whose groups are `a` (`[ROWS][quads]`;
@@ -309,9 +286,7 @@ mod avx512 {
             }
         }
         for (i, panel) in (panel..panel + P).enumerate() {
-            let column = panel * LANES;
-            let count = LANES.min(w.n.saturating_sub(column));
-            let mask: __mmask16 = if count == LANES { !0 } else { (1 << count) - 1 };
+            let (column, mask) = (panel * LANES, lane_mask(w.n, panel));
             let offsets = _mm512_maskz_loadu_epi32(mask, w.offsets.as_ptr().add(column));
             let scales = _mm512_maskz_loadu_ps(mask, w.scales.as_ptr().add(column));
             let bias = _mm512_maskz_loadu_ps(mask, bias.as_ptr().add(column));

@@ -18,5 +18,6 @@ pub mod grouped_bottleneck;
 pub mod int8;
 pub mod layer_norm;
 mod matmul;
+mod panels;
 pub(crate) mod parallel;
 mod simd;
