@@ -12,7 +12,6 @@ ours quantises them per row), timed with `InferenceSession`, printed as the same
 --dtype int8` runs it beside ours (`adapterkit bench --dtype int8`).
 """
 
-import argparse
 import json
 import resource
 import tempfile
@@ -24,16 +23,11 @@ import torch
 from onnxruntime.quantization import QuantType, quantize_dynamic
 from transformers import AutoConfig, AutoModelForSequenceClassification
 
-from pytorch_baseline import SHAPES, forward_flops, matmul_peak, time_per_step
+from pytorch_baseline import SHAPES, forward_flops, matmul_peak, shape_arguments, time_per_step
 
 
 def main():
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--shape", default="minilm", choices=SHAPES)
-    parser.add_argument("--seq-len", type=int, default=128)
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--steps", type=int, default=5)
+    parser = shape_arguments()
     parser.add_argument("--what", default="inference-all-positions")
     parser.add_argument("--dtype", default="int8", choices=["f32", "int8"])
     args = parser.parse_args()

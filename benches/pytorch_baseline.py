@@ -59,13 +59,19 @@ def matmul_peak(n=1024):
     return 2.0 * n**3 / seconds
 
 
-def main():
+def shape_arguments():
+    """The arguments every baseline shares with `adapterkit bench`."""
     parser = argparse.ArgumentParser()
     parser.add_argument("--shape", default="minilm", choices=SHAPES)
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--steps", type=int, default=5)
+    return parser
+
+
+def main():
+    parser = shape_arguments()
     parser.add_argument("--what", default="inference,adapter,full")
     # bf16: PyTorch's fastest CPU mode, `torch.autocast("cpu", dtype=torch.bfloat16)` around
     # each forward pass (its products in bf16, reductions in f32; weights stay f32).

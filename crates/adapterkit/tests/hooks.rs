@@ -5,14 +5,13 @@
 
 mod common;
 
-use candle_core::{Device, Result, Tensor, Var};
+use candle_core::{Result, Tensor, Var};
 use candle_nn::Linear;
 
-use adapterkit::batch::Batch;
 use adapterkit::model::hooks::{KeyValuePrefix, LayerHooks, LinearChange, LinearSite};
 use adapterkit::model::layer::Positions;
-use adapterkit::model::{BertModel, Mode, NoHooks};
-use common::{max_abs_diff, tiny_encoder};
+use adapterkit::model::{Mode, NoHooks};
+use common::{max_abs_diff, run_encoder, tiny_encoder};
 
 /// Scales one Linear's output of one layer by `1 + shift`, as a change applied to the output
 /// or (`as_weights`) as the Linear's weights scaled.
@@ -77,26 +76,6 @@ impl LayerHooks for Prefix {
     }
 }
 
-fn batch() -> Batch {
-    let ids = Tensor::new(
-        &[[2u32, 5, 6, 3, 8, 9, 3], [2, 11, 12, 95, 3, 0, 0]],
-        &Device::Cpu,
-    );
-    let mask = Tensor::new(&[[1u32; 7], [1, 1, 1, 1, 1, 0, 0]], &Device::Cpu);
-    Batch {
-        input_ids: ids.unwrap(),
-        token_type_ids: Tensor::zeros((2, 7), candle_core::DType::U32, &Device::Cpu).unwrap(),
-        attention_mask: mask.unwrap(),
-    }
-}
-
-fn run(encoder: &BertModel, hooks: &dyn LayerHooks, positions: Positions, train: bool) -> Tensor {
-    let mut mode = if train { Mode::train(7) } else { Mode::Eval };
-    encoder
-        .forward_at(&batch(), positions, hooks, &mut mode)
-        .unwrap()
-}
-
 #[test]
 fn every_change_reaches_the_output_on_the_fused_and_the_plain_path() -> Result<()> {
     let frozen = tiny_encoder();
@@ -111,20 +90,20 @@ fn every_change_reaches_the_output_on_the_fused_and_the_plain_path() -> Result<(
             for (encoder, path) in [(&frozen, "fused"), (&trainable, "plain")] {
                 for train in [false, true] {
                     for positions in [Positions::All, Positions::First] {
-                        let base = run(encoder, &NoHooks, positions, train);
+                        let base = run_encoder(encoder, &NoHooks, positions, train);
                         let shift = |shift| Shift {
                             layer,
                             site,
                             shift,
                             as_weights: false,
                         };
-                        let changed = run(encoder, &shift(3.0), positions, train);
+                        let changed = run_encoder(encoder, &shift(3.0), positions, train);
                         // The same change as weights runs fused where the block is frozen.
                         let as_weights = Shift {
                             as_weights: true,
                             ..shift(3.0)
                         };
-                        let by_weights = run(encoder, &as_weights, positions, train);
+                        let by_weights = run_encoder(encoder, &as_weights, positions, train);
                         let paths = max_abs_diff(&changed, &by_weights);
                         let case = format!(
                             "{site:?} in layer {layer}, {path} path, train {train}, {positions:?}"
@@ -133,7 +112,7 @@ fn every_change_reaches_the_output_on_the_fused_and_the_plain_path() -> Result<(
                         assert!(moved > 1e-4, "{case}: the change was skipped");
                         assert!(paths < 1e-5, "{case}: as weights, {paths} off");
                         // No change: the node-by-node path gives what the fused op gives.
-                        let unchanged = run(encoder, &shift(0.0), positions, train);
+                        let unchanged = run_encoder(encoder, &shift(0.0), positions, train);
                         let diff = max_abs_diff(&base, &unchanged);
                         assert!(diff < 1e-5, "{case}: the paths differ by {diff}");
                     }
@@ -161,23 +140,24 @@ fn a_prefix_reaches_the_output_alike_on_every_path() -> Result<()> {
                     hidden,
                     trainable,
                 };
-                let fused = run(&frozen, &prefix(false, false), positions, train);
-                let base = run(&frozen, &NoHooks, positions, train);
+                let fused = run_encoder(&frozen, &prefix(false, false), positions, train);
+                let base = run_encoder(&frozen, &NoHooks, positions, train);
                 let moved = max_abs_diff(&base, &fused);
                 assert!(moved > 1e-4, "{case}: the prefix was skipped");
                 for (encoder, hooks, path) in [
                     (&frozen, prefix(false, true), "trained prefix"),
                     (&trainable, prefix(false, false), "trained encoder"),
                 ] {
-                    let plain = run(encoder, &hooks, positions, train);
+                    let plain = run_encoder(encoder, &hooks, positions, train);
                     let diff = max_abs_diff(&fused, &plain);
                     assert!(diff < 1e-5, "{case}: {path} is {diff} off the fused op");
                 }
                 // (In training the attention's dropout draws over the prefix too.)
                 let paths = [(&frozen, "fused"), (&trainable, "plain")];
                 for (encoder, path) in paths.into_iter().filter(|_| !train) {
-                    let hidden = run(encoder, &prefix(true, false), positions, train);
-                    let diff = max_abs_diff(&run(encoder, &NoHooks, positions, train), &hidden);
+                    let hidden = run_encoder(encoder, &prefix(true, false), positions, train);
+                    let diff =
+                        max_abs_diff(&run_encoder(encoder, &NoHooks, positions, train), &hidden);
                     assert!(
                         diff < 1e-5,
                         "{case}, {path}: a hidden prefix moved it by {diff}"

@@ -10,14 +10,13 @@ mod common;
 
 use std::collections::HashMap;
 
-use candle_core::{CpuStorage, CustomOp1, DType, Device, Layout, Result, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp1, DType, Layout, Result, Shape, Tensor};
 use candle_nn::Linear;
 
-use adapterkit::batch::Batch;
 use adapterkit::model::hooks::{LayerHooks, LinearChange, LinearSite};
 use adapterkit::model::layer::Positions;
 use adapterkit::model::{BertModel, Mode, NoHooks, Precision};
-use common::{max_abs_diff, tiny_encoder};
+use common::{max_abs_diff, run_encoder, tiny_encoder};
 
 /// Every Linear as `round(x) round(W)^T + b`, node by node (a change applied to the output
 /// keeps each block off the fused ops), and its input's gradient as `g W`: the value's
@@ -66,26 +65,6 @@ impl LayerHooks for RoundedToBf16 {
     }
 }
 
-fn batch() -> Batch {
-    let ids = Tensor::new(
-        &[[2u32, 5, 6, 3, 8, 9, 3], [2, 11, 12, 95, 3, 0, 0]],
-        &Device::Cpu,
-    );
-    let mask = Tensor::new(&[[1u32; 7], [1, 1, 1, 1, 1, 0, 0]], &Device::Cpu);
-    Batch {
-        input_ids: ids.unwrap(),
-        token_type_ids: Tensor::zeros((2, 7), DType::U32, &Device::Cpu).unwrap(),
-        attention_mask: mask.unwrap(),
-    }
-}
-
-fn run(encoder: &BertModel, hooks: &dyn LayerHooks, positions: Positions, train: bool) -> Tensor {
-    let mut mode = if train { Mode::train(7) } else { Mode::Eval };
-    encoder
-        .forward_at(&batch(), positions, hooks, &mut mode)
-        .unwrap()
-}
-
 /// `encoder` in bf16 against its rounded reference on every path; returns the largest
 /// difference of bf16 to plain f32.
 fn assert_matches_rounded_reference(encoder: &BertModel, case: &str) -> f32 {
@@ -94,14 +73,14 @@ fn assert_matches_rounded_reference(encoder: &BertModel, case: &str) -> f32 {
     let mut off_f32 = 0f32;
     for positions in [Positions::All, Positions::First] {
         for train in [false, true] {
-            let fast = run(&in_bf16, &NoHooks, positions, train);
-            let reference = run(encoder, &RoundedToBf16, positions, train);
+            let fast = run_encoder(&in_bf16, &NoHooks, positions, train);
+            let reference = run_encoder(encoder, &RoundedToBf16, positions, train);
             let diff = max_abs_diff(&fast, &reference);
             let case = format!("{case}, {positions:?}, train {train}");
             assert!(diff < 2e-6, "{case}: {diff} off the rounded reference");
             off_f32 = off_f32.max(max_abs_diff(
                 &fast,
-                &run(encoder, &NoHooks, positions, train),
+                &run_encoder(encoder, &NoHooks, positions, train),
             ));
         }
     }
@@ -135,14 +114,14 @@ fn replaced_weights_and_frozen_copies_get_new_bf16_copies() {
     let mut in_f32 = encoder.clone();
     in_f32.set_precision(Precision::F32).unwrap();
     assert_matches_rounded_reference(&in_f32, "replaced weights");
-    let bf16 = run(&encoder, &NoHooks, Positions::All, false);
-    let frozen = run(&encoder.frozen(), &NoHooks, Positions::All, false);
+    let bf16 = run_encoder(&encoder, &NoHooks, Positions::All, false);
+    let frozen = run_encoder(&encoder.frozen(), &NoHooks, Positions::All, false);
     assert_eq!(
         max_abs_diff(&bf16, &frozen),
         0.0,
         "a frozen copy computes alike"
     );
-    let reference = run(&in_f32, &RoundedToBf16, Positions::All, false);
+    let reference = run_encoder(&in_f32, &RoundedToBf16, Positions::All, false);
     assert!(max_abs_diff(&bf16, &reference) < 2e-6);
 }
 
@@ -157,7 +136,7 @@ fn bf16_gradients_pass_back_through_the_f32_weights() {
     let mut in_bf16 = encoder.clone();
     in_bf16.set_precision(Precision::Bf16).unwrap();
     let gradients = |encoder: &BertModel, hooks: &dyn LayerHooks, positions, train| {
-        let out = run(encoder, hooks, positions, train);
+        let out = run_encoder(encoder, hooks, positions, train);
         let probe = (out.ones_like().unwrap().cumsum(2).unwrap().sin()).unwrap();
         let grads = (out * probe)
             .unwrap()
@@ -238,14 +217,14 @@ fn int8_products_are_the_dequantised_factors() {
     let mut in_int8 = encoder.clone();
     in_int8.set_precision(Precision::Int8).unwrap();
     for positions in [Positions::All, Positions::First] {
-        let fast = run(&in_int8, &NoHooks, positions, false);
-        let reference = run(&encoder, &QuantizedToInt8, positions, false);
+        let fast = run_encoder(&in_int8, &NoHooks, positions, false);
+        let reference = run_encoder(&encoder, &QuantizedToInt8, positions, false);
         let diff = max_abs_diff(&fast, &reference);
         assert!(
             diff < 1e-5,
             "{positions:?}: {diff} off the dequantised reference"
         );
-        let off_f32 = max_abs_diff(&fast, &run(&encoder, &NoHooks, positions, false));
+        let off_f32 = max_abs_diff(&fast, &run_encoder(&encoder, &NoHooks, positions, false));
         assert!(
             off_f32 > 1e-4 && off_f32 < 0.5,
             "{positions:?}: int8 is {off_f32} off f32"

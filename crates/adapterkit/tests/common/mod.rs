@@ -5,8 +5,10 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use adapterkit::batch::Batch;
+use adapterkit::model::hooks::LayerHooks;
+use adapterkit::model::layer::Positions;
 use adapterkit::model::load::ModelFiles;
-use adapterkit::model::BertModel;
+use adapterkit::model::{BertModel, Mode};
 use candle_core::{DType, Device, Tensor};
 
 pub fn fixtures() -> PathBuf {
@@ -104,4 +106,32 @@ pub fn fusion_laid_out(case: &str) -> tempfile::TempDir {
     copy_dir(&fixtures.join("adapter_a"), &dir.path().join("a"));
     copy_dir(&fixtures.join("adapter_b"), &dir.path().join("b"));
     dir
+}
+
+/// Two short texts, the second padded: what the hook and precision tests run the tiny encoder on.
+pub fn two_texts() -> Batch {
+    let ids = Tensor::new(
+        &[[2u32, 5, 6, 3, 8, 9, 3], [2, 11, 12, 95, 3, 0, 0]],
+        &Device::Cpu,
+    );
+    let mask = Tensor::new(&[[1u32; 7], [1, 1, 1, 1, 1, 0, 0]], &Device::Cpu);
+    Batch {
+        input_ids: ids.unwrap(),
+        token_type_ids: Tensor::zeros((2, 7), DType::U32, &Device::Cpu).unwrap(),
+        attention_mask: mask.unwrap(),
+    }
+}
+
+/// `encoder` on [`two_texts`] at `positions` with `hooks`, in training (dropout seeded 7) or
+/// evaluation.
+pub fn run_encoder(
+    encoder: &BertModel,
+    hooks: &dyn LayerHooks,
+    positions: Positions,
+    train: bool,
+) -> Tensor {
+    let mut mode = if train { Mode::train(7) } else { Mode::Eval };
+    encoder
+        .forward_at(&two_texts(), positions, hooks, &mut mode)
+        .unwrap()
 }
