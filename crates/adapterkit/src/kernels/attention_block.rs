@@ -6,7 +6,7 @@ use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Tensor};
 
 use crate::kernels::attention::{AttentionOp, Dims};
 use crate::kernels::dropout::{self, DropoutMask};
-use crate::kernels::fused::{contiguous, with_values, FrozenLinear, Kept};
+use crate::kernels::fused::{contiguous, with_values, Activations, FrozenLinear, Kept};
 use crate::kernels::parallel::par_zeros;
 
 /// Keys and values put in front of each sequence's own (prefix tuning), as plain values that
@@ -75,8 +75,8 @@ pub struct AttentionBlockOp {
     pub attention: AttentionOp,
     /// Dropout of the output projection.
     pub dropout: Option<DropoutMask>,
-    /// Whether to keep q, k and v for a backward pass (`x` takes a gradient).
-    pub keep_for_backward: bool,
+    /// Whether q, k and v are kept for the backward pass, recomputed there, or not needed.
+    pub activations: Activations,
     /// Whether only each sequence's first position queries (`layer::Positions::First`): the
     /// output is then `[batch, 1, hidden]`.
     first_query_only: bool,
@@ -90,7 +90,7 @@ impl AttentionBlockOp {
         [query, key, value, output]: [FrozenLinear; 4],
         attention: AttentionOp,
         dropout: Option<DropoutMask>,
-        keep_for_backward: bool,
+        activations: Activations,
     ) -> Self {
         Self {
             query,
@@ -99,7 +99,7 @@ impl AttentionBlockOp {
             output,
             attention,
             dropout,
-            keep_for_backward,
+            activations,
             first_query_only: false,
             prefix: None,
             kept: Kept::new(),
@@ -165,6 +165,24 @@ impl AttentionBlockOp {
             None => [dk, dv],
         }
     }
+
+    /// q, k and v of input `x` (laid out as `layout`), the prefix's keys and values in front.
+    fn projections(&self, x: &[f32], layout: &Layout) -> Result<[Vec<f32>; 3]> {
+        let (batch, seq, d) = self.dims(layout)?;
+        let q = if self.first_query_only {
+            let first: Vec<f32> = x
+                .chunks_exact(seq * d.hidden)
+                .flat_map(|sequence| &sequence[..d.hidden])
+                .copied()
+                .collect();
+            self.query.forward(&first, batch)?
+        } else {
+            self.query.forward(x, batch * seq)?
+        };
+        let [k, v] = [&self.key, &self.value].map(|l| l.forward(x, batch * seq));
+        let [k, v] = self.behind_prefix(k?, v?, batch);
+        Ok([q, k, v])
+    }
 }
 
 impl CustomOp1 for AttentionBlockOp {
@@ -174,24 +192,12 @@ impl CustomOp1 for AttentionBlockOp {
 
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
         let x = contiguous(storage, layout)?;
-        let (batch, seq, d) = self.dims(layout)?;
-        let (rows, x_rows) = (batch * d.queries, batch * seq);
-        let q = if self.first_query_only {
-            let first: Vec<f32> = x
-                .chunks_exact(seq * d.hidden)
-                .flat_map(|sequence| &sequence[..d.hidden])
-                .copied()
-                .collect();
-            self.query.forward(&first, rows)?
-        } else {
-            self.query.forward(x, rows)?
-        };
-        let [k, v] = [&self.key, &self.value].map(|l| l.forward(x, x_rows));
-        let [k, v] = self.behind_prefix(k?, v?, batch);
+        let (batch, _, d) = self.dims(layout)?;
+        let [q, k, v] = self.projections(x, layout)?;
         let context = self.attention.forward(batch, d, &q, &k, &v);
-        let mut out = self.output.forward(&context, rows)?;
+        let mut out = self.output.forward(&context, batch * d.queries)?;
         dropout::apply(self.dropout.as_ref(), &mut out);
-        if self.keep_for_backward {
+        if self.activations == Activations::Kept {
             self.kept.put([q, k, v]);
         }
         Ok((
@@ -204,8 +210,13 @@ impl CustomOp1 for AttentionBlockOp {
     /// `dx = dq Wq + dk Wk + dv Wv` (`dq Wq` on first positions alone when only they query; the
     /// prefix's rows of `dk` and `dv` dropped, as the prefix takes no gradient here).
     fn bwd(&self, x: &Tensor, _out: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
-        let [q, k, v] = self.kept.take("attention block")?;
         let (batch, seq, d) = self.dims(x.layout())?;
+        let [q, k, v] = match self.activations {
+            Activations::Recomputed => {
+                with_values(x, |values| self.projections(values, x.layout()))?
+            }
+            _ => self.kept.take("attention block")?,
+        };
         let (rows, x_rows) = (batch * d.queries, batch * seq);
         let mut g = with_values(grad, |g| Ok(g.to_vec()))?;
         dropout::apply(self.dropout.as_ref(), &mut g);
@@ -251,9 +262,10 @@ mod tests {
     use candle_nn::Linear;
 
     /// Output and `dL/dx` of the block op against its Linears and the attention op node by
-    /// node, with and without dropout, with a padded sequence, small and split over threads,
-    /// every position querying and only the first, with and without a prefix of keys and
-    /// values (one of whose positions is hidden from the first sequence).
+    /// node, with q, k and v kept and recomputed, with and without dropout, with a padded
+    /// sequence, small and split over threads, every position querying and only the first,
+    /// with and without a prefix of keys and values (one of whose positions is hidden from
+    /// the first sequence).
     #[test]
     fn block_matches_its_ops_node_by_node() -> Result<()> {
         let mut rng = SeededRng::new(5);
@@ -277,8 +289,10 @@ mod tests {
             prefix_bias[0] = f32::MIN;
             let prefix_bias = Tensor::from_vec(prefix_bias, (batch, 1, 1, 2), &Device::Cpu)?;
             let cases = [(0.0, false), (0.2, false), (0.0, true), (0.2, true)];
-            for ((p, first_only), with_prefix) in
-                cases.into_iter().flat_map(|c| [(c, false), (c, true)])
+            let variants = cases.into_iter().flat_map(|c| [(c, false), (c, true)]);
+            let kept_or_recomputed = [Activations::Kept, Activations::Recomputed];
+            for (((p, first_only), with_prefix), activations) in
+                variants.flat_map(|v| kept_or_recomputed.map(|a| (v, a)))
             {
                 let queries = if first_only { 1 } else { seq };
                 let r = random(&mut rng, &[batch, queries, hidden])?;
@@ -307,12 +321,13 @@ mod tests {
                     true => Some(PrefixValues::new(&prefix_keys, &prefix_values)?),
                     false => None,
                 };
-                let op = AttentionBlockOp::new(frozen, attention, mask, true)
+                let op = AttentionBlockOp::new(frozen, attention, mask, activations)
                     .first_query_only(first_only)
                     .with_prefix(prefix);
                 let fused = x.as_tensor().apply_op1(op)?;
-                let what =
-                    format!("p = {p}, first query only: {first_only}, prefix: {with_prefix}");
+                let what = format!(
+                    "p = {p}, first query only: {first_only}, prefix: {with_prefix}, {activations:?}"
+                );
                 assert_same_output_and_dx(&nodes, &fused, &x, &r, &what)?;
             }
         }

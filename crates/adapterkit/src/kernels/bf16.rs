@@ -11,9 +11,10 @@ use std::borrow::Cow;
 
 use half::bf16;
 
-use crate::kernels::matmul::{matmul_into, View};
+use crate::kernels::matmul::{matmul_into, matmul_onto_bias, View};
 use crate::kernels::panels::LANES;
-use crate::kernels::parallel::{par_rows, par_vec, threads};
+use crate::kernels::parallel::{par_rows, par_vec, threads, ROW};
+use crate::kernels::simd::with_wide_simd;
 
 /// A weight `[n, k]` (a Linear's, out x in) in bf16, laid out for [`matmul`].
 pub struct PackedBf16 {
@@ -45,9 +46,25 @@ fn bits(x: f32) -> u16 {
     bf16::from_f32(x).to_bits()
 }
 
-/// `x` rounded to bf16 and widened back.
-fn rounded(x: f32) -> f32 {
-    bf16::from_f32(x).to_f32()
+/// `x` rounded to bf16 (nearest, ties to even; a NaN stays a NaN) and widened back, as
+/// `bf16::from_f32` rounds, in bit operations that vectorise.
+#[inline(always)]
+fn round_kernel(x: &[f32], out: &mut [f32]) {
+    for (o, &v) in out.iter_mut().zip(x) {
+        let b = v.to_bits();
+        let nearest = b.wrapping_add(0x7fff + ((b >> 16) & 1));
+        let quiet_nan = b | 0x0040_0000;
+        *o = f32::from_bits(if v.is_nan() { quiet_nan } else { nearest } & 0xffff_0000);
+    }
+}
+
+with_wide_simd!(round_into => round_kernel(x: &[f32], out: &mut [f32]));
+
+/// `x` rounded to bf16 and widened back, in parallel blocks.
+fn rounded(x: &[f32]) -> Vec<f32> {
+    par_vec(x.len(), ROW, |first, block| {
+        round_into(&x[first * ROW..][..block.len()], block)
+    })
 }
 
 impl PackedBf16 {
@@ -70,7 +87,7 @@ impl PackedBf16 {
             }
             Layout::Panels(data)
         } else {
-            Layout::Rounded(weight.iter().map(|&w| rounded(w)).collect())
+            Layout::Rounded(rounded(weight))
         };
         Self {
             n,
@@ -145,9 +162,10 @@ pub fn linear(x: &[f32], m: usize, w: &PackedBf16, bias: &[f32]) -> Vec<f32> {
             on_panels(x, first, w, panels, onto, out)
         });
     }
-    let mut out = vec![0f32; m * w.n];
-    matmul_portable(x, m, w, onto, &mut out);
-    out
+    // As f32's Linear, on the rounded factors.
+    let (x, weight) = (rounded(x), w.rounded_weight());
+    let (x, weight) = (View::rows(&x, m, w.k), View::rows(&weight, w.n, w.k));
+    matmul_onto_bias(x, weight.t(), bias, threads())
 }
 
 fn check_sizes(x: &[f32], m: usize, w: &PackedBf16, onto: Onto, out: usize) {
@@ -178,12 +196,13 @@ unsafe fn on_panels(
     unsafe { avx512::matmul(x, rows, w, panels, onto, out) };
 }
 
-/// Whether `matmul` runs on `vdpbf16ps` here.
+/// Whether `matmul` runs on `vdpbf16ps` here (see `panels::portable_forced`).
 pub fn avx512_bf16() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
         std::arch::is_x86_feature_detected!("avx512f")
             && std::arch::is_x86_feature_detected!("avx512bf16")
+            && !crate::kernels::panels::portable_forced()
     }
     #[cfg(not(target_arch = "x86_64"))]
     {
@@ -195,15 +214,15 @@ pub fn avx512_bf16() -> bool {
 /// rounded factors (whose products f32 holds exactly: the same sums as the instruction's, in
 /// another order), so bf16 costs no more than f32 where the CPU cannot do better.
 pub fn matmul_portable(x: &[f32], m: usize, w: &PackedBf16, onto: Onto, out: &mut [f32]) {
-    let x: Vec<f32> = x.iter().map(|&v| rounded(v)).collect();
-    let weight = w.rounded_weight();
-    let (x, weight) = (View::rows(&x, m, w.k), View::rows(&weight, w.n, w.k));
+    check_sizes(x, m, w, onto, out.len());
+    let (x, weight) = (rounded(x), w.rounded_weight());
     if let Onto::Bias(b) = onto {
         for row in out.chunks_exact_mut(w.n.max(1)) {
             row.copy_from_slice(b);
         }
     }
     let accumulate = !matches!(onto, Onto::Zeros);
+    let (x, weight) = (View::rows(&x, m, w.k), View::rows(&weight, w.n, w.k));
     matmul_into(out, w.n, x, weight.t(), accumulate, threads());
 }
 
@@ -330,6 +349,35 @@ mod tests {
             .zip(b)
             .map(|(x, y)| (x - y).abs())
             .fold(0.0, f32::max)
+    }
+
+    /// The vectorised rounding is `half`'s, on random values and the edge cases (ties either
+    /// way, the largest finite values rounding to infinity, subnormals, infinities, NaNs).
+    #[test]
+    fn rounding_is_halfs() {
+        let mut rng = SeededRng::new(13);
+        let mut values = random(&mut rng, 1000);
+        values.extend([
+            0.0,
+            -0.0,
+            1.0 + 1.0 / 256.0,
+            1.0 + 3.0 / 256.0,
+            f32::MAX,
+            f32::MIN,
+        ]);
+        values.extend([
+            1e-40,
+            -3e-39,
+            f32::INFINITY,
+            f32::NEG_INFINITY,
+            f32::NAN,
+            -f32::NAN,
+        ]);
+        let ours = rounded(&values);
+        for (v, r) in values.iter().zip(ours) {
+            let halfs = bf16::from_f32(*v).to_f32();
+            assert_eq!(r.to_bits(), halfs.to_bits(), "{v:e}: {r:e} vs {halfs:e}");
+        }
     }
 
     /// Both paths against f64 products of the bf16-rounded factors (within f32 summation error)

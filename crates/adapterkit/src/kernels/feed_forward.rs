@@ -5,15 +5,21 @@
 //! expansion, its GELU, the projection and a float dropout mask), and candle's backward pass
 //! zero-fills and adds a gradient into each, two of them `[tokens, intermediate]`. With the
 //! weights frozen (adapter training, inference), this op keeps only the expansion before GELU
-//! and a byte mask; the weights are fields of the op, not graph inputs.
+//! (or nothing, recomputing it in the backward pass) and a byte mask; the weights are fields
+//! of the op, not graph inputs.
 
 use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Tensor};
 
 use crate::kernels::dropout::{self, DropoutMask};
 use crate::kernels::fused::{
-    contiguous, gelu_backward, gelu_forward, gelu_in_place, with_values, FrozenLinear, Kept,
+    contiguous, gelu_backward, gelu_forward, gelu_in_place, with_values, Activations, FrozenLinear,
+    Kept,
 };
 use crate::kernels::parallel::{par_rows, par_vec, par_zeros, ROW};
+
+/// Rows per block of the backward pass: large enough for the matrix products to run at full
+/// rate, small enough that a block's `[rows, intermediate]` temporaries stay a few MiB.
+const BACKWARD_ROWS: usize = 1024;
 
 pub struct FeedForwardOp {
     /// `intermediate.dense`
@@ -21,8 +27,8 @@ pub struct FeedForwardOp {
     /// `output.dense`
     pub project: FrozenLinear,
     pub dropout: Option<DropoutMask>,
-    /// Whether to keep the expansion for a backward pass (its input takes a gradient).
-    pub keep_for_backward: bool,
+    /// Whether the expansion is kept for the backward pass, recomputed there, or not needed.
+    pub activations: Activations,
     /// The expansion `x W1^T + b1`, `[tokens, intermediate]`, for the backward pass.
     expansion: Kept<Vec<f32>>,
 }
@@ -32,13 +38,13 @@ impl FeedForwardOp {
         expand: FrozenLinear,
         project: FrozenLinear,
         dropout: Option<DropoutMask>,
-        keep_for_backward: bool,
+        activations: Activations,
     ) -> Self {
         Self {
             expand,
             project,
             dropout,
-            keep_for_backward,
+            activations,
             expansion: Kept::new(),
         }
     }
@@ -70,42 +76,58 @@ impl CustomOp1 for FeedForwardOp {
         }
         let rows = x.len() / h;
         let mut expansion = self.expand.forward(x, rows)?;
-        let mut out = if self.keep_for_backward {
+        let keep = self.activations == Activations::Kept;
+        let mut out = if keep {
             let activation = par_vec(expansion.len(), ROW, |first, block| {
                 gelu_forward(&expansion[first * ROW..], block)
             });
             self.project.forward(&activation, rows)?
         } else {
-            // Without a backward pass the expansion is not needed after its GELU.
+            // Not kept, the expansion is not needed after its GELU.
             par_rows(&mut expansion, ROW, |_, block| gelu_in_place(block));
             self.project.forward(&expansion, rows)?
         };
         dropout::apply(self.dropout.as_ref(), &mut out);
-        if self.keep_for_backward {
+        if keep {
             self.expansion.put(expansion);
         }
         Ok((CpuStorage::F32(out), layout.shape().clone()))
     }
 
-    /// `dx = ((g * mask) W2 * gelu'(expansion)) W1`.
+    /// `dx = ((g * mask) W2 * gelu'(expansion)) W1`, in blocks of rows: only a block's
+    /// `[rows, intermediate]` gradient (and its expansion, when recomputed) exists at a time.
     fn bwd(&self, x: &Tensor, _out: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
-        let expansion = self.expansion.take("feed-forward")?;
         let (i, h) = self.sizes()?;
-        let rows = expansion.len() / i;
+        let rows = x.elem_count() / h;
+        let kept = match self.activations {
+            Activations::Recomputed => None,
+            _ => Some(self.expansion.take("feed-forward")?),
+        };
         let mut g = with_values(grad, |g| Ok(g.to_vec()))?;
         dropout::apply(self.dropout.as_ref(), &mut g);
-        let mut d_expansion = par_zeros(rows * i);
-        self.project
-            .backward_into(&g, rows, &mut d_expansion, false)?;
-        par_rows(&mut d_expansion, ROW, |first, block| {
-            gelu_backward(&expansion[first * ROW..], block)
-        });
-        drop(expansion);
-        let mut dx = g; // rows x hidden, overwritten
-        self.expand
-            .backward_into(&d_expansion, rows, &mut dx, false)?;
-        debug_assert_eq!(dx.len(), rows * h);
-        Ok(Some(Tensor::from_vec(dx, x.shape(), x.device())?))
+        with_values(x, |x| {
+            for first in (0..rows).step_by(BACKWARD_ROWS) {
+                let n = BACKWARD_ROWS.min(rows - first);
+                let recomputed;
+                let expansion = match &kept {
+                    Some(kept) => &kept[first * i..][..n * i],
+                    None => {
+                        recomputed = self.expand.forward(&x[first * h..][..n * h], n)?;
+                        &recomputed[..]
+                    }
+                };
+                let g = &mut g[first * h..][..n * h];
+                let mut d_expansion = par_zeros(n * i);
+                self.project.backward_into(g, n, &mut d_expansion, false)?;
+                par_rows(&mut d_expansion, ROW, |first, block| {
+                    gelu_backward(&expansion[first * ROW..], block)
+                });
+                // This block's rows of `g` are read: they become those of `dx`.
+                self.expand.backward_into(&d_expansion, n, g, false)?;
+            }
+            Ok(())
+        })?;
+        Ok(Some(Tensor::from_vec(g, x.shape(), x.device())?))
     }
 }
 
@@ -120,19 +142,24 @@ mod tests {
     use candle_nn::Linear;
 
     /// Output and `dL/dx` of the op against the block node by node (candle's backward pass),
-    /// with and without dropout, on a block small enough for one thread and one split over
-    /// threads.
+    /// with the expansion kept and recomputed, with and without dropout, on a block small
+    /// enough for one thread, one split over threads, and one of several backward blocks.
     #[test]
     fn matches_the_block_node_by_node() -> Result<()> {
         let mut rng = SeededRng::new(3);
-        for (tokens, hidden, intermediate) in [(5, 8, 32), (300, 64, 256)] {
+        let sizes = [(5, 8, 32), (300, 64, 256), (2 * BACKWARD_ROWS + 3, 8, 16)];
+        for (tokens, hidden, intermediate) in sizes {
             let w1 = random(&mut rng, &[intermediate, hidden])?;
             let b1 = random(&mut rng, &[intermediate])?;
             let w2 = (random(&mut rng, &[hidden, intermediate])? * 0.1)?;
             let b2 = random(&mut rng, &[hidden])?;
             let x = Var::from_tensor(&random(&mut rng, &[1, tokens, hidden])?)?;
             let r = random(&mut rng, &[1, tokens, hidden])?;
-            for p in [0.0, 0.3] {
+            let kept_or_recomputed = [Activations::Kept, Activations::Recomputed];
+            for (p, activations) in [0.0, 0.3]
+                .into_iter()
+                .flat_map(|p| kept_or_recomputed.map(|a| (p, a)))
+            {
                 let (mut node_mode, mut fused_mode) = (Mode::train(7), Mode::train(7));
                 let expand = Linear::new(w1.clone(), Some(b1.clone()));
                 let project = Linear::new(w2.clone(), Some(b2.clone()));
@@ -141,14 +168,15 @@ mod tests {
 
                 let mask = fused_mode.dropout_mask(tokens * hidden, p);
                 let (expand, project) = (frozen(&w1, &b1), frozen(&w2, &b2));
-                let op = FeedForwardOp::new(expand, project, mask, true);
+                let op = FeedForwardOp::new(expand, project, mask, activations);
                 let fused = x.as_tensor().apply_op1(op)?;
-                assert_same_output_and_dx(&nodes, &fused, &x, &r, &format!("p = {p}"))?;
+                let what = format!("p = {p}, {activations:?}");
+                assert_same_output_and_dx(&nodes, &fused, &x, &r, &what)?;
 
                 // Without a backward pass (GELU in place): the same output.
                 let mask = Mode::train(7).dropout_mask(tokens * hidden, p);
                 let (expand, project) = (frozen(&w1, &b1), frozen(&w2, &b2));
-                let op = FeedForwardOp::new(expand, project, mask, false);
+                let op = FeedForwardOp::new(expand, project, mask, Activations::None);
                 let inference = x.as_tensor().detach().apply_op1(op)?;
                 let diff = (&fused - &inference)?
                     .abs()?
@@ -166,7 +194,8 @@ mod tests {
         let (w1, b1) = (random(&mut rng, &[8, 4])?, random(&mut rng, &[8])?);
         let (w2, b2) = (random(&mut rng, &[4, 8])?, random(&mut rng, &[4])?);
         let x = Var::from_tensor(&random(&mut rng, &[2, 4])?)?;
-        let op = FeedForwardOp::new(frozen(&w1, &b1), frozen(&w2, &b2), None, false);
+        let (expand, project) = (frozen(&w1, &b1), frozen(&w2, &b2));
+        let op = FeedForwardOp::new(expand, project, None, Activations::None);
         let out = x.as_tensor().apply_op1(op)?;
         let err = out.sum_all()?.backward().unwrap_err().to_string();
         assert!(err.contains("without a kept forward pass"), "{err}");

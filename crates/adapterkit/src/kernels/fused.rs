@@ -195,6 +195,18 @@ impl<T> Kept<T> {
     }
 }
 
+/// What a frozen block's forward pass leaves for its backward pass.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Activations {
+    /// Nothing: there is no backward pass (the input takes no gradient).
+    None,
+    /// The block's products, kept in memory until the backward pass.
+    Kept,
+    /// Nothing: the backward pass recomputes the products from the block's input, the same
+    /// values to the bit (see `model::precision`: bf16 training, where they cost half).
+    Recomputed,
+}
+
 /// A Linear that takes no gradient, held by the fused ops of frozen blocks (whose weights are
 /// fields of the op, not graph inputs).
 #[derive(Debug, Clone)]
@@ -245,6 +257,11 @@ impl PackedWeight {
             of: weight.id(),
             form: Packed::Int8(Arc::new(packed)),
         })
+    }
+
+    /// Whether the copy is in bf16.
+    pub fn is_bf16(&self) -> bool {
+        matches!(self.form, Packed::Bf16(_))
     }
 
     /// Whether this is a copy of `weight`.

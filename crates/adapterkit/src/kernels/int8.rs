@@ -4,27 +4,38 @@
 //! (`max |W_j| / 127`); the integer sums are exact, then scaled back to f32. Where the CPU has
 //! AVX-512 VNNI the sums run on `vpdpbusd` (64 byte products into 16 i32 sums an instruction);
 //! it multiplies unsigned bytes by signed ones, so activations go in as `q + 128` and the
-//! packed weight's column sums times 128 are taken off again. Elsewhere a portable loop
-//! computes the same integer sums, so both paths give the same result to the bit.
+//! packed weight's column sums times 128 are taken off again. Elsewhere f32's Linear runs on
+//! the dequantised factors (the same levels times their scales): the same quantised model with
+//! sums in f32, within f32's rounding of the exact ones, at f32's cost.
 
+use crate::kernels::matmul::{matmul_onto_bias, View};
 use crate::kernels::panels::{LANES, ROWS};
-use crate::kernels::parallel::par_vec;
+use crate::kernels::parallel::{par_vec, threads};
+use crate::kernels::simd::{lanes, with_wide_simd};
 
-/// A weight `[n, k]` (a Linear's, out x in) quantised per output column to int8, packed in
-/// panels of 16 columns, each `[k/4][16][4]` (for each group of four input positions and each
-/// column, its four values side by side); `k` padded to a multiple of 4 and `n` to one of 16
-/// with zeros.
+/// A weight `[n, k]` (a Linear's, out x in) quantised per output column to int8, laid out for
+/// the path this CPU takes.
 pub struct QuantizedI8 {
     n: usize,
     k: usize,
     n_padded: usize,
     quads: usize,
-    data: Vec<i8>,
+    layout: Layout,
     /// Per column: what one unit of its int8 values is worth.
     scales: Vec<f32>,
     /// Per column: 128 times the sum of its int8 values, which the `+ 128` on every activation
     /// adds to its integer sum.
     offsets: Vec<i32>,
+}
+
+enum Layout {
+    /// For `vpdpbusd`: panels of 16 columns, each `[k/4][16][4]` (for each group of four input
+    /// positions and each column, its four values side by side); `k` padded to a multiple of
+    /// 4 and `n` to one of 16 with zeros.
+    Panels(Vec<i8>),
+    /// For the fallback: the dequantised weight (each level times its column's scale),
+    /// row-major `[n, k]`.
+    Dequantised(Vec<f32>),
 }
 
 impl std::fmt::Debug for QuantizedI8 {
@@ -60,28 +71,55 @@ fn quantize(values: &[f32], out: &mut [i8]) -> f32 {
     scale
 }
 
+/// `row` quantised as [`quantize`] does and dequantised (each level times the scale) into
+/// `out`, in vector instructions.
+#[inline(always)]
+fn dequantised_kernel(row: &[f32], out: &mut [f32]) {
+    let max = lanes(row, row, 0.0, |m, v, _| m.max(v.abs()));
+    let (scale, inverse) = scale_of(max.into_iter().fold(0.0, f32::max));
+    for (o, &v) in out.iter_mut().zip(row) {
+        *o = (v * inverse).round_ties_even().clamp(-127.0, 127.0) * scale;
+    }
+}
+
+with_wide_simd!(dequantise_row => dequantised_kernel(row: &[f32], out: &mut [f32]));
+
 impl QuantizedI8 {
-    /// Quantises and packs `weight`, row-major `[n, k]`.
+    /// Quantises and packs `weight`, row-major `[n, k]`, for the path this CPU takes.
     pub fn pack(weight: &[f32], n: usize, k: usize) -> Self {
+        Self::pack_for(weight, n, k, avx512_vnni())
+    }
+
+    /// [`pack`](Self::pack) in panels (`panels`) or dequantised.
+    fn pack_for(weight: &[f32], n: usize, k: usize, panels: bool) -> Self {
         assert_eq!(weight.len(), n * k, "a weight of {n} x {k}");
         let (quads, n_padded) = (k.div_ceil(4), n.div_ceil(LANES) * LANES);
-        let mut data = vec![0i8; quads * n_padded * 4];
         let (mut scales, mut offsets) = (vec![0f32; n], vec![0i32; n]);
-        let mut row = vec![0i8; k];
-        for j in 0..n {
-            scales[j] = quantize(&weight[j * k..(j + 1) * k], &mut row);
+        let mut levels = vec![0i8; n * k];
+        for (j, row) in levels.chunks_exact_mut(k.max(1)).enumerate().take(n) {
+            scales[j] = quantize(&weight[j * k..(j + 1) * k], row);
             offsets[j] = 128 * row.iter().map(|&q| q as i32).sum::<i32>();
-            let (panel, lane) = (j / LANES, j % LANES);
-            for (i, &q) in row.iter().enumerate() {
-                data[Self::at(quads, panel, i / 4, lane) + i % 4] = q;
-            }
         }
+        let layout = if panels {
+            let mut data = vec![0i8; quads * n_padded * 4];
+            for (j, row) in levels.chunks_exact(k.max(1)).enumerate().take(n) {
+                let (panel, lane) = (j / LANES, j % LANES);
+                for (i, &q) in row.iter().enumerate() {
+                    data[Self::at(quads, panel, i / 4, lane) + i % 4] = q;
+                }
+            }
+            Layout::Panels(data)
+        } else {
+            let scale = |e: usize| scales[e / k.max(1)];
+            let values = levels.iter().enumerate().map(|(e, &q)| q as f32 * scale(e));
+            Layout::Dequantised(values.collect())
+        };
         Self {
             n,
             k,
             n_padded,
             quads,
-            data,
+            layout,
             scales,
             offsets,
         }
@@ -93,13 +131,9 @@ impl QuantizedI8 {
     }
 }
 
-/// Rows of `x` quantised: each row's `q + 128` as bytes, four to a `u32` (`[m][k/4]`; the
-/// padding is 128, that is `q = 0`, against padding weights of 0), and each row's scale.
-fn quantize_rows(x: &[f32], m: usize, k: usize) -> (Vec<u32>, Vec<f32>) {
-    quantize_rows_on(x, m, k, avx512_vnni())
-}
-
-/// [`quantize_rows`] with AVX-512 (`fast`) or without.
+/// Rows of `x` quantised for `vpdpbusd`, with AVX-512 (`fast`) or without: each row's
+/// `q + 128` as bytes, four to a `u32` (`[m][k/4]`; the padding is 128, that is `q = 0`,
+/// against padding weights of 0), and each row's scale.
 fn quantize_rows_on(x: &[f32], m: usize, k: usize, fast: bool) -> (Vec<u32>, Vec<f32>) {
     let quads = k.div_ceil(4);
     let mut packed = vec![0x8080_8080u32; m * quads];
@@ -128,62 +162,58 @@ fn quantize_rows_on(x: &[f32], m: usize, k: usize, fast: bool) -> (Vec<u32>, Vec
 pub fn linear(x: &[f32], m: usize, w: &QuantizedI8, bias: &[f32]) -> Vec<f32> {
     assert_eq!(x.len(), m * w.k, "x of {m} x {}", w.k);
     assert_eq!(bias.len(), w.n, "a bias of {}", w.n);
-    // Each thread zeroes and writes its own rows (a serial zero-fill first would cost a pass).
-    par_vec(m * w.n, w.n, |first, out| {
-        let rows = out.len() / w.n.max(1);
-        let (mut a, row_scales) = quantize_rows(&x[first * w.k..(first + rows) * w.k], rows, w.k);
-        // Whole register blocks: rows of zeros (`q + 128` = 0x80) after the last.
-        a.resize(rows.div_ceil(ROWS) * ROWS * w.quads, 0x8080_8080);
-        #[cfg(target_arch = "x86_64")]
-        if avx512_vnni() {
-            // SAFETY: the CPU has the instructions (checked just now).
-            unsafe { avx512::sums(&a, rows, w, &row_scales, bias, out) };
-            return;
+    match &w.layout {
+        // Each thread zeroes and writes its own rows (a serial zero-fill first costs a pass).
+        Layout::Panels(data) => par_vec(m * w.n, w.n, |first, out| {
+            let rows = out.len() / w.n.max(1);
+            on_panels(
+                &x[first * w.k..(first + rows) * w.k],
+                rows,
+                w,
+                data,
+                bias,
+                out,
+            )
+        }),
+        Layout::Dequantised(weight) => {
+            // As f32's Linear, on the dequantised factors.
+            let x = par_vec(x.len(), w.k.max(1), |first, rows| {
+                let x = &x[first * w.k..][..rows.len()];
+                for (x, row) in x.chunks_exact(w.k).zip(rows.chunks_exact_mut(w.k)) {
+                    dequantise_row(x, row);
+                }
+            });
+            let (x, weight) = (View::rows(&x, m, w.k), View::rows(weight, w.n, w.k));
+            matmul_onto_bias(x, weight.t(), bias, threads())
         }
-        sums_portable(&a, rows, w, &row_scales, bias, out);
-    })
+    }
 }
 
-/// Whether [`linear`] runs on `vpdpbusd` here.
+/// The `vpdpbusd` product of the `m` rows of `x` into `out`.
+fn on_panels(x: &[f32], m: usize, w: &QuantizedI8, data: &[i8], bias: &[f32], out: &mut [f32]) {
+    let (mut a, row_scales) = quantize_rows_on(x, m, w.k, true);
+    // Whole register blocks: rows of zeros (`q + 128` = 0x80) after the last.
+    a.resize(m.div_ceil(ROWS) * ROWS * w.quads, 0x8080_8080);
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: panels are made only where the CPU has the instructions.
+    unsafe {
+        avx512::sums(&a, m, w, data, &row_scales, bias, out)
+    };
+    #[cfg(not(target_arch = "x86_64"))]
+    unreachable!("panels are made only where the CPU has VNNI: {data:p} {a:p} {out:p}");
+}
+
+/// Whether [`linear`] runs on `vpdpbusd` here (see `panels::portable_forced`).
 pub fn avx512_vnni() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
         std::arch::is_x86_feature_detected!("avx512f")
             && std::arch::is_x86_feature_detected!("avx512vnni")
+            && !crate::kernels::panels::portable_forced()
     }
     #[cfg(not(target_arch = "x86_64"))]
     {
         false
-    }
-}
-
-/// What one output is from its integer sum.
-fn scaled(sum: i32, offset: i32, row_scale: f32, column_scale: f32, bias: f32) -> f32 {
-    (sum - offset) as f32 * (row_scale * column_scale) + bias
-}
-
-/// The integer sums one by one, as `vpdpbusd` forms them (exact, so in any order).
-fn sums_portable(
-    a: &[u32],
-    m: usize,
-    w: &QuantizedI8,
-    row_scales: &[f32],
-    bias: &[f32],
-    out: &mut [f32],
-) {
-    for r in 0..m {
-        for j in 0..w.n {
-            let mut sum = 0i32;
-            for g in 0..w.quads {
-                let word = a[r * w.quads + g];
-                let at = QuantizedI8::at(w.quads, j / LANES, g, j % LANES);
-                for i in 0..4 {
-                    let unsigned = (word >> (8 * i)) as u8 as i32;
-                    sum += unsigned * w.data[at + i] as i32;
-                }
-            }
-            out[r * w.n + j] = scaled(sum, w.offsets[j], row_scales[r], w.scales[j], bias[j]);
-        }
     }
 }
 
@@ -240,6 +270,7 @@ mod avx512 {
         a: &[u32],
         m: usize,
         w: &QuantizedI8,
+        data: &[i8],
         row_scales: &[f32],
         bias: &[f32],
         out: &mut [f32],
@@ -249,9 +280,9 @@ mod avx512 {
             // SAFETY: as this function's.
             unsafe {
                 if two {
-                    tile::<2>(block, rows, panel, w, row_scales, bias, out);
+                    tile::<2>(block, rows, panel, w, data, row_scales, bias, out);
                 } else {
-                    tile::<1>(block, rows, panel, w, row_scales, bias, out);
+                    tile::<1>(block, rows, panel, w, data, row_scales, bias, out);
                 }
             }
         });
@@ -259,19 +290,21 @@ mod avx512 {
 
     /// `P` panels from `panel` on, for the `ROWS` rows whose groups are `a` (`[ROWS][quads]`;
     /// rows `rows` of `out` are the real ones among them).
+    #[allow(clippy::too_many_arguments)]
     #[target_feature(enable = "avx512f,avx512vnni")]
     unsafe fn tile<const P: usize>(
         a: &[u32],
         rows: std::ops::Range<usize>,
         panel: usize,
         w: &QuantizedI8,
+        data: &[i8],
         row_scales: &[f32],
         bias: &[f32],
         out: &mut [f32],
     ) {
         let mut acc = [[_mm512_setzero_si512(); P]; ROWS];
         let starts: [usize; P] = std::array::from_fn(|i| QuantizedI8::at(w.quads, panel + i, 0, 0));
-        let (weights, a) = (w.data.as_ptr(), a.as_ptr());
+        let (weights, a) = (data.as_ptr(), a.as_ptr());
         for g in 0..w.quads {
             // SAFETY: group `g` of each panel is 64 bytes inside `data`, and `a` holds
             // `ROWS * quads` words.
@@ -291,7 +324,7 @@ mod avx512 {
             let scales = _mm512_maskz_loadu_ps(mask, w.scales.as_ptr().add(column));
             let bias = _mm512_maskz_loadu_ps(mask, bias.as_ptr().add(column));
             for (row, acc) in rows.clone().zip(&acc) {
-                // (sum - offset) * (row scale * column scale) + bias, as `scaled`.
+                // (sum - offset) * (row scale * column scale) + bias.
                 let sums = _mm512_cvtepi32_ps(_mm512_sub_epi32(acc[i], offsets));
                 let scale = _mm512_mul_ps(_mm512_set1_ps(row_scales[row]), scales);
                 let value = _mm512_add_ps(_mm512_mul_ps(sums, scale), bias);
@@ -310,9 +343,9 @@ mod tests {
         (0..len).map(|_| rng.normal_f64() as f32).collect()
     }
 
-    /// Both paths give the same values to the bit (exact integer sums), and they are the f64
-    /// product of the dequantised factors within f32 rounding, and the f32 product within
-    /// int8's quantisation error.
+    /// Both paths are the f64 product of the dequantised factors within f32 rounding (the
+    /// VNNI path's integer sums are exact), and the f32 product within int8's quantisation
+    /// error. Sizes include the register blocks' edges, rows over threads and a deep product.
     #[test]
     fn products_are_the_dequantised_factors_on_every_path() {
         let mut rng = SeededRng::new(12);
@@ -322,15 +355,25 @@ mod tests {
             (9, 40, 64),
             (13, 150, 33),
             (20, 272, 384),
+            (5, 18, 2053),
         ] {
-            let (mut x, w, bias) = (
+            let (mut x, mut w, bias) = (
                 random(&mut rng, m * k),
                 random(&mut rng, n * k),
                 random(&mut rng, n),
             );
-            // A row of zeros (scale 0) among the others.
+            // A row of zeros (scale 0) among the others; where there are at least two rows and
+            // columns, about the largest sums there can be (levels 127 times 127 or 125 at
+            // random), past what f32 holds exactly.
             x[..k].iter_mut().for_each(|v| *v = 0.0);
-            let packed = QuantizedI8::pack(&w, n, k);
+            if m > 1 && n > 1 {
+                x[k..2 * k].iter_mut().for_each(|v| *v = 0.5);
+                for (i, v) in w[..k].iter_mut().enumerate() {
+                    let odd = i > 0 && rng.uniform_f32() < 0.5;
+                    *v = if odd { -2.0 * 125.0 / 127.0 } else { -2.0 };
+                }
+            }
+            let packed = QuantizedI8::pack_for(&w, n, k, false);
             // The dequantised factors, and the exact products of the two sets.
             let dequantise = |v: &[f32], rows: usize| -> Vec<f64> {
                 let mut q = vec![0i8; k];
@@ -353,27 +396,28 @@ mod tests {
                 (&fast.0, &fast.1),
                 "quantised rows differ"
             );
-            let mut portable = vec![0f32; m * n];
-            sums_portable(&a, m, &packed, &row_scales, &bias, &mut portable);
-            let fast = linear(&x, m, &packed, &bias);
+            let portable = linear(&x, m, &packed, &bias);
+            let fast = linear(&x, m, &QuantizedI8::pack(&w, n, k), &bias);
             let path = if avx512_vnni() {
                 "avx512_vnni"
             } else {
                 "portable"
             };
-            assert_eq!(
-                portable, fast,
-                "{path} differs from the portable sums at {m}x{n}x{k}"
-            );
             let magnitude = (k as f64).sqrt();
             for r in 0..m {
                 for j in 0..n {
-                    let got = fast[r * n + j] as f64;
                     let exact = product(&|i| xd[i], &|i| wd[i], r, j);
-                    assert!(
-                        (got - exact).abs() < 1e-5 * magnitude,
-                        "{m}x{n}x{k} ({r}, {j}): {got} vs {exact}"
-                    );
+                    // f32's rounding grows with the size of the terms summed.
+                    let terms = product(&|i| xd[i].abs(), &|i| wd[i].abs(), r, j);
+                    let tolerance = 1e-5 * magnitude + 16.0 * f32::EPSILON as f64 * terms.abs();
+                    for (path, out) in [("portable", &portable), (path, &fast)] {
+                        let got = out[r * n + j] as f64;
+                        assert!(
+                            (got - exact).abs() < tolerance,
+                            "{path} {m}x{n}x{k} ({r}, {j}): {got} vs {exact}"
+                        );
+                    }
+                    let got = fast[r * n + j] as f64;
                     let f32_product = product(&|i| x[i] as f64, &|i| w[i] as f64, r, j);
                     assert!(
                         (got - f32_product).abs() < 0.05 * magnitude,

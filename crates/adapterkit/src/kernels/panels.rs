@@ -6,6 +6,14 @@
 
 use std::ops::Range;
 
+/// Whether `ADAPTERKIT_PORTABLE_KERNELS=1` asks the bf16 and int8 kernels for their portable
+/// paths even where the CPU has the instructions (to measure or test the fallbacks anywhere).
+/// Read once.
+pub(crate) fn portable_forced() -> bool {
+    static FORCED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *FORCED.get_or_init(|| std::env::var("ADAPTERKIT_PORTABLE_KERNELS").is_ok_and(|v| v == "1"))
+}
+
 /// Output columns of a panel.
 pub(crate) const LANES: usize = 16;
 /// Rows of a register block.

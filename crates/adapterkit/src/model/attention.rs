@@ -219,7 +219,8 @@ impl BertAttention {
         let mask = ops::attention_dropout(mode, s.num_heads, queries, bias, s.dropout)?;
         let attention = AttentionOp::new(s.num_heads, hidden_size, bias, mask)?;
         let dropout = mode.dropout_mask(batch * queries * hidden_size, self.output.dropout);
-        let op = AttentionBlockOp::new([q, k, v, o], attention, dropout, hidden.track_op())
+        let activations = ops::block_activations(hidden, self.packed.as_ref());
+        let op = AttentionBlockOp::new([q, k, v, o], attention, dropout, activations)
             .first_query_only(first_only)
             .with_prefix(prefix);
         hidden.contiguous()?.apply_op1(op).map(Some)

@@ -140,7 +140,8 @@ impl BertLayer {
             return Ok(None);
         };
         let dropout = mode.dropout_mask(x.elem_count(), self.output.dropout);
-        let op = FeedForwardOp::new(expand, project, dropout, x.track_op());
+        let activations = ops::block_activations(x, packed);
+        let op = FeedForwardOp::new(expand, project, dropout, activations);
         x.contiguous()?.apply_op1(op).map(Some)
     }
 }

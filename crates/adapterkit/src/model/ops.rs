@@ -5,8 +5,7 @@ use candle_core::{DType, Result, Tensor, D};
 use serde::{Deserialize, Serialize};
 
 use crate::kernels::attention::AttentionOp;
-use crate::kernels::fused::FrozenLinear;
-use crate::kernels::fused::PackedWeight;
+use crate::kernels::fused::{Activations, FrozenLinear, PackedWeight};
 use crate::model::hooks::{LayerHooks, LinearChange, LinearSite};
 use crate::model::Mode;
 
@@ -200,6 +199,22 @@ pub fn frozen_linears<const N: usize>(
         frozen.push(linear.packed_as(packed.map(|copies| &copies[i]))?);
     }
     Ok(frozen.try_into().ok())
+}
+
+/// What a frozen block with input `x` and weights packed as `packed` leaves for its backward
+/// pass: nothing without one; in bf16 nothing either, the backward pass recomputing the
+/// products at the bf16 rate (`model::precision`); else the products.
+pub fn block_activations<const N: usize>(
+    x: &Tensor,
+    packed: Option<&[PackedWeight; N]>,
+) -> Activations {
+    if !x.track_op() {
+        Activations::None
+    } else if packed.is_some_and(|copies| copies.iter().all(PackedWeight::is_bf16)) {
+        Activations::Recomputed
+    } else {
+        Activations::Kept
+    }
 }
 
 /// The dropout mask over the attention probabilities `[batch, heads, queries, keys]` (`bias`
