@@ -58,14 +58,14 @@ struct Sequence<'a> {
 }
 
 impl<'a> Sequence<'a> {
-    /// Sequence `index` of the whole batch's `q`, `k` and `v`.
-    fn of(index: usize, d: Dims, q: &'a [f32], k: &'a [f32], v: &'a [f32]) -> Self {
+    /// Sequence `index` of the batch (its mask and dropout), the `local`-th of `q`, `k`, `v`.
+    fn of(index: usize, local: usize, d: Dims, q: &'a [f32], k: &'a [f32], v: &'a [f32]) -> Self {
         let (q_len, kv_len) = (d.queries * d.hidden, d.keys * d.hidden);
         Self {
             index,
-            q: &q[index * q_len..][..q_len],
-            k: &k[index * kv_len..][..kv_len],
-            v: &v[index * kv_len..][..kv_len],
+            q: &q[local * q_len..][..q_len],
+            k: &k[local * kv_len..][..kv_len],
+            v: &v[local * kv_len..][..kv_len],
         }
     }
 }
@@ -147,7 +147,7 @@ impl AttentionOp {
         par_sequences(batch, [(&mut out, q_len)], |first, [out]| {
             let mut p = vec![0f32; d.queries * d.keys];
             for (i, out) in out.chunks_exact_mut(q_len).enumerate() {
-                let s = Sequence::of(first + i, d, q, k, v);
+                let s = Sequence::of(first + i, first + i, d, q, k, v);
                 self.forward_sequence(&s, d, out, &mut p);
             }
         });
@@ -165,9 +165,12 @@ impl AttentionOp {
         }
     }
 
-    /// `dq`, `dk` and `dv` of the whole batch from its `q`, `k`, `v` and output gradient `g`.
+    /// `dq`, `dk` and `dv` of `batch` sequences of the batch from sequence `offset` on, from
+    /// their `q`, `k`, `v` and output gradient `g`.
+    #[allow(clippy::too_many_arguments)]
     pub(super) fn backward(
         &self,
+        offset: usize,
         batch: usize,
         d: Dims,
         q: &[f32],
@@ -194,8 +197,8 @@ impl AttentionOp {
                 .zip(dk.chunks_exact_mut(kv_len))
                 .zip(dv.chunks_exact_mut(kv_len));
             for (i, ((dq, dk), dv)) in sequences.enumerate() {
-                let s = Sequence::of(first + i, d, q, k, v);
-                let g = &g[s.index * q_len..][..q_len];
+                let s = Sequence::of(offset + first + i, first + i, d, q, k, v);
+                let g = &g[(first + i) * q_len..][..q_len];
                 let grads = (dq, dk, dv);
                 self.backward_sequence(&s, g, d, grads, &mut p, &mut dropped, &mut dp);
             }
@@ -296,7 +299,7 @@ impl CustomOp3 for AttentionOp {
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let (batch, d) = self.dims(q.layout(), k.layout())?;
         let (dq, dk, dv) = with_all_values(&[q, k, v, grad], |t| {
-            Ok(self.backward(batch, d, t[0], t[1], t[2], t[3]))
+            Ok(self.backward(0, batch, d, t[0], t[1], t[2], t[3]))
         })?;
         let dev = q.device();
         Ok((

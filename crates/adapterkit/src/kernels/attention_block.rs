@@ -2,11 +2,15 @@
 //! projections around [`AttentionOp`], with a prefix of keys and values (prefix tuning) in front
 //! of each sequence's own where there is one.
 
+use std::ops::Range;
+
 use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Tensor};
 
 use crate::kernels::attention::{AttentionOp, Dims};
 use crate::kernels::dropout::{self, DropoutMask};
-use crate::kernels::fused::{contiguous, with_values, Activations, FrozenLinear, Kept};
+use crate::kernels::fused::{
+    contiguous, with_values, Activations, FrozenLinear, Kept, BACKWARD_ROWS,
+};
 use crate::kernels::parallel::par_zeros;
 
 /// Keys and values put in front of each sequence's own (prefix tuning), as plain values that
@@ -138,13 +142,25 @@ impl AttentionBlockOp {
         Ok((batch, seq, d))
     }
 
-    /// Keys and values `[batch, seq, hidden]` with the prefix's in front, if there is one.
-    fn behind_prefix(&self, keys: Vec<f32>, values: Vec<f32>, batch: usize) -> [Vec<f32>; 2] {
+    /// Keys and values of `sequences` of the batch, `[count, seq, hidden]`, with their prefix's
+    /// in front, if there is one.
+    fn behind_prefix(
+        &self,
+        keys: Vec<f32>,
+        values: Vec<f32>,
+        sequences: Range<usize>,
+        hidden: usize,
+    ) -> [Vec<f32>; 2] {
         match &self.prefix {
-            Some(p) => [
-                prepend(&p.keys, &keys, batch),
-                prepend(&p.values, &values, batch),
-            ],
+            Some(p) => {
+                let per_sequence = p.len * hidden;
+                let rows = sequences.start * per_sequence..sequences.end * per_sequence;
+                let count = sequences.len();
+                [
+                    prepend(&p.keys[rows.clone()], &keys, count),
+                    prepend(&p.values[rows], &values, count),
+                ]
+            }
             None => [keys, values],
         }
     }
@@ -166,21 +182,28 @@ impl AttentionBlockOp {
         }
     }
 
-    /// q, k and v of input `x` (laid out as `layout`), the prefix's keys and values in front.
-    fn projections(&self, x: &[f32], layout: &Layout) -> Result<[Vec<f32>; 3]> {
-        let (batch, seq, d) = self.dims(layout)?;
+    /// q, k and v of `sequences` of the batch from their rows `x` (`[count, seq, hidden]`),
+    /// the prefix's keys and values in front.
+    fn projections(
+        &self,
+        x: &[f32],
+        sequences: Range<usize>,
+        seq: usize,
+        d: Dims,
+    ) -> Result<[Vec<f32>; 3]> {
+        let count = sequences.len();
         let q = if self.first_query_only {
             let first: Vec<f32> = x
                 .chunks_exact(seq * d.hidden)
                 .flat_map(|sequence| &sequence[..d.hidden])
                 .copied()
                 .collect();
-            self.query.forward(&first, batch)?
+            self.query.forward(&first, count)?
         } else {
-            self.query.forward(x, batch * seq)?
+            self.query.forward(x, count * seq)?
         };
-        let [k, v] = [&self.key, &self.value].map(|l| l.forward(x, batch * seq));
-        let [k, v] = self.behind_prefix(k?, v?, batch);
+        let [k, v] = [&self.key, &self.value].map(|l| l.forward(x, count * seq));
+        let [k, v] = self.behind_prefix(k?, v?, sequences, d.hidden);
         Ok([q, k, v])
     }
 }
@@ -192,8 +215,8 @@ impl CustomOp1 for AttentionBlockOp {
 
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
         let x = contiguous(storage, layout)?;
-        let (batch, _, d) = self.dims(layout)?;
-        let [q, k, v] = self.projections(x, layout)?;
+        let (batch, seq, d) = self.dims(layout)?;
+        let [q, k, v] = self.projections(x, 0..batch, seq, d)?;
         let context = self.attention.forward(batch, d, &q, &k, &v);
         let mut out = self.output.forward(&context, batch * d.queries)?;
         dropout::apply(self.dropout.as_ref(), &mut out);
@@ -206,47 +229,100 @@ impl CustomOp1 for AttentionBlockOp {
         ))
     }
 
-    /// `dcontext = (g * mask) Wo`, then the attention's `dq`, `dk`, `dv`, then
-    /// `dx = dq Wq + dk Wk + dv Wv` (`dq Wq` on first positions alone when only they query; the
-    /// prefix's rows of `dk` and `dv` dropped, as the prefix takes no gradient here).
+    /// [`backward_block`](AttentionBlockOp::backward_block) on blocks of sequences (about
+    /// [`BACKWARD_ROWS`] tokens each), with their q, k and v kept or recomputed: the
+    /// attention's gradients exist for one block at a time.
     fn bwd(&self, x: &Tensor, _out: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
         let (batch, seq, d) = self.dims(x.layout())?;
-        let [q, k, v] = match self.activations {
-            Activations::Recomputed => {
-                with_values(x, |values| self.projections(values, x.layout()))?
-            }
-            _ => self.kept.take("attention block")?,
+        let kept = match self.activations {
+            Activations::Recomputed => None,
+            _ => Some(self.kept.take("attention block")?),
         };
-        let (rows, x_rows) = (batch * d.queries, batch * seq);
         let mut g = with_values(grad, |g| Ok(g.to_vec()))?;
         dropout::apply(self.dropout.as_ref(), &mut g);
-        let mut context = par_zeros(g.len());
-        self.output.backward_into(&g, rows, &mut context, false)?;
-        let (dq, dk, dv) = self.attention.backward(batch, d, &q, &k, &v, &context);
-        drop((q, k, v, context));
-        let [dk, dv] = self.without_prefix(dk, dv, batch, d.hidden);
-        let dx = if self.first_query_only {
-            let mut dx = par_zeros(x_rows * d.hidden);
-            self.key.backward_into(&dk, x_rows, &mut dx, false)?;
-            self.value.backward_into(&dv, x_rows, &mut dx, true)?;
-            let mut dx_first = g; // batch x hidden, overwritten
-            self.query.backward_into(&dq, rows, &mut dx_first, false)?;
-            let sequences = dx.chunks_exact_mut(seq * d.hidden);
-            for (sequence, first) in sequences.zip(dx_first.chunks_exact(d.hidden)) {
-                sequence[..d.hidden]
-                    .iter_mut()
-                    .zip(first)
-                    .for_each(|(a, b)| *a += b);
-            }
-            dx
-        } else {
-            let mut dx = g; // rows x hidden, overwritten
-            self.query.backward_into(&dq, rows, &mut dx, false)?;
-            self.key.backward_into(&dk, rows, &mut dx, true)?;
-            self.value.backward_into(&dv, rows, &mut dx, true)?;
-            dx
+        // With every position querying, `dx` takes `g`'s place; with the first alone, it is
+        // larger than `g`.
+        let mut dx_all = match self.first_query_only {
+            true => par_zeros(batch * seq * d.hidden),
+            false => Vec::new(),
         };
+        let (q_len, kv_len, x_len) = (d.queries * d.hidden, d.keys * d.hidden, seq * d.hidden);
+        let per_block = (BACKWARD_ROWS / seq.max(1)).max(1);
+        with_values(x, |x| {
+            for first in (0..batch).step_by(per_block) {
+                let sequences = first..batch.min(first + per_block);
+                let n = sequences.len();
+                let recomputed;
+                let qkv: [&[f32]; 3] = match &kept {
+                    Some([q, k, v]) => [
+                        &q[first * q_len..][..n * q_len],
+                        &k[first * kv_len..][..n * kv_len],
+                        &v[first * kv_len..][..n * kv_len],
+                    ],
+                    None => {
+                        let x = &x[first * x_len..][..n * x_len];
+                        recomputed = self.projections(x, sequences.clone(), seq, d)?;
+                        [&recomputed[0], &recomputed[1], &recomputed[2]].map(|t| &t[..])
+                    }
+                };
+                let g = &mut g[first * q_len..][..n * q_len];
+                let dx = match self.first_query_only {
+                    true => Some(&mut dx_all[first * x_len..][..n * x_len]),
+                    false => None,
+                };
+                self.backward_block(sequences, seq, d, qkv, g, dx)?;
+            }
+            Ok(())
+        })?;
+        let dx = if self.first_query_only { dx_all } else { g };
         Ok(Some(Tensor::from_vec(dx, x.shape(), x.device())?))
+    }
+}
+
+impl AttentionBlockOp {
+    /// The backward pass of `sequences` of the batch, from their `g` (the output gradient after
+    /// dropout): `dcontext = g Wo`, the attention's `dq`, `dk`, `dv`, then
+    /// `dx = dq Wq + dk Wk + dv Wv`, written over `g`, or, when only first positions query,
+    /// into `dx` (`dq Wq` added to first positions alone). The prefix's rows of `dk` and `dv`
+    /// are dropped, as the prefix takes no gradient here.
+    fn backward_block(
+        &self,
+        sequences: Range<usize>,
+        seq: usize,
+        d: Dims,
+        [q, k, v]: [&[f32]; 3],
+        g: &mut [f32],
+        dx: Option<&mut [f32]>,
+    ) -> Result<()> {
+        let n = sequences.len();
+        let (rows, x_rows) = (n * d.queries, n * seq);
+        let mut context = par_zeros(g.len());
+        self.output.backward_into(g, rows, &mut context, false)?;
+        let (dq, dk, dv) = (self.attention).backward(sequences.start, n, d, q, k, v, &context);
+        drop(context);
+        let [dk, dv] = self.without_prefix(dk, dv, n, d.hidden);
+        match dx {
+            Some(dx) => {
+                self.key.backward_into(&dk, x_rows, dx, false)?;
+                self.value.backward_into(&dv, x_rows, dx, true)?;
+                let dx_first = g; // n x hidden, overwritten
+                self.query.backward_into(&dq, rows, dx_first, false)?;
+                let sequences = dx.chunks_exact_mut(seq * d.hidden);
+                for (sequence, first) in sequences.zip(dx_first.chunks_exact(d.hidden)) {
+                    sequence[..d.hidden]
+                        .iter_mut()
+                        .zip(first)
+                        .for_each(|(a, b)| *a += b);
+                }
+            }
+            None => {
+                let dx = g; // rows x hidden, overwritten
+                self.query.backward_into(&dq, rows, dx, false)?;
+                self.key.backward_into(&dk, rows, dx, true)?;
+                self.value.backward_into(&dv, rows, dx, true)?;
+            }
+        }
+        Ok(())
     }
 }
 
@@ -263,13 +339,15 @@ mod tests {
 
     /// Output and `dL/dx` of the block op against its Linears and the attention op node by
     /// node, with q, k and v kept and recomputed, with and without dropout, with a padded
-    /// sequence, small and split over threads, every position querying and only the first,
-    /// with and without a prefix of keys and values (one of whose positions is hidden from
-    /// the first sequence).
+    /// sequence, small, split over threads and over backward blocks, every position querying
+    /// and only the first, with and without a prefix of keys and values (one of whose
+    /// positions is hidden from the first sequence).
     #[test]
     fn block_matches_its_ops_node_by_node() -> Result<()> {
         let mut rng = SeededRng::new(5);
-        for (batch, seq, hidden, heads) in [(2, 3, 8, 2), (4, 40, 64, 4)] {
+        // The last: blocks of 3 sequences and 2 in the backward pass.
+        let sizes = [(2, 3, 8, 2), (4, 40, 64, 4), (5, BACKWARD_ROWS / 3, 8, 2)];
+        for (batch, seq, hidden, heads) in sizes {
             let weights: Vec<(Tensor, Tensor)> = (0..4)
                 .map(|_| {
                     Ok((

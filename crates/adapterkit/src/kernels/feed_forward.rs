@@ -13,13 +13,9 @@ use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Tensor};
 use crate::kernels::dropout::{self, DropoutMask};
 use crate::kernels::fused::{
     contiguous, gelu_backward, gelu_forward, gelu_in_place, with_values, Activations, FrozenLinear,
-    Kept,
+    Kept, BACKWARD_ROWS,
 };
 use crate::kernels::parallel::{par_rows, par_vec, par_zeros, ROW};
-
-/// Rows per block of the backward pass: large enough for the matrix products to run at full
-/// rate, small enough that a block's `[rows, intermediate]` temporaries stay a few MiB.
-const BACKWARD_ROWS: usize = 1024;
 
 pub struct FeedForwardOp {
     /// `intermediate.dense`

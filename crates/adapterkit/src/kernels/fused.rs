@@ -195,6 +195,11 @@ impl<T> Kept<T> {
     }
 }
 
+/// Rows (tokens) per block of a frozen block's backward pass: large enough for the matrix
+/// products to run at full rate, small enough that a block's temporaries (its gradients, its
+/// recomputed products) stay a few MiB, where the whole batch's would add to the peak.
+pub(crate) const BACKWARD_ROWS: usize = 1024;
+
 /// What a frozen block's forward pass leaves for its backward pass.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Activations {

@@ -133,19 +133,64 @@ pub struct SumLayerNormOp {
     pub bias: Tensor,
 }
 
-impl SumLayerNormOp {
-    fn sum(parts: &[&[f32]]) -> Vec<f32> {
-        par_vec(parts[0].len(), ROW, |first, block| {
-            block.copy_from_slice(&parts[0][first * ROW..][..block.len()]);
-            for part in &parts[1..] {
-                let part = &part[first * ROW..][..block.len()];
-                block.iter_mut().zip(part).for_each(|(s, p)| *s += p);
-            }
-        })
+/// The element-wise sum of `parts` (one length), in parallel blocks.
+fn sum_of(parts: &[&[f32]]) -> Vec<f32> {
+    par_vec(parts[0].len(), ROW, |first, block| {
+        block.copy_from_slice(&parts[0][first * ROW..][..block.len()]);
+        for part in &parts[1..] {
+            let part = &part[first * ROW..][..block.len()];
+            block.iter_mut().zip(part).for_each(|(s, p)| *s += p);
+        }
+    })
+}
+
+/// `a + b + c` (one shape) as one op, for a LayerNorm of a sum whose weights train: candle's two
+/// additions would keep the partial sum `a + b` for a backward pass that needs none of it
+/// (every part's gradient is the sum's).
+pub struct Sum3Op;
+
+impl CustomOp3 for Sum3Op {
+    fn name(&self) -> &'static str {
+        "fused-sum3"
     }
 
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        if l2.shape() != l1.shape() || l3.shape() != l1.shape() {
+            candle_core::bail!(
+                "sum of {:?}, {:?} and {:?}",
+                l1.shape(),
+                l2.shape(),
+                l3.shape()
+            );
+        }
+        let out = sum_of(&contiguous_all([(s1, l1), (s2, l2), (s3, l3)])?);
+        Ok((CpuStorage::F32(out), l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        a: &Tensor,
+        b: &Tensor,
+        c: &Tensor,
+        _out: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let take = |t: &Tensor| t.track_op().then(|| grad.clone());
+        Ok((take(a), take(b), take(c)))
+    }
+}
+
+impl SumLayerNormOp {
     fn forward(&self, parts: &[&[f32]], shape: &Shape) -> Result<(CpuStorage, Shape)> {
-        let sum = Self::sum(parts);
+        let sum = sum_of(parts);
         let out = with_all_values(&[&self.weight, &self.bias], |v| {
             Ok(self.norm.normalize(&sum, v[0], v[1]))
         })?;
@@ -157,7 +202,7 @@ impl SumLayerNormOp {
         if !parts.iter().any(|p| p.track_op()) {
             return Ok(None);
         }
-        let sum = with_all_values(parts, |values| Ok(Self::sum(values)))?;
+        let sum = with_all_values(parts, |values| Ok(sum_of(values)))?;
         let (dx, _, _) = with_all_values(&[&self.weight, grad], |v| {
             self.norm.backward(&sum, v[0], v[1], parts[0], &self.weight)
         })?;

@@ -2,7 +2,7 @@
 
 use candle_core::{Result, Tensor};
 
-use crate::kernels::dropout::{keep_mask, DropoutMask};
+use crate::kernels::dropout::{keep_mask, keeps, DropoutMask};
 use crate::kernels::parallel::threads;
 use crate::rng::SeededRng;
 
@@ -38,14 +38,17 @@ impl Mode {
             return Ok(x.clone());
         };
         let scale = 1.0 / (1.0 - p);
-        let mask: Vec<f32> = keep.iter().map(|k| *k as f32 * scale).collect();
+        let n = x.elem_count();
+        let mask: Vec<f32> = (0..n)
+            .map(|i| keeps(&keep, i) as u8 as f32 * scale)
+            .collect();
         let mask = Tensor::from_vec(mask, x.shape(), x.device())?.to_dtype(x.dtype())?;
         x * mask
     }
 
-    /// Which of `n` elements inverted dropout keeps (1) or drops (0), keyed by one draw
+    /// Which of `n` elements inverted dropout keeps, as bits, keyed by one draw
     /// from the generator (see [`keep_mask`]); `None` in evaluation or when `p` is 0.
-    fn keep_mask(&mut self, n: usize, p: f32) -> Option<Vec<u8>> {
+    fn keep_mask(&mut self, n: usize, p: f32) -> Option<Vec<u64>> {
         match self {
             Mode::Train(rng) if p > 0.0 => {
                 let threads = threads();
@@ -58,9 +61,9 @@ impl Mode {
     /// [`keep_mask`](Self::keep_mask) with its scale, for the fused ops that apply dropout
     /// themselves.
     pub fn dropout_mask(&mut self, n: usize, p: f32) -> Option<DropoutMask> {
-        let keep = self.keep_mask(n, p)?;
+        let bits = self.keep_mask(n, p)?;
         Some(DropoutMask {
-            keep,
+            bits,
             scale: 1.0 / (1.0 - p),
         })
     }

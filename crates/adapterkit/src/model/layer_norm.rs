@@ -3,7 +3,7 @@
 use candle_core::{Module, Result, Tensor};
 use candle_nn::VarBuilder;
 
-use crate::kernels::layer_norm::{LayerNormOp, SumLayerNormOp};
+use crate::kernels::layer_norm::{LayerNormOp, Sum3Op, SumLayerNormOp};
 use crate::model::ops;
 
 #[derive(Debug, Clone)]
@@ -24,8 +24,9 @@ impl LayerNorm {
 
     /// `LayerNorm(sum of parts)`, two or three parts of one shape: a residual connection
     /// (and an adapter's output) and the norm. With the LayerNorm frozen, on CPU in f32, one
-    /// op (`kernels::layer_norm::SumLayerNormOp`): no tensor is kept for the sum, and the parts share one
-    /// gradient; otherwise the sum, then the LayerNorm.
+    /// op (`kernels::layer_norm::SumLayerNormOp`): no tensor is kept for the sum, and the parts
+    /// share one gradient; otherwise the sum (of three parts on CPU in f32 one op, `Sum3Op`,
+    /// which keeps no partial sum), then the LayerNorm.
     pub fn of_sum(&self, parts: &[&Tensor]) -> Result<Tensor> {
         let (first, rest) = parts
             .split_first()
@@ -48,7 +49,13 @@ impl LayerNorm {
                 _ => {}
             }
         }
-        let sum = rest.iter().try_fold((*first).clone(), |sum, p| sum + *p)?;
+        let sum = match parts {
+            [a, b, c] if same && ops::fused_applies(a) => {
+                a.contiguous()?
+                    .apply_op3(&b.contiguous()?, &c.contiguous()?, Sum3Op)?
+            }
+            _ => rest.iter().try_fold((*first).clone(), |sum, p| sum + *p)?,
+        };
         self.forward(&sum)
     }
 
@@ -116,14 +123,18 @@ mod tests {
     #[test]
     fn of_sum_matches_sum_then_layer_norm() -> Result<()> {
         let mut rng = SeededRng::new(6);
-        let norm = LayerNorm {
-            weight: (random(&mut rng, &[48])? + 1.0)?,
-            bias: random(&mut rng, &[48])?,
-            eps: 1e-12,
-        };
+        let weight = Var::from_tensor(&(random(&mut rng, &[48])? + 1.0)?)?;
+        let bias = Var::from_tensor(&random(&mut rng, &[48])?)?;
         let r = random(&mut rng, &[3, 70, 48])?;
         let max = |t: &Tensor| t.abs()?.max_all()?.to_scalar::<f32>();
-        for count in [2, 3] {
+        // Frozen (one op), and trained (three parts: their sum one op).
+        for (count, trained) in [(2, false), (3, false), (2, true), (3, true)] {
+            let norm = LayerNorm {
+                weight: weight.as_tensor().clone(),
+                bias: bias.as_tensor().clone(),
+                eps: 1e-12,
+            };
+            let norm = if trained { norm } else { norm.frozen() };
             let vars = (0..count)
                 .map(|_| Var::from_tensor(&random(&mut rng, &[3, 70, 48])?))
                 .collect::<Result<Vec<_>>>()?;
@@ -135,21 +146,30 @@ mod tests {
                 .iter()
                 .try_fold(parts[0].clone(), |s, p| s + *p)?;
             let composed = ops::layer_norm_composed(&sum, &norm.weight, &norm.bias, norm.eps)?;
+            let what = format!("{count} parts, trained: {trained}");
             assert!(
                 max(&(&fused - &composed)?)? < 1e-5,
-                "{count} parts: outputs differ"
+                "{what}: outputs differ"
             );
             let fused_grads = (&fused * &r)?.sum_all()?.backward()?;
             let composed_grads = (&composed * &r)?.sum_all()?.backward()?;
-            for var in &vars[..count - 1] {
-                let a = fused_grads.get(var.as_tensor()).expect("a gradient");
-                let b = composed_grads.get(var.as_tensor()).expect("a gradient");
+            let mut with_grads: Vec<&Tensor> =
+                vars[..count - 1].iter().map(|v| v.as_tensor()).collect();
+            if trained {
+                with_grads.extend([weight.as_tensor(), bias.as_tensor()]);
+            }
+            for t in with_grads {
+                let a = fused_grads.get(t).expect("a gradient");
+                let b = composed_grads.get(t).expect("a gradient");
                 assert!(
                     max(&(a - b)?)? < 1e-4 * max(b)?.max(1.0),
-                    "{count} parts: dx differs"
+                    "{what}: a gradient differs"
                 );
             }
-            assert!(fused_grads.get(&constant).is_none());
+            // candle's addition gives even a constant part a gradient; the fused ops do not.
+            if !trained || count == 3 {
+                assert!(fused_grads.get(&constant).is_none(), "{what}: constant");
+            }
         }
         Ok(())
     }
