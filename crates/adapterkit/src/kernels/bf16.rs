@@ -7,8 +7,6 @@
 //! holds exactly, so both compute the same sums (in another order) and the fallback costs what
 //! f32 costs.
 
-use std::borrow::Cow;
-
 use half::bf16;
 
 use crate::kernels::matmul::{matmul_into, matmul_onto_bias, View};
@@ -31,8 +29,9 @@ enum Layout {
     /// side), so that a panel is read contiguously; `k` padded to even and `n` to a multiple
     /// of 16 with zeros.
     Panels(Vec<u16>),
-    /// For the fallback: the rounded values widened back to f32, row-major `[n, k]`.
-    Rounded(Vec<f32>),
+    /// For the fallback: the rounded values as bf16 bits, row-major `[n, k]`, widened to f32
+    /// for each product (a pass over the weight, where the product makes `m` of them).
+    Bits(Vec<u16>),
 }
 
 impl std::fmt::Debug for PackedBf16 {
@@ -87,7 +86,7 @@ impl PackedBf16 {
             }
             Layout::Panels(data)
         } else {
-            Layout::Rounded(rounded(weight))
+            Layout::Bits(weight.iter().map(|&w| bits(w)).collect())
         };
         Self {
             n,
@@ -103,17 +102,20 @@ impl PackedBf16 {
         ((panel * pairs + p) * LANES + lane) * 2
     }
 
-    /// The rounded weight as f32, `[n, k]`: kept, or read back from the panels.
-    fn rounded_weight(&self) -> Cow<'_, [f32]> {
+    /// The rounded weight as f32, `[n, k]`.
+    fn rounded_weight(&self) -> Vec<f32> {
+        let widen = |b: u16| f32::from_bits((b as u32) << 16);
+        let (n, k) = (self.n, self.k);
         match &self.layout {
-            Layout::Rounded(values) => Cow::Borrowed(values),
+            Layout::Bits(bits) => par_vec(n * k, ROW, |first, block| {
+                let bits = &bits[first * ROW..][..block.len()];
+                block.iter_mut().zip(bits).for_each(|(v, &b)| *v = widen(b));
+            }),
             Layout::Panels(data) => {
-                let widen = |b: u16| f32::from_bits((b as u32) << 16);
-                let (n, k) = (self.n, self.k);
                 let value = |j: usize, i: usize| {
                     widen(data[Self::at(self.pairs, j / LANES, i / 2, j % LANES) + i % 2])
                 };
-                Cow::Owned((0..n * k).map(|e| value(e / k, e % k)).collect())
+                (0..n * k).map(|e| value(e / k, e % k)).collect()
             }
         }
     }

@@ -33,9 +33,9 @@ enum Layout {
     /// positions and each column, its four values side by side); `k` padded to a multiple of
     /// 4 and `n` to one of 16 with zeros.
     Panels(Vec<i8>),
-    /// For the fallback: the dequantised weight (each level times its column's scale),
-    /// row-major `[n, k]`.
-    Dequantised(Vec<f32>),
+    /// For the fallback: the levels, row-major `[n, k]`, dequantised (each times its column's
+    /// scale) for each product (a pass over the weight, where the product makes `m` of them).
+    Levels(Vec<i8>),
 }
 
 impl std::fmt::Debug for QuantizedI8 {
@@ -110,9 +110,7 @@ impl QuantizedI8 {
             }
             Layout::Panels(data)
         } else {
-            let scale = |e: usize| scales[e / k.max(1)];
-            let values = levels.iter().enumerate().map(|(e, &q)| q as f32 * scale(e));
-            Layout::Dequantised(values.collect())
+            Layout::Levels(levels)
         };
         Self {
             n,
@@ -175,15 +173,25 @@ pub fn linear(x: &[f32], m: usize, w: &QuantizedI8, bias: &[f32]) -> Vec<f32> {
                 out,
             )
         }),
-        Layout::Dequantised(weight) => {
+        Layout::Levels(levels) => {
             // As f32's Linear, on the dequantised factors.
+            let weight = par_vec(w.n * w.k, w.k.max(1), |first, rows| {
+                let levels = &levels[first * w.k..][..rows.len()];
+                let rows = rows.chunks_exact_mut(w.k).zip(levels.chunks_exact(w.k));
+                for (j, (row, levels)) in rows.enumerate() {
+                    let scale = w.scales[first + j];
+                    row.iter_mut()
+                        .zip(levels)
+                        .for_each(|(v, &q)| *v = q as f32 * scale);
+                }
+            });
             let x = par_vec(x.len(), w.k.max(1), |first, rows| {
                 let x = &x[first * w.k..][..rows.len()];
                 for (x, row) in x.chunks_exact(w.k).zip(rows.chunks_exact_mut(w.k)) {
                     dequantise_row(x, row);
                 }
             });
-            let (x, weight) = (View::rows(&x, m, w.k), View::rows(weight, w.n, w.k));
+            let (x, weight) = (View::rows(&x, m, w.k), View::rows(&weight, w.n, w.k));
             matmul_onto_bias(x, weight.t(), bias, threads())
         }
     }
