@@ -164,7 +164,7 @@ pub fn int8_matmul_rate(n: usize, runs: usize) -> (f64, &'static str) {
     let path = if avx512_vnni() {
         "avx512_vnni"
     } else {
-        "fallback: f32 gemm on the int8 levels"
+        "fallback: f32 gemm on the dequantised factors"
     };
     (rate, path)
 }

@@ -95,22 +95,23 @@ impl QuantizedI8 {
         assert_eq!(weight.len(), n * k, "a weight of {n} x {k}");
         let (quads, n_padded) = (k.div_ceil(4), n.div_ceil(LANES) * LANES);
         let (mut scales, mut offsets) = (vec![0f32; n], vec![0i32; n]);
-        let mut levels = vec![0i8; n * k];
-        for (j, row) in levels.chunks_exact_mut(k.max(1)).enumerate().take(n) {
-            scales[j] = quantize(&weight[j * k..(j + 1) * k], row);
+        let mut data = vec![0i8; if panels { quads * n_padded * 4 } else { n * k }];
+        let mut row = vec![0i8; k];
+        for j in 0..n {
+            scales[j] = quantize(&weight[j * k..(j + 1) * k], &mut row);
             offsets[j] = 128 * row.iter().map(|&q| q as i32).sum::<i32>();
-        }
-        let layout = if panels {
-            let mut data = vec![0i8; quads * n_padded * 4];
-            for (j, row) in levels.chunks_exact(k.max(1)).enumerate().take(n) {
-                let (panel, lane) = (j / LANES, j % LANES);
-                for (i, &q) in row.iter().enumerate() {
-                    data[Self::at(quads, panel, i / 4, lane) + i % 4] = q;
-                }
+            if !panels {
+                data[j * k..(j + 1) * k].copy_from_slice(&row);
+                continue;
             }
-            Layout::Panels(data)
-        } else {
-            Layout::Levels(levels)
+            let (panel, lane) = (j / LANES, j % LANES);
+            for (i, &q) in row.iter().enumerate() {
+                data[Self::at(quads, panel, i / 4, lane) + i % 4] = q;
+            }
+        }
+        let layout = match panels {
+            true => Layout::Panels(data),
+            false => Layout::Levels(data),
         };
         Self {
             n,

@@ -6,8 +6,8 @@
 //!   (`g W`) stays f32: with it in bf16 too (a transposed copy), Houlsby adapters trained
 //!   13% faster but ended 0.37 and 0.28 points under f32 on TREC-6 and movie_sentiment
 //!   (3 seeds), against -0.06 and -0.09 this way (docs/RESULTS.md). The frozen blocks keep
-//!   nothing for the backward pass: it recomputes their products, at the bf16 rate, which
-//!   took peak memory from 1.05x f32's to 0.77x (`ops::block_activations`).
+//!   nothing for the backward pass: it recomputes their products, at the bf16 rate
+//!   (`ops::block_activations`; docs/BENCHMARKS.md has the memory).
 //! - int8 (`kernels::int8`): each row of the input quantised with its own scale, the weight
 //!   per output column, exact integer sums scaled back; for inference (training refuses it).
 //!
