@@ -5,7 +5,7 @@
 //! backward pass allocates, zero-fills and adds a gradient for every one of them, several of
 //! them `[batch, heads, queries, keys]`. Here queries, keys and values stay in the projections'
 //! `[batch, seq, hidden]` layout (a head is a strided view, read in place by `gemm`), and only
-//! they and a byte mask of the dropout are kept for the backward pass, which recomputes the
+//! they and a bit mask of the dropout are kept for the backward pass, which recomputes the
 //! attention probabilities (one extra `queries x keys` product per head, ~3% of a layer's work).
 
 use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};

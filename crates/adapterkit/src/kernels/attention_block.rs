@@ -69,7 +69,8 @@ fn prepend(prefix: &[f32], own: &[f32], batch: usize) -> Vec<f32> {
 /// x Wk^T + bk, x Wv^T + bv) Wo^T + bo)`, as one op on `x` `[batch, seq, hidden]` whose
 /// backward pass returns `dL/dx` alone. Node by node, candle would keep the attention's
 /// output, the projection and a float dropout mask, and zero-fill and add a gradient for
-/// each of eight edges; this op keeps q, k, v and byte masks, and sums `dx` in place.
+/// each of eight edges; this op keeps q, k, v (or recomputes them) and bit masks, and sums
+/// `dx` in place.
 pub struct AttentionBlockOp {
     pub query: FrozenLinear,
     pub key: FrozenLinear,

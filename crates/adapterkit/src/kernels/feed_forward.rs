@@ -5,7 +5,7 @@
 //! expansion, its GELU, the projection and a float dropout mask), and candle's backward pass
 //! zero-fills and adds a gradient into each, two of them `[tokens, intermediate]`. With the
 //! weights frozen (adapter training, inference), this op keeps only the expansion before GELU
-//! (or nothing, recomputing it in the backward pass) and a byte mask; the weights are fields
+//! (or nothing, recomputing it in the backward pass) and a bit mask; the weights are fields
 //! of the op, not graph inputs.
 
 use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Tensor};
