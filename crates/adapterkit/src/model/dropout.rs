@@ -2,7 +2,7 @@
 
 use candle_core::{Result, Tensor};
 
-use crate::kernels::dropout::{keep_mask, keeps, DropoutMask};
+use crate::kernels::dropout::{keep_mask, DropoutMask};
 use crate::kernels::parallel::threads;
 use crate::rng::SeededRng;
 
@@ -37,11 +37,13 @@ impl Mode {
         let Some(keep) = self.keep_mask(x.elem_count(), p) else {
             return Ok(x.clone());
         };
-        let scale = 1.0 / (1.0 - p);
-        let n = x.elem_count();
-        let mask: Vec<f32> = (0..n)
-            .map(|i| keeps(&keep, i) as u8 as f32 * scale)
-            .collect();
+        // Ones times the mask: the kept elements' scale, zeros elsewhere.
+        let mut mask = vec![1f32; x.elem_count()];
+        let bits = DropoutMask {
+            bits: keep,
+            scale: 1.0 / (1.0 - p),
+        };
+        bits.apply(0, &mut mask);
         let mask = Tensor::from_vec(mask, x.shape(), x.device())?.to_dtype(x.dtype())?;
         x * mask
     }
