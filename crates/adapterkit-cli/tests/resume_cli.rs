@@ -148,10 +148,7 @@ fn a_checkpoint_resumes_only_with_the_dtype_it_was_made_with() {
         if resume {
             args.push("--resume");
         }
-        Command::new(env!("CARGO_BIN_EXE_adapterkit"))
-            .args(&args)
-            .output()
-            .unwrap()
+        adapterkit(&args)
     };
     let first = run("bf16", false);
     assert!(

@@ -9,8 +9,12 @@ use crate::adapter_model::AdapterModel;
 use crate::batch::Batch;
 use crate::composed_model::ComposedModel;
 use crate::error::Result;
+use crate::kernels::bf16::avx512_bf16;
+use crate::kernels::fused::FrozenLinear;
+use crate::kernels::int8::avx512_vnni;
 use crate::model::layer::Positions;
-use crate::model::{BertConfig, Mode};
+use crate::model::precision::packed_weights;
+use crate::model::{BertConfig, Mode, Precision};
 use crate::rng::SeededRng;
 use crate::train::optim::{AdamW, AdamWConfig};
 
@@ -121,10 +125,46 @@ pub fn matmul_peak(n: usize, runs: usize, device: &Device) -> Result<f64> {
     let mut rng = SeededRng::new(1);
     let a = rng.normal_tensor((n, n), 0.0, 1.0, device)?;
     let b = rng.normal_tensor((n, n), 0.0, 1.0, device)?;
-    let product = || -> Result<()> {
+    product_rate(n, runs, || {
         a.matmul(&b)?.sum_all()?.to_scalar::<f32>()?;
         Ok(())
+    })
+}
+
+/// Operations a second of a frozen Linear's product in `precision` (bf16 or int8: the kernel
+/// the encoder's blocks run on, the weight packed once outside the timing, int8's activations
+/// quantised inside it) on an `n x n` input and weight, best of `runs` after one untimed
+/// product, and the path it took.
+pub fn frozen_matmul_rate(
+    precision: Precision,
+    n: usize,
+    runs: usize,
+) -> Result<(f64, &'static str)> {
+    let mut rng = SeededRng::new(1);
+    let x = rng.normal_tensor((n, n), 0.0, 1.0, &Device::Cpu)?;
+    let weight = rng.normal_tensor((n, n), 0.0, 1.0, &Device::Cpu)?;
+    let linear = candle_nn::Linear::new(weight, Some(Tensor::zeros(n, DType::F32, &Device::Cpu)?));
+    let packed = packed_weights(precision, [&linear])?;
+    let frozen = FrozenLinear::of(&linear)
+        .expect("plain tensors take no gradient")
+        .packed_as(packed.as_ref().map(|[p]| p))?;
+    let x = x.flatten_all()?.to_vec1::<f32>()?;
+    let rate = product_rate(n, runs, || {
+        frozen.forward(&x, n)?;
+        Ok(())
+    })?;
+    let path = match precision {
+        Precision::F32 => "f32 gemm",
+        Precision::Bf16 if avx512_bf16() => "avx512_bf16",
+        Precision::Bf16 => "fallback: f32 gemm on bf16-rounded values",
+        Precision::Int8 if avx512_vnni() => "avx512_vnni",
+        Precision::Int8 => "fallback: f32 gemm on the dequantised factors",
     };
+    Ok((rate, path))
+}
+
+/// FLOP/s of `product` (an `n^3` product), best of `runs` after one untimed call.
+fn product_rate(n: usize, runs: usize, mut product: impl FnMut() -> Result<()>) -> Result<f64> {
     product()?;
     let mut best = f64::INFINITY;
     for _ in 0..runs.max(1) {
@@ -133,60 +173,6 @@ pub fn matmul_peak(n: usize, runs: usize, device: &Device) -> Result<f64> {
         best = best.min(start.elapsed().as_secs_f64());
     }
     Ok(2.0 * (n * n * n) as f64 / best)
-}
-
-/// FLOP/s of `kernels::bf16::matmul` on an `n x n` by `n x n` product (the weight packed once,
-/// outside the timing), best of `runs` after one untimed product, and the path it took.
-pub fn bf16_matmul_rate(n: usize, runs: usize) -> (f64, &'static str) {
-    use crate::kernels::bf16::{avx512_bf16, matmul, Onto, PackedBf16};
-    let (x, w) = square_factors(n);
-    let packed = PackedBf16::pack(&w, n, n);
-    let mut out = vec![0f32; n * n];
-    let rate = product_rate(n, runs, || matmul(&x, n, &packed, Onto::Zeros, &mut out));
-    let path = if avx512_bf16() {
-        "avx512_bf16"
-    } else {
-        "fallback: f32 gemm on bf16-rounded values"
-    };
-    (rate, path)
-}
-
-/// [`bf16_matmul_rate`] for `kernels::int8::linear` (the activations quantised inside the
-/// timing, as at inference).
-pub fn int8_matmul_rate(n: usize, runs: usize) -> (f64, &'static str) {
-    use crate::kernels::int8::{avx512_vnni, linear, QuantizedI8};
-    let (x, w) = square_factors(n);
-    let packed = QuantizedI8::pack(&w, n, n);
-    let bias = vec![0f32; n];
-    let rate = product_rate(n, runs, || {
-        linear(&x, n, &packed, &bias);
-    });
-    let path = if avx512_vnni() {
-        "avx512_vnni"
-    } else {
-        "fallback: f32 gemm on the dequantised factors"
-    };
-    (rate, path)
-}
-
-/// Two random `n x n` factors.
-fn square_factors(n: usize) -> (Vec<f32>, Vec<f32>) {
-    let mut rng = SeededRng::new(1);
-    let mut random =
-        |len: usize| -> Vec<f32> { (0..len).map(|_| rng.normal_f64() as f32).collect() };
-    (random(n * n), random(n * n))
-}
-
-/// FLOP/s of `product` (an `n^3` product), best of `runs` after one untimed call.
-fn product_rate(n: usize, runs: usize, mut product: impl FnMut()) -> f64 {
-    product();
-    let mut best = f64::INFINITY;
-    for _ in 0..runs.max(1) {
-        let start = Instant::now();
-        product();
-        best = best.min(start.elapsed().as_secs_f64());
-    }
-    2.0 * (n * n * n) as f64 / best
 }
 
 /// The instruction-set extensions the CPU has that matter to matrix products (what a bf16 or

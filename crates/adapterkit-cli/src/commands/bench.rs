@@ -3,8 +3,8 @@ use candle_core::Device;
 
 use adapterkit::adapter_model::{AdapterModel, Method};
 use adapterkit::bench::{
-    bf16_matmul_rate, composed_step, cpu_features, forward_flops, inference_step, int8_matmul_rate,
-    matmul_peak, optimizer_for, peak_rss_bytes, random_batch, time_per_step, training_step,
+    composed_step, cpu_features, forward_flops, frozen_matmul_rate, inference_step, matmul_peak,
+    optimizer_for, peak_rss_bytes, random_batch, time_per_step, training_step,
 };
 use adapterkit::composed_model::ComposedModel;
 use adapterkit::data::TaskKind;
@@ -90,17 +90,16 @@ pub fn run(args: Args) -> Result<()> {
     encoder.set_precision(args.dtype.dtype)?;
     let flops = forward_flops(&config, args.batch_size, args.seq_len, Positions::First);
     let f32_peak = matmul_peak(1024, 10, &device)?;
+    if args.dtype.dtype == Precision::Int8 {
+        let training = ["adapter", "full", "lora", "ia3", "adapter-drop"];
+        if let Some(what) = args.what.iter().find(|w| training.contains(&w.as_str())) {
+            anyhow::bail!("--dtype int8 is for inference; '{what}' trains");
+        }
+    }
     // The peak of the products the frozen encoder runs on: our bf16 kernel's in bf16.
     let (peak, path) = match args.dtype.dtype {
         Precision::F32 => (f32_peak, "f32 gemm"),
-        Precision::Bf16 => bf16_matmul_rate(1024, 10),
-        Precision::Int8 => {
-            let training = ["adapter", "full", "lora", "ia3", "adapter-drop"];
-            if let Some(what) = args.what.iter().find(|w| training.contains(&w.as_str())) {
-                anyhow::bail!("--dtype int8 is for inference; '{what}' trains");
-            }
-            int8_matmul_rate(1024, 10)
-        }
+        low => frozen_matmul_rate(low, 1024, 10)?,
     };
 
     let row = |what: &str, seconds: f64, step_flops: f64| {
@@ -204,21 +203,20 @@ pub fn run(args: Args) -> Result<()> {
                 compare_ops(&config, &args)?;
                 continue;
             }
-            "bf16-matmul" => {
-                // The bf16 kernel against the f32 peak measured above, on the same product.
-                let (rate, path) = bf16_matmul_rate(1024, 10);
+            "bf16-matmul" | "int8-matmul" => {
+                // The kernel against the f32 peak measured above, on the same product.
+                let precision = if what == "bf16-matmul" {
+                    Precision::Bf16
+                } else {
+                    Precision::Int8
+                };
+                let (rate, path) = frozen_matmul_rate(precision, 1024, 10)?;
+                let (quantised, unit) = match precision {
+                    Precision::Int8 => (", activations quantised per row inside", "GOP/s"),
+                    _ => ("", "GFLOP/s"),
+                };
                 println!(
-                    "bf16 1024^3 product ({path}, {} threads): {:.1} GFLOP/s, {:.0}% of the f32 peak",
-                    candle_core::utils::get_num_threads(),
-                    rate / 1e9,
-                    100.0 * rate / f32_peak
-                );
-                continue;
-            }
-            "int8-matmul" => {
-                let (rate, path) = int8_matmul_rate(1024, 10);
-                println!(
-                    "int8 1024^3 product ({path}, {} threads, activations quantised per row inside): {:.1} GOP/s, {:.0}% of the f32 peak",
+                    "{precision} 1024^3 product ({path}, {} threads{quantised}): {:.1} {unit}, {:.0}% of the f32 peak",
                     candle_core::utils::get_num_threads(),
                     rate / 1e9,
                     100.0 * rate / f32_peak

@@ -207,6 +207,51 @@ impl AttentionBlockOp {
         let [k, v] = self.behind_prefix(k?, v?, sequences, d.hidden);
         Ok([q, k, v])
     }
+
+    /// The backward pass of `sequences` of the batch, from their `g` (the output gradient after
+    /// dropout): `dcontext = g Wo`, the attention's `dq`, `dk`, `dv`, then
+    /// `dx = dq Wq + dk Wk + dv Wv`, written over `g`, or, when only first positions query,
+    /// into `dx` (`dq Wq` added to first positions alone). The prefix's rows of `dk` and `dv`
+    /// are dropped, as the prefix takes no gradient here.
+    fn backward_block(
+        &self,
+        sequences: Range<usize>,
+        seq: usize,
+        d: Dims,
+        [q, k, v]: [&[f32]; 3],
+        g: &mut [f32],
+        dx: Option<&mut [f32]>,
+    ) -> Result<()> {
+        let n = sequences.len();
+        let (rows, x_rows) = (n * d.queries, n * seq);
+        let mut context = par_zeros(g.len());
+        self.output.backward_into(g, rows, &mut context, false)?;
+        let (dq, dk, dv) = (self.attention).backward(sequences.start, n, d, q, k, v, &context);
+        drop(context);
+        let [dk, dv] = self.without_prefix(dk, dv, n, d.hidden);
+        match dx {
+            Some(dx) => {
+                self.key.backward_into(&dk, x_rows, dx, false)?;
+                self.value.backward_into(&dv, x_rows, dx, true)?;
+                let dx_first = g; // n x hidden, overwritten
+                self.query.backward_into(&dq, rows, dx_first, false)?;
+                let sequences = dx.chunks_exact_mut(seq * d.hidden);
+                for (sequence, first) in sequences.zip(dx_first.chunks_exact(d.hidden)) {
+                    sequence[..d.hidden]
+                        .iter_mut()
+                        .zip(first)
+                        .for_each(|(a, b)| *a += b);
+                }
+            }
+            None => {
+                let dx = g; // rows x hidden, overwritten
+                self.query.backward_into(&dq, rows, dx, false)?;
+                self.key.backward_into(&dk, rows, dx, true)?;
+                self.value.backward_into(&dv, rows, dx, true)?;
+            }
+        }
+        Ok(())
+    }
 }
 
 impl CustomOp1 for AttentionBlockOp {
@@ -277,53 +322,6 @@ impl CustomOp1 for AttentionBlockOp {
         })?;
         let dx = if self.first_query_only { dx_all } else { g };
         Ok(Some(Tensor::from_vec(dx, x.shape(), x.device())?))
-    }
-}
-
-impl AttentionBlockOp {
-    /// The backward pass of `sequences` of the batch, from their `g` (the output gradient after
-    /// dropout): `dcontext = g Wo`, the attention's `dq`, `dk`, `dv`, then
-    /// `dx = dq Wq + dk Wk + dv Wv`, written over `g`, or, when only first positions query,
-    /// into `dx` (`dq Wq` added to first positions alone). The prefix's rows of `dk` and `dv`
-    /// are dropped, as the prefix takes no gradient here.
-    fn backward_block(
-        &self,
-        sequences: Range<usize>,
-        seq: usize,
-        d: Dims,
-        [q, k, v]: [&[f32]; 3],
-        g: &mut [f32],
-        dx: Option<&mut [f32]>,
-    ) -> Result<()> {
-        let n = sequences.len();
-        let (rows, x_rows) = (n * d.queries, n * seq);
-        let mut context = par_zeros(g.len());
-        self.output.backward_into(g, rows, &mut context, false)?;
-        let (dq, dk, dv) = (self.attention).backward(sequences.start, n, d, q, k, v, &context);
-        drop(context);
-        let [dk, dv] = self.without_prefix(dk, dv, n, d.hidden);
-        match dx {
-            Some(dx) => {
-                self.key.backward_into(&dk, x_rows, dx, false)?;
-                self.value.backward_into(&dv, x_rows, dx, true)?;
-                let dx_first = g; // n x hidden, overwritten
-                self.query.backward_into(&dq, rows, dx_first, false)?;
-                let sequences = dx.chunks_exact_mut(seq * d.hidden);
-                for (sequence, first) in sequences.zip(dx_first.chunks_exact(d.hidden)) {
-                    sequence[..d.hidden]
-                        .iter_mut()
-                        .zip(first)
-                        .for_each(|(a, b)| *a += b);
-                }
-            }
-            None => {
-                let dx = g; // rows x hidden, overwritten
-                self.query.backward_into(&dq, rows, dx, false)?;
-                self.key.backward_into(&dk, rows, dx, true)?;
-                self.value.backward_into(&dv, rows, dx, true)?;
-            }
-        }
-        Ok(())
     }
 }
 

@@ -3,18 +3,18 @@
 //! (`model::precision`). The weight is packed once ([`PackedBf16`]); rows are split over
 //! threads, and the product dispatches at run time
 //! to `vdpbf16ps` (AVX-512 BF16: each instruction multiplies 32 pairs of bf16 and adds them into
-//! 16 f32 sums); elsewhere it runs `gemm` in f32 on the rounded factors, whose products f32
-//! holds exactly, so both compute the same sums (in another order) and the fallback costs what
-//! f32 costs.
+//! 16 f32 sums); elsewhere f32's Linear runs on the rounded factors, whose products f32 holds
+//! exactly, so both compute the same sums (in another order), and the fallback costs what f32
+//! costs and a pass rounding the input.
 
 use half::bf16;
 
-use crate::kernels::matmul::{matmul_into, matmul_onto_bias, View};
+use crate::kernels::matmul::linear_forward;
 use crate::kernels::panels::LANES;
-use crate::kernels::parallel::{par_rows, par_vec, threads, ROW};
+use crate::kernels::parallel::{par_vec, ROW};
 use crate::kernels::simd::with_wide_simd;
 
-/// A weight `[n, k]` (a Linear's, out x in) in bf16, laid out for [`matmul`].
+/// A weight `[n, k]` (a Linear's, out x in) in bf16, laid out for [`linear`].
 pub struct PackedBf16 {
     n: usize,
     k: usize,
@@ -72,7 +72,7 @@ impl PackedBf16 {
         Self::pack_for(weight, n, k, avx512_bf16())
     }
 
-    /// [`pack`](Self::pack) in panels (`panels`) or as rounded f32 values.
+    /// [`pack`](Self::pack) in panels (`panels`) or as bf16 bits, row-major.
     fn pack_for(weight: &[f32], n: usize, k: usize, panels: bool) -> Self {
         assert_eq!(weight.len(), n * k, "a weight of {n} x {k}");
         let (pairs, n_padded) = (k.div_ceil(2), n.div_ceil(LANES) * LANES);
@@ -101,24 +101,6 @@ impl PackedBf16 {
     fn at(pairs: usize, panel: usize, p: usize, lane: usize) -> usize {
         ((panel * pairs + p) * LANES + lane) * 2
     }
-
-    /// The rounded weight as f32, `[n, k]`.
-    fn rounded_weight(&self) -> Vec<f32> {
-        let widen = |b: u16| f32::from_bits((b as u32) << 16);
-        let (n, k) = (self.n, self.k);
-        match &self.layout {
-            Layout::Bits(bits) => par_vec(n * k, ROW, |first, block| {
-                let bits = &bits[first * ROW..][..block.len()];
-                block.iter_mut().zip(bits).for_each(|(v, &b)| *v = widen(b));
-            }),
-            Layout::Panels(data) => {
-                let value = |j: usize, i: usize| {
-                    widen(data[Self::at(self.pairs, j / LANES, i / 2, j % LANES) + i % 2])
-                };
-                (0..n * k).map(|e| value(e / k, e % k)).collect()
-            }
-        }
-    }
 }
 
 /// A row of `x` as bf16 pairs: `pairs[p]` holds positions `2p` (low half) and `2p + 1`.
@@ -128,54 +110,37 @@ fn pair(row: &[f32], p: usize) -> u32 {
     low | (high << 16)
 }
 
-/// What [`matmul`] adds its product onto.
-#[derive(Debug, Clone, Copy)]
-pub enum Onto<'a> {
-    Zeros,
-    /// A bias of `n`, for every row.
-    Bias(&'a [f32]),
-}
-
-/// `out = x W^T + onto`, `x` row-major `[m, k]`, `out` `[m, n]`, both factors rounded to bf16
-/// and the products summed in f32 (a pair of products at a time, as `vdpbf16ps` sums them),
-/// then added onto zeros or a bias.
-pub fn matmul(x: &[f32], m: usize, w: &PackedBf16, onto: Onto, out: &mut [f32]) {
-    check_sizes(x, m, w, onto, out.len());
-    #[cfg(target_arch = "x86_64")]
-    if let Layout::Panels(panels) = &w.layout {
-        // SAFETY: panels are made only where the CPU has the instructions.
-        par_rows(out, w.n, |first, out| unsafe {
-            on_panels(x, first, w, panels, onto, out)
-        });
-        return;
-    }
-    matmul_portable(x, m, w, onto, out);
-}
-
-/// `x W^T + bias` as a new `[m, n]` matrix, each block of rows zeroed and written by its own
-/// thread (`par_vec`; a serial zero-fill first cost a tenth of a bf16 forward pass).
+/// `x W^T + bias`, `x` row-major `[m, k]`, as a new `[m, n]` matrix, both factors rounded to
+/// bf16 and the products summed in f32 (a pair of products at a time, as `vdpbf16ps` sums
+/// them). On panels each block of rows is zeroed and written by its own thread (`par_vec`; a
+/// serial zero-fill first cost a tenth of a bf16 forward pass).
 pub fn linear(x: &[f32], m: usize, w: &PackedBf16, bias: &[f32]) -> Vec<f32> {
-    let onto = Onto::Bias(bias);
-    check_sizes(x, m, w, onto, m * w.n);
-    #[cfg(target_arch = "x86_64")]
-    if let Layout::Panels(panels) = &w.layout {
+    assert_eq!(x.len(), m * w.k, "x of {m} x {}", w.k);
+    assert_eq!(bias.len(), w.n, "a bias of {}", w.n);
+    match &w.layout {
         // SAFETY: panels are made only where the CPU has the instructions.
-        return par_vec(m * w.n, w.n, |first, out| unsafe {
-            on_panels(x, first, w, panels, onto, out)
-        });
+        #[cfg(target_arch = "x86_64")]
+        Layout::Panels(panels) => par_vec(m * w.n, w.n, |first, out| unsafe {
+            on_panels(x, first, w, panels, bias, out)
+        }),
+        #[cfg(not(target_arch = "x86_64"))]
+        Layout::Panels(_) => unreachable!("panels are made only where the CPU has AVX-512 BF16"),
+        // Without the instructions: f32's Linear on the rounded factors (whose products f32
+        // holds exactly: the same sums as the instruction's, in another order), the weight
+        // widened from its bits (a pass over it, where the product makes `m`).
+        Layout::Bits(bits) => {
+            let weight = par_vec(bits.len(), ROW, |first, block| {
+                let bits = &bits[first * ROW..][..block.len()];
+                block.iter_mut().zip(bits).for_each(|(v, &b)| *v = widen(b));
+            });
+            linear_forward(&rounded(x), m, &weight, bias, (w.n, w.k))
+        }
     }
-    // As f32's Linear, on the rounded factors.
-    let (x, weight) = (rounded(x), w.rounded_weight());
-    let (x, weight) = (View::rows(&x, m, w.k), View::rows(&weight, w.n, w.k));
-    matmul_onto_bias(x, weight.t(), bias, threads())
 }
 
-fn check_sizes(x: &[f32], m: usize, w: &PackedBf16, onto: Onto, out: usize) {
-    assert_eq!(x.len(), m * w.k, "x of {m} x {}", w.k);
-    assert_eq!(out, m * w.n, "out of {m} x {}", w.n);
-    if let Onto::Bias(b) = onto {
-        assert_eq!(b.len(), w.n, "a bias of {}", w.n);
-    }
+/// bf16 bits as the f32 value they are.
+fn widen(bits: u16) -> f32 {
+    f32::from_bits((bits as u32) << 16)
 }
 
 /// The `vdpbf16ps` product of the rows of `x` from `first` on into `out`, a block of whole
@@ -189,16 +154,16 @@ unsafe fn on_panels(
     first: usize,
     w: &PackedBf16,
     panels: &[u16],
-    onto: Onto,
+    bias: &[f32],
     out: &mut [f32],
 ) {
     let rows = out.len() / w.n.max(1);
     let x = &x[first * w.k..(first + rows) * w.k];
     // SAFETY: as this function's; `out` holds `rows x n` values.
-    unsafe { avx512::matmul(x, rows, w, panels, onto, out) };
+    unsafe { avx512::matmul(x, rows, w, panels, bias, out) };
 }
 
-/// Whether `matmul` runs on `vdpbf16ps` here (see `panels::portable_forced`).
+/// Whether [`linear`] runs on `vdpbf16ps` here (see `panels::portable_forced`).
 pub fn avx512_bf16() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
@@ -212,28 +177,12 @@ pub fn avx512_bf16() -> bool {
     }
 }
 
-/// [`matmul`] without special instructions: `x` rounded to bf16, then `gemm` in f32 on the
-/// rounded factors (whose products f32 holds exactly: the same sums as the instruction's, in
-/// another order), so bf16 costs no more than f32 where the CPU cannot do better.
-pub fn matmul_portable(x: &[f32], m: usize, w: &PackedBf16, onto: Onto, out: &mut [f32]) {
-    check_sizes(x, m, w, onto, out.len());
-    let (x, weight) = (rounded(x), w.rounded_weight());
-    if let Onto::Bias(b) = onto {
-        for row in out.chunks_exact_mut(w.n.max(1)) {
-            row.copy_from_slice(b);
-        }
-    }
-    let accumulate = !matches!(onto, Onto::Zeros);
-    let (x, weight) = (View::rows(&x, m, w.k), View::rows(&weight, w.n, w.k));
-    matmul_into(out, w.n, x, weight.t(), accumulate, threads());
-}
-
 /// The `vdpbf16ps` path. The rows of `x` are converted to bf16 pairs once (16 values an
 /// instruction); each register block (`kernels::panels`) then runs over every pair, each
 /// weight load serving 8 rows and each broadcast two panels.
 #[cfg(target_arch = "x86_64")]
 mod avx512 {
-    use super::{pair, Onto, PackedBf16};
+    use super::{pair, PackedBf16};
     use crate::kernels::panels::{for_each_block, lane_mask, LANES, ROWS};
     use std::arch::x86_64::*;
 
@@ -245,7 +194,7 @@ mod avx512 {
         m: usize,
         w: &PackedBf16,
         panels: &[u16],
-        onto: Onto,
+        bias: &[f32],
         out: &mut [f32],
     ) {
         let (k, pairs) = (w.k, w.pairs);
@@ -269,17 +218,17 @@ mod avx512 {
             // SAFETY: as this function's.
             unsafe {
                 if two {
-                    tile::<2>(a, rows, panel, w, panels, onto, out);
+                    tile::<2>(a, rows, panel, w, panels, bias, out);
                 } else {
-                    tile::<1>(a, rows, panel, w, panels, onto, out);
+                    tile::<1>(a, rows, panel, w, panels, bias, out);
                 }
             }
         });
     }
 
     /// `P` panels from `panel` on, for the `ROWS` rows whose pairs are `a` (`[ROWS][pairs]`;
-    /// rows `rows` of `out` are the real ones among them): every pair, then added onto `onto`,
-    /// stored.
+    /// rows `rows` of `out` are the real ones among them): every pair, then added onto the
+    /// bias, stored.
     #[target_feature(enable = "avx512f,avx512bf16")]
     unsafe fn tile<const P: usize>(
         a: &[u32],
@@ -287,7 +236,7 @@ mod avx512 {
         panel: usize,
         w: &PackedBf16,
         panels: &[u16],
-        onto: Onto,
+        bias: &[f32],
         out: &mut [f32],
     ) {
         let mut acc = [[_mm512_setzero_ps(); P]; ROWS];
@@ -311,10 +260,7 @@ mod avx512 {
         }
         for (i, panel) in (panel..panel + P).enumerate() {
             let (column, mask) = (panel * LANES, lane_mask(w.n, panel));
-            let under = match onto {
-                Onto::Bias(b) => _mm512_maskz_loadu_ps(mask, b.as_ptr().add(column)),
-                Onto::Zeros => _mm512_setzero_ps(),
-            };
+            let under = _mm512_maskz_loadu_ps(mask, bias.as_ptr().add(column));
             for (row, acc) in rows.clone().zip(&acc) {
                 let at = out.as_mut_ptr().add(row * w.n + column);
                 _mm512_mask_storeu_ps(at, mask, _mm512_add_ps(acc[i], under));
@@ -383,7 +329,8 @@ mod tests {
     }
 
     /// Both paths against f64 products of the bf16-rounded factors (within f32 summation error)
-    /// and of the f32 factors (within bf16's rounding), at odd and even sizes with padding.
+    /// and of the f32 factors (within bf16's rounding), and against each other, at odd and even
+    /// sizes with padding.
     #[test]
     fn products_match_the_rounded_factors_on_every_path() {
         let mut rng = SeededRng::new(11);
@@ -410,27 +357,11 @@ mod tests {
             };
             let exact_rounded = with_bias(reference(&round(&x), m, &round(&w), n, k));
             let exact = with_bias(reference(&x, m, &w, n, k));
-            // Each path onto the bias, and onto zeros with the bias added after.
-            let mut paths = Vec::new();
-            let mut run = |path: &str, product: &dyn Fn(Onto, &mut [f32])| {
-                let (mut onto_bias, mut onto_zeros) = (vec![0f32; m * n], vec![1f32; m * n]);
-                product(Onto::Bias(&bias), &mut onto_bias);
-                product(Onto::Zeros, &mut onto_zeros);
-                paths.push((format!("{path}, onto a bias"), onto_bias));
-                paths.push((format!("{path}, onto zeros"), with_bias(onto_zeros)));
-            };
             let rounded = PackedBf16::pack_for(&w, n, k, false);
-            let panels = avx512_bf16().then(|| PackedBf16::pack_for(&w, n, k, true));
-            run("fallback", &|onto, out| matmul(&x, m, &rounded, onto, out));
-            if let Some(panels) = &panels {
-                run("avx512_bf16", &|onto, out| matmul(&x, m, panels, onto, out));
-                run("fallback on panels", &|onto, out| {
-                    matmul_portable(&x, m, panels, onto, out)
-                });
-            }
-            // A new matrix, written once.
-            for packed in std::iter::once(&rounded).chain(&panels) {
-                paths.push(("linear".into(), linear(&x, m, packed, &bias)));
+            let mut paths = vec![("fallback", linear(&x, m, &rounded, &bias))];
+            if avx512_bf16() {
+                let panels = PackedBf16::pack_for(&w, n, k, true);
+                paths.push(("avx512_bf16", linear(&x, m, &panels, &bias)));
             }
             let scale = (k as f32).sqrt();
             for (path, out) in &paths {

@@ -43,7 +43,7 @@ pub fn keep_mask(key: u64, n: usize, p: f32, threads: usize) -> Vec<u64> {
 }
 
 /// Whether `bits` (a [`keep_mask`]) keeps element `i`.
-pub fn keeps(bits: &[u64], i: usize) -> bool {
+fn keeps(bits: &[u64], i: usize) -> bool {
     (bits[i / 64] >> (i % 64)) & 1 == 1
 }
 

@@ -11,7 +11,7 @@ use candle_core::{CpuStorage, CustomOp1, CustomOp3, Layout, Result, Shape, Tenso
 
 use crate::kernels::bf16::{self, PackedBf16};
 use crate::kernels::int8::{self, QuantizedI8};
-use crate::kernels::matmul::{matmul_into, matmul_onto_bias, View};
+use crate::kernels::matmul::{linear_forward, matmul_into, View};
 use crate::kernels::parallel::{par_rows, par_vec, par_zeros, threads, ROW};
 use crate::kernels::simd::{dot, erf, exp, softmax_in_place, with_wide_simd};
 
@@ -56,18 +56,6 @@ pub(crate) fn with_all_values<R>(
         })
         .collect::<Result<Vec<_>>>()?;
     f(&values)
-}
-
-/// `x W^T + b` for the `rows` rows of `x`, `W` `[n, k]`.
-fn linear_forward(
-    x: &[f32],
-    rows: usize,
-    w: &[f32],
-    b: &[f32],
-    (n, k): (usize, usize),
-) -> Vec<f32> {
-    let (x, w) = (View::rows(x, rows, k), View::rows(w, n, k));
-    matmul_onto_bias(x, w.t(), b, threads())
 }
 
 /// `dx = g W`, or `dx += g W` when `accumulate`: a Linear's input gradient from its output's.
@@ -246,21 +234,24 @@ enum Packed {
 impl PackedWeight {
     /// `weight` (f32 on CPU) packed in bf16.
     pub fn bf16(weight: &Tensor) -> Result<Self> {
-        let (n, k) = weight.dims2()?;
-        let packed = with_values(weight, |w| Ok(PackedBf16::pack(w, n, k)))?;
-        Ok(Self {
-            of: weight.id(),
-            form: Packed::Bf16(Arc::new(packed)),
+        Self::of(weight, |w, n, k| {
+            Packed::Bf16(Arc::new(PackedBf16::pack(w, n, k)))
         })
     }
 
     /// `weight` (f32 on CPU) quantised to int8.
     pub fn int8(weight: &Tensor) -> Result<Self> {
+        Self::of(weight, |w, n, k| {
+            Packed::Int8(Arc::new(QuantizedI8::pack(w, n, k)))
+        })
+    }
+
+    /// `weight` (`[n, k]`) as `pack` lays out its values.
+    fn of(weight: &Tensor, pack: impl FnOnce(&[f32], usize, usize) -> Packed) -> Result<Self> {
         let (n, k) = weight.dims2()?;
-        let packed = with_values(weight, |w| Ok(QuantizedI8::pack(w, n, k)))?;
         Ok(Self {
             of: weight.id(),
-            form: Packed::Int8(Arc::new(packed)),
+            form: with_values(weight, |w| Ok(pack(w, n, k)))?,
         })
     }
 

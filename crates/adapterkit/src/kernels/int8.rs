@@ -8,9 +8,9 @@
 //! the dequantised factors (the same levels times their scales): the same quantised model with
 //! sums in f32, within f32's rounding of the exact ones, at f32's cost.
 
-use crate::kernels::matmul::{matmul_onto_bias, View};
+use crate::kernels::matmul::linear_forward;
 use crate::kernels::panels::{LANES, ROWS};
-use crate::kernels::parallel::{par_vec, threads};
+use crate::kernels::parallel::par_vec;
 use crate::kernels::simd::{lanes, with_wide_simd};
 
 /// A weight `[n, k]` (a Linear's, out x in) quantised per output column to int8, laid out for
@@ -156,8 +156,8 @@ fn quantize_rows_on(x: &[f32], m: usize, k: usize, fast: bool) -> (Vec<u32>, Vec
     (packed, scales)
 }
 
-/// `x W^T + bias`, `x` row-major `[m, k]`, as a new `[m, n]` matrix: int8 products, exact
-/// integer sums, scaled back per row and column.
+/// `x W^T + bias`, `x` row-major `[m, k]`, as a new `[m, n]` matrix: int8 products, scaled
+/// back per row and column (exact integer sums with VNNI, f32 ones in the fallback).
 pub fn linear(x: &[f32], m: usize, w: &QuantizedI8, bias: &[f32]) -> Vec<f32> {
     assert_eq!(x.len(), m * w.k, "x of {m} x {}", w.k);
     assert_eq!(bias.len(), w.n, "a bias of {}", w.n);
@@ -192,8 +192,7 @@ pub fn linear(x: &[f32], m: usize, w: &QuantizedI8, bias: &[f32]) -> Vec<f32> {
                     dequantise_row(x, row);
                 }
             });
-            let (x, weight) = (View::rows(&x, m, w.k), View::rows(&weight, w.n, w.k));
-            matmul_onto_bias(x, weight.t(), bias, threads())
+            linear_forward(&x, m, &weight, bias, (w.n, w.k))
         }
     }
 }

@@ -124,6 +124,19 @@ pub(crate) fn matmul_onto_bias(lhs: View, rhs: View, bias: &[f32], threads: usiz
     out
 }
 
+/// f32's Linear: `x W^T + b` for the `rows` rows of `x`, `W` `[n, k]` row-major, as a new
+/// matrix (the bf16 and int8 fallbacks run it on their rounded or dequantised factors).
+pub(crate) fn linear_forward(
+    x: &[f32],
+    rows: usize,
+    w: &[f32],
+    b: &[f32],
+    (n, k): (usize, usize),
+) -> Vec<f32> {
+    let (x, w) = (View::rows(x, rows, k), View::rows(w, n, k));
+    matmul_onto_bias(x, w.t(), b, crate::kernels::parallel::threads())
+}
+
 /// Runs `f(block, first_row, rows)` on consecutive blocks of the `m` rows of `dst` (row stride
 /// `row_stride`; the last block takes the rest of `dst`), one block per thread, at least 16
 /// rows each.
