@@ -156,9 +156,9 @@ pub fn frozen_matmul_rate(
     let path = match precision {
         Precision::F32 => "f32 gemm",
         Precision::Bf16 if avx512_bf16() => "avx512_bf16",
-        Precision::Bf16 => "fallback: f32 gemm on bf16-rounded values",
+        Precision::Bf16 => "fallback: f32 gemm, the weight widened from bf16",
         Precision::Int8 if avx512_vnni() => "avx512_vnni",
-        Precision::Int8 => "fallback: f32 gemm on the dequantised factors",
+        Precision::Int8 => "fallback: f32 gemm, the weight dequantised from int8",
     };
     Ok((rate, path))
 }

@@ -1,10 +1,10 @@
 //! `--dtype bf16`: the encoder's frozen products in bf16 give what the same model gives in f32
-//! node by node with both factors of every Linear rounded to bf16 (whose products f32 holds
-//! exactly, so only the order of the sums differs), on every path: all positions or the first,
-//! with and without dropout, after its weights are replaced, and in a frozen copy; the
-//! gradients they pass back are f32's (`g W`). int8 likewise
-//! against every Linear as `dq(q(x)) dq(q(W))^T + b`, each row of `x` and of `W` quantised
-//! with its own scale.
+//! node by node with the factors of every Linear that the kernel takes in bf16 rounded (the
+//! weight; on `vdpbf16ps` the input too: products f32 holds exactly, so only the order of the
+//! sums differs), on every path: all positions or the first, with and without dropout, after
+//! its weights are replaced, and in a frozen copy; the gradients they pass back are f32's
+//! (`g W`). int8 likewise against every Linear as `x dq(q(W))^T + b`, on VNNI
+//! `dq(q(x)) dq(q(W))^T + b`, each row of `x` and of `W` quantised with its own scale.
 
 mod common;
 
@@ -13,14 +13,16 @@ use std::collections::HashMap;
 use candle_core::{CpuStorage, CustomOp1, DType, Layout, Result, Shape, Tensor};
 use candle_nn::Linear;
 
+use adapterkit::kernels::{bf16, int8};
 use adapterkit::model::hooks::{LayerHooks, LinearChange, LinearSite};
 use adapterkit::model::layer::Positions;
 use adapterkit::model::{BertModel, Mode, NoHooks, Precision};
 use common::{max_abs_diff, run_encoder, tiny_encoder};
 
-/// Every Linear as `round(x) round(W)^T + b`, node by node (a change applied to the output
-/// keeps each block off the fused ops), and its input's gradient as `g W`: the value's
-/// rounding error `round(x) (round(W) - W)^T` is added as a constant.
+/// Every Linear as `round(x) round(W)^T + b` where the kernel rounds its input (`vdpbf16ps`),
+/// else `x round(W)^T + b`, node by node (a change applied to the output keeps each block off
+/// the fused ops), and its input's gradient as `g W`: the value's rounding error
+/// `x (round(W) - W)^T` is added as a constant.
 struct RoundedToBf16;
 
 fn round(t: &Tensor) -> Result<Tensor> {
@@ -55,7 +57,10 @@ impl LayerHooks for RoundedToBf16 {
         let (weight, bias) = (base.weight().clone(), base.bias().cloned());
         Some(LinearChange::Apply(Box::new(
             move |x: &Tensor, _out: Tensor, _mode: &mut Mode| {
-                let x = x.contiguous()?.apply_op1(RoundValue)?;
+                let x = match bf16::avx512_bf16() {
+                    true => x.contiguous()?.apply_op1(RoundValue)?,
+                    false => x.clone(),
+                };
                 let plain = Linear::new(weight.clone(), bias.clone());
                 let rounding = Linear::new((round(&weight)? - &weight)?, None);
                 let error = adapterkit::model::ops::linear(&rounding, &x.detach())?;
@@ -176,8 +181,8 @@ fn bf16_gradients_pass_back_through_the_f32_weights() {
     }
 }
 
-/// Every Linear with each row of its input and of its weight quantised to int8 levels of
-/// `max |row| / 127` (ties to even) and back, node by node.
+/// Every Linear with each row of its weight, and on VNNI of its input, quantised to int8 levels
+/// of `max |row| / 127` (ties to even) and back, node by node.
 struct QuantizedToInt8;
 
 fn quantized(t: &Tensor) -> Result<Tensor> {
@@ -205,7 +210,11 @@ impl LayerHooks for QuantizedToInt8 {
         Some(LinearChange::Apply(Box::new(
             move |x: &Tensor, _out: Tensor, _mode: &mut Mode| {
                 let quantized_weights = Linear::new(quantized(&weight)?, bias.clone());
-                adapterkit::model::ops::linear(&quantized_weights, &quantized(x)?)
+                let x = match int8::avx512_vnni() {
+                    true => quantized(x)?,
+                    false => x.clone(),
+                };
+                adapterkit::model::ops::linear(&quantized_weights, &x)
             },
         )))
     }

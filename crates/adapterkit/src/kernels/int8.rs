@@ -5,13 +5,14 @@
 //! AVX-512 VNNI the sums run on `vpdpbusd` (64 byte products into 16 i32 sums an instruction);
 //! it multiplies unsigned bytes by signed ones, so activations go in as `q + 128` and the
 //! packed weight's column sums times 128 are taken off again. Elsewhere f32's Linear runs on
-//! the dequantised factors (the same levels times their scales): the same quantised model with
-//! sums in f32, within f32's rounding of the exact ones, at f32's cost.
+//! the dequantised weight (the same levels times their scales) and the input as it is:
+//! quantising the input there would cost a pass over it (7% of the product, measured) to buy
+//! nothing but VNNI's loss, so the fallback costs what f32 costs and its results lie nearer
+//! f32's (docs/BENCHMARKS.md).
 
 use crate::kernels::matmul::linear_forward;
 use crate::kernels::panels::{LANES, ROWS};
 use crate::kernels::parallel::par_vec;
-use crate::kernels::simd::{lanes, with_wide_simd};
 
 /// A weight `[n, k]` (a Linear's, out x in) quantised per output column to int8, laid out for
 /// the path this CPU takes.
@@ -70,19 +71,6 @@ fn quantize(values: &[f32], out: &mut [i8]) -> f32 {
     }
     scale
 }
-
-/// `row` quantised as [`quantize`] does and dequantised (each level times the scale) into
-/// `out`, in vector instructions.
-#[inline(always)]
-fn dequantised_kernel(row: &[f32], out: &mut [f32]) {
-    let max = lanes(row, row, 0.0, |m, v, _| m.max(v.abs()));
-    let (scale, inverse) = scale_of(max.into_iter().fold(0.0, f32::max));
-    for (o, &v) in out.iter_mut().zip(row) {
-        *o = (v * inverse).round_ties_even().clamp(-127.0, 127.0) * scale;
-    }
-}
-
-with_wide_simd!(dequantise_row => dequantised_kernel(row: &[f32], out: &mut [f32]));
 
 impl QuantizedI8 {
     /// Quantises and packs `weight`, row-major `[n, k]`, for the path this CPU takes.
@@ -157,7 +145,8 @@ fn quantize_rows_on(x: &[f32], m: usize, k: usize, fast: bool) -> (Vec<u32>, Vec
 }
 
 /// `x W^T + bias`, `x` row-major `[m, k]`, as a new `[m, n]` matrix: int8 products, scaled
-/// back per row and column (exact integer sums with VNNI, f32 ones in the fallback).
+/// back per row and column (exact integer sums with VNNI); in the fallback the input's f32
+/// values times the dequantised weight.
 pub fn linear(x: &[f32], m: usize, w: &QuantizedI8, bias: &[f32]) -> Vec<f32> {
     assert_eq!(x.len(), m * w.k, "x of {m} x {}", w.k);
     assert_eq!(bias.len(), w.n, "a bias of {}", w.n);
@@ -175,7 +164,7 @@ pub fn linear(x: &[f32], m: usize, w: &QuantizedI8, bias: &[f32]) -> Vec<f32> {
             )
         }),
         Layout::Levels(levels) => {
-            // As f32's Linear, on the dequantised factors.
+            // As f32's Linear, on the input as it is and the dequantised weight.
             let weight = par_vec(w.n * w.k, w.k.max(1), |first, rows| {
                 let levels = &levels[first * w.k..][..rows.len()];
                 let rows = rows.chunks_exact_mut(w.k).zip(levels.chunks_exact(w.k));
@@ -186,13 +175,7 @@ pub fn linear(x: &[f32], m: usize, w: &QuantizedI8, bias: &[f32]) -> Vec<f32> {
                         .for_each(|(v, &q)| *v = q as f32 * scale);
                 }
             });
-            let x = par_vec(x.len(), w.k.max(1), |first, rows| {
-                let x = &x[first * w.k..][..rows.len()];
-                for (x, row) in x.chunks_exact(w.k).zip(rows.chunks_exact_mut(w.k)) {
-                    dequantise_row(x, row);
-                }
-            });
-            linear_forward(&x, m, &weight, bias, (w.n, w.k))
+            linear_forward(x, m, &weight, bias, (w.n, w.k))
         }
     }
 }
@@ -351,9 +334,10 @@ mod tests {
         (0..len).map(|_| rng.normal_f64() as f32).collect()
     }
 
-    /// Both paths are the f64 product of the dequantised factors within f32 rounding (the
-    /// VNNI path's integer sums are exact), and the f32 product within int8's quantisation
-    /// error. Sizes include the register blocks' edges, rows over threads and a deep product.
+    /// Each path is the f64 product of the factors it takes within f32 rounding: the VNNI
+    /// path's (exact integer sums) of the dequantised input and weight, the fallback's of the
+    /// input as it is and the dequantised weight; and both are the f32 product within int8's
+    /// quantisation error. Sizes include the register blocks' edges, rows over threads and a deep product.
     #[test]
     fn products_are_the_dequantised_factors_on_every_path() {
         let mut rng = SeededRng::new(12);
@@ -406,31 +390,33 @@ mod tests {
             );
             let portable = linear(&x, m, &packed, &bias);
             let fast = linear(&x, m, &QuantizedI8::pack(&w, n, k), &bias);
-            let path = if avx512_vnni() {
-                "avx512_vnni"
-            } else {
-                "portable"
-            };
+            let vnni = avx512_vnni();
             let magnitude = (k as f64).sqrt();
             for r in 0..m {
                 for j in 0..n {
-                    let exact = product(&|i| xd[i], &|i| wd[i], r, j);
-                    // f32's rounding grows with the size of the terms summed.
-                    let terms = product(&|i| xd[i].abs(), &|i| wd[i].abs(), r, j);
-                    let tolerance = 1e-5 * magnitude + 16.0 * f32::EPSILON as f64 * terms.abs();
-                    for (path, out) in [("portable", &portable), (path, &fast)] {
+                    // Each path's input: dequantised on VNNI, as it is otherwise.
+                    let (x, xd) = (&x, &xd);
+                    let input = |quantised: bool| {
+                        move |i: usize| if quantised { xd[i] } else { x[i] as f64 }
+                    };
+                    let f32_product = product(&|i| x[i] as f64, &|i| w[i] as f64, r, j);
+                    for (path, out, quantised) in
+                        [("portable", &portable, false), ("fast", &fast, vnni)]
+                    {
+                        let exact = product(&input(quantised), &|i| wd[i], r, j);
+                        // f32's rounding grows with the size of the terms summed.
+                        let terms = product(&|i| input(quantised)(i).abs(), &|i| wd[i].abs(), r, j);
+                        let tolerance = 1e-5 * magnitude + 16.0 * f32::EPSILON as f64 * terms;
                         let got = out[r * n + j] as f64;
                         assert!(
                             (got - exact).abs() < tolerance,
-                            "{path} {m}x{n}x{k} ({r}, {j}): {got} vs {exact}"
+                            "{path} (vnni: {vnni}) {m}x{n}x{k} ({r}, {j}): {got} vs {exact}"
+                        );
+                        assert!(
+                            (got - f32_product).abs() < 0.05 * magnitude,
+                            "{path}: quantisation error at ({r}, {j})"
                         );
                     }
-                    let got = fast[r * n + j] as f64;
-                    let f32_product = product(&|i| x[i] as f64, &|i| w[i] as f64, r, j);
-                    assert!(
-                        (got - f32_product).abs() < 0.05 * magnitude,
-                        "quantisation error at ({r}, {j})"
-                    );
                 }
             }
         }
