@@ -8,8 +8,11 @@ use candle_core::{Device, Module, Result as CandleResult, Tensor, Var};
 use candle_nn::Linear;
 
 use crate::error::{Error, Result};
+use crate::kernels::dropout::DropoutMask;
 use crate::methods::bottleneck_config::{BnConfig, InitWeights, ResidualBeforeLn};
 use crate::methods::gate::Gate;
+use crate::model::checkpoint::checkpointed;
+use crate::model::dropout::masked;
 use crate::model::hooks::{LayerHooks, Position};
 use crate::model::layer_norm::LayerNorm;
 use crate::model::ops;
@@ -310,14 +313,78 @@ impl BottleneckAdapter {
     ) -> CandleResult<Tensor> {
         let c = &self.config;
         if !c.is_parallel && self.norm_after.is_none() && c.original_ln_after {
-            // Houlsby's and Pfeiffer's case: `LayerNorm(dropout(up) + residual + input)`,
-            // one op when the LayerNorm is frozen.
-            let pre = self.pre_forward(hidden, input, layer_norm, false)?;
-            let up = self.gated(mode.dropout(&self.project(&pre.x)?, c.dropout)?, &pre.x)?;
-            return layer_norm.of_sum(&[&up, &pre.residual, input]);
+            // Houlsby's and Pfeiffer's case: `LayerNorm(dropout(up) + residual + input)`.
+            let dropout = mode.dropout_mask(hidden.elem_count(), c.dropout);
+            if let Some(out) = self.checkpointed(hidden, input, layer_norm, dropout.clone())? {
+                return Ok(out);
+            }
+            return self.sequential(hidden, input, layer_norm, dropout.as_ref());
         }
         let (stream, _) = self.step(hidden, input, layer_norm, mode)?;
         self.finish(&stream, input, layer_norm)
+    }
+
+    /// `LayerNorm(dropout(up) + residual + input)` (one op when the LayerNorm is frozen), with
+    /// the dropout mask drawn.
+    fn sequential(
+        &self,
+        hidden: &Tensor,
+        input: &Tensor,
+        layer_norm: &LayerNorm,
+        dropout: Option<&DropoutMask>,
+    ) -> CandleResult<Tensor> {
+        let pre = self.pre_forward(hidden, input, layer_norm, false)?;
+        let up = self.project(&pre.x)?;
+        let up = match dropout {
+            Some(mask) => masked(&up, mask)?,
+            None => up,
+        };
+        layer_norm.of_sum(&[&self.gated(up, &pre.x)?, &pre.residual, input])
+    }
+
+    /// [`sequential`](Self::sequential) as one op that keeps only its inputs for the backward
+    /// pass (`model::checkpoint`; two hidden-sized tensors fewer per sub-layer), when it takes
+    /// a gradient, runs on CPU in f32 and reads no weights but its two Linears' and the
+    /// LayerNorm's (no gate, no LayerNorm of its own); `None` otherwise. Same values, same
+    /// gradients.
+    fn checkpointed(
+        &self,
+        hidden: &Tensor,
+        input: &Tensor,
+        layer_norm: &LayerNorm,
+        dropout: Option<DropoutMask>,
+    ) -> CandleResult<Option<Tensor>> {
+        let (Some(down_bias), Some(up_bias)) = (self.down.bias(), self.up.bias()) else {
+            return Ok(None);
+        };
+        let params = [
+            self.down.weight(),
+            down_bias,
+            self.up.weight(),
+            up_bias,
+            &layer_norm.weight,
+            &layer_norm.bias,
+        ];
+        let trains = params.iter().chain([&hidden, &input]).any(|t| t.track_op());
+        let plain = self.gate.is_none() && self.norm_before.is_none();
+        if !trains || !plain || !ops::fused_applies(hidden) || hidden.shape() != input.shape() {
+            return Ok(None);
+        }
+        let (adapter, eps) = (self.clone(), layer_norm.eps);
+        let out = checkpointed(hidden, input, &params, move |hidden, input, p| {
+            let adapter = Self {
+                down: Linear::new(p[0].clone(), Some(p[1].clone())),
+                up: Linear::new(p[2].clone(), Some(p[3].clone())),
+                ..adapter.clone()
+            };
+            let layer_norm = LayerNorm {
+                weight: p[4].clone(),
+                bias: p[5].clone(),
+                eps,
+            };
+            adapter.sequential(hidden, input, &layer_norm, dropout.as_ref())
+        })?;
+        Ok(Some(out))
     }
 
     pub fn config(&self) -> &BnConfig {
@@ -519,5 +586,85 @@ pub fn check_name(name: &str) -> std::result::Result<(), String> {
         Ok(())
     } else {
         Err("a name may hold only letters, digits, '-', '_' and '.'".into())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::ops::Activation;
+
+    fn random(rng: &mut SeededRng, shape: &[usize], mean: f32) -> CandleResult<Tensor> {
+        let values = (0..shape.iter().product())
+            .map(|_| mean + rng.normal_f64() as f32)
+            .collect::<Vec<_>>();
+        Tensor::from_vec(values, shape, &Device::Cpu)
+    }
+
+    /// The checkpointed sub-layer is the sub-graph run op by op to the bit: its values and
+    /// every gradient (inputs, adapter, LayerNorm), for Houlsby's and Pfeiffer's shapes, the
+    /// LayerNorm frozen or trained, with and without dropout, on each non-linearity.
+    #[test]
+    fn checkpointed_is_the_sub_graph_to_the_bit() -> CandleResult<()> {
+        let mut rng = SeededRng::new(3);
+        let (hidden_size, shape) = (24, [2, 5, 24]);
+        for (preset, non_linearity, dropout, norm_trains) in [
+            ("houlsby", Activation::Swish, 0.0, true),
+            ("houlsby", Activation::Relu, 0.1, false),
+            ("pfeiffer", Activation::Relu, 0.0, false),
+            ("pfeiffer", Activation::Gelu, 0.2, true),
+            ("houlsby", Activation::Tanh, 0.0, false),
+            ("pfeiffer", Activation::GeluNew, 0.0, true),
+        ] {
+            let mut config = BnConfig::preset(preset).expect("a preset");
+            config.non_linearity = non_linearity;
+            config.dropout = dropout;
+            let adapter = BottleneckAdapter::new(&config, hidden_size, 6, &mut rng, &Device::Cpu)
+                .expect("an adapter");
+            let var = |t: Tensor| Var::from_tensor(&t).map(|v| v.as_tensor().clone());
+            let hidden = var(random(&mut rng, &shape, 0.0)?)?;
+            let input = var(random(&mut rng, &shape, 0.5)?)?;
+            let (weight, bias) = (
+                random(&mut rng, &[hidden_size], 1.0)?,
+                random(&mut rng, &[hidden_size], 0.0)?,
+            );
+            let layer_norm = match norm_trains {
+                true => LayerNorm {
+                    weight: var(weight)?,
+                    bias: var(bias)?,
+                    eps: 1e-12,
+                },
+                false => LayerNorm {
+                    weight,
+                    bias,
+                    eps: 1e-12,
+                },
+            };
+            let probe = random(&mut rng, &shape, 0.0)?;
+            let mask = Mode::train(7).dropout_mask(hidden.elem_count(), dropout);
+            let mut tensors = vec![hidden.clone(), input.clone()];
+            tensors.extend(adapter.params().iter().map(|(_, v)| v.as_tensor().clone()));
+            if norm_trains {
+                tensors.extend([layer_norm.weight.clone(), layer_norm.bias.clone()]);
+            }
+            let run = |checkpoint: bool| -> CandleResult<Vec<Vec<f32>>> {
+                let out = match checkpoint {
+                    true => adapter
+                        .checkpointed(&hidden, &input, &layer_norm, mask.clone())?
+                        .expect("the checkpoint applies"),
+                    false => adapter.sequential(&hidden, &input, &layer_norm, mask.as_ref())?,
+                };
+                let grads = (&out * &probe)?.sum_all()?.backward()?;
+                let mut values = vec![out.flatten_all()?.to_vec1::<f32>()?];
+                for t in &tensors {
+                    let grad = grads.get(t).expect("a gradient");
+                    values.push(grad.flatten_all()?.to_vec1::<f32>()?);
+                }
+                Ok(values)
+            };
+            let case = format!("{preset}, {non_linearity:?}, dropout {dropout}");
+            assert_eq!(run(true)?, run(false)?, "{case}");
+        }
+        Ok(())
     }
 }

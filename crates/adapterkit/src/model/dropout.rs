@@ -34,18 +34,10 @@ impl Mode {
     /// Inverted dropout: zeroes each element with probability `p` and scales the rest by
     /// `1 / (1 - p)` while training; the identity in evaluation.
     pub fn dropout(&mut self, x: &Tensor, p: f32) -> Result<Tensor> {
-        let Some(keep) = self.keep_mask(x.elem_count(), p) else {
-            return Ok(x.clone());
-        };
-        // Ones times the mask: the kept elements' scale, zeros elsewhere.
-        let mut mask = vec![1f32; x.elem_count()];
-        let bits = DropoutMask {
-            bits: keep,
-            scale: 1.0 / (1.0 - p),
-        };
-        bits.apply(0, &mut mask);
-        let mask = Tensor::from_vec(mask, x.shape(), x.device())?.to_dtype(x.dtype())?;
-        x * mask
+        match self.dropout_mask(x.elem_count(), p) {
+            Some(mask) => masked(x, &mask),
+            None => Ok(x.clone()),
+        }
     }
 
     /// Which of `n` elements inverted dropout keeps, as bits, keyed by one draw
@@ -69,6 +61,15 @@ impl Mode {
             scale: 1.0 / (1.0 - p),
         })
     }
+}
+
+/// `x` times a drawn dropout mask: the kept elements scaled, zeros elsewhere.
+pub fn masked(x: &Tensor, mask: &DropoutMask) -> Result<Tensor> {
+    // Ones times the mask: the kept elements' scale, zeros elsewhere.
+    let mut factors = vec![1f32; x.elem_count()];
+    mask.apply(0, &mut factors);
+    let factors = Tensor::from_vec(factors, x.shape(), x.device())?.to_dtype(x.dtype())?;
+    x * factors
 }
 
 #[cfg(test)]

@@ -5,6 +5,7 @@
 pub mod architecture;
 pub mod attention;
 pub mod bert;
+pub mod checkpoint;
 pub mod config;
 pub mod dropout;
 pub mod embeddings;
