@@ -7,7 +7,7 @@
 
 use std::sync::Arc;
 
-use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor, Var};
+use candle_core::{CpuStorage, CustomOp1, CustomOp3, Layout, Result, Shape, Tensor, Var};
 
 use crate::kernels::fused::with_values;
 
@@ -79,7 +79,7 @@ impl CustomOp3 for Checkpoint {
     }
 
     /// Runs `f` again on fresh variables (those inputs that take a gradient) and passes `grad`
-    /// back through it: the gradient of `sum(f(..) * grad)`.
+    /// back through it.
     fn bwd(
         &self,
         a: &Tensor,
@@ -97,9 +97,28 @@ impl CustomOp3 for Checkpoint {
         let leaves = [leaf(a)?, leaf(b)?, leaf(flat)?];
         let params = self.unflattened(&leaves[2])?;
         let out = (self.f)(&leaves[0], &leaves[1], &params)?;
-        let grads = (out * grad.detach())?.sum_all()?.backward()?;
+        let grads = out.apply_op1(Seed(grad.detach()))?.backward()?;
         let [a, b, flat] = [(a, &leaves[0]), (b, &leaves[1]), (flat, &leaves[2])]
             .map(|(t, leaf)| t.track_op().then(|| grads.get(leaf).cloned()).flatten());
         Ok((a, b, flat))
+    }
+}
+
+/// A scalar root over a tensor whose backward pass hands the tensor the gradient it holds: how
+/// a backward pass starts from a given output gradient (candle's starts from ones) without a
+/// pass over the values.
+struct Seed(Tensor);
+
+impl CustomOp1 for Seed {
+    fn name(&self) -> &'static str {
+        "checkpoint-seed"
+    }
+
+    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
+        Ok((CpuStorage::F32(vec![0.0]), Shape::from(())))
+    }
+
+    fn bwd(&self, _: &Tensor, _: &Tensor, _: &Tensor) -> Result<Option<Tensor>> {
+        Ok(Some(self.0.clone()))
     }
 }
