@@ -91,8 +91,9 @@ fn pair(row: &[f32], p: usize) -> u32 {
 
 /// `x W^T + bias`, `x` row-major `[m, k]`, as a new `[m, n]` matrix, the weight in bf16 and
 /// the products summed in f32; on `vdpbf16ps` the input rounded to bf16 too (a pair of
-/// products at a time, as the instruction sums them). On panels each block of rows is zeroed and written by its own thread (`par_vec`; a
-/// serial zero-fill first cost a tenth of a bf16 forward pass).
+/// products at a time, as the instruction sums them). On panels each block of rows is zeroed
+/// and written by its own thread (`par_vec`; a serial zero-fill first cost a tenth of a bf16
+/// forward pass).
 pub fn linear(x: &[f32], m: usize, w: &PackedBf16, bias: &[f32]) -> Vec<f32> {
     assert_eq!(x.len(), m * w.k, "x of {m} x {}", w.k);
     assert_eq!(bias.len(), w.n, "a bias of {}", w.n);

@@ -392,13 +392,12 @@ mod tests {
             let fast = linear(&x, m, &QuantizedI8::pack(&w, n, k), &bias);
             let vnni = avx512_vnni();
             let magnitude = (k as f64).sqrt();
+            // Each path's input: dequantised on VNNI, as it is otherwise.
+            let (x, xd) = (&x, &xd);
+            let input =
+                |quantised: bool| move |i: usize| if quantised { xd[i] } else { x[i] as f64 };
             for r in 0..m {
                 for j in 0..n {
-                    // Each path's input: dequantised on VNNI, as it is otherwise.
-                    let (x, xd) = (&x, &xd);
-                    let input = |quantised: bool| {
-                        move |i: usize| if quantised { xd[i] } else { x[i] as f64 }
-                    };
                     let f32_product = product(&|i| x[i] as f64, &|i| w[i] as f64, r, j);
                     for (path, out, quantised) in
                         [("portable", &portable, false), ("fast", &fast, vnni)]

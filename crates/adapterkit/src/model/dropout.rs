@@ -65,7 +65,6 @@ impl Mode {
 
 /// `x` times a drawn dropout mask: the kept elements scaled, zeros elsewhere.
 pub fn masked(x: &Tensor, mask: &DropoutMask) -> Result<Tensor> {
-    // Ones times the mask: the kept elements' scale, zeros elsewhere.
     let mut factors = vec![1f32; x.elem_count()];
     mask.apply(0, &mut factors);
     let factors = Tensor::from_vec(factors, x.shape(), x.device())?.to_dtype(x.dtype())?;
