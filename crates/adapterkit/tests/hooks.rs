@@ -5,7 +5,7 @@
 
 mod common;
 
-use candle_core::{Result, Tensor, Var};
+use candle_core::{Device, Result, Tensor, Var};
 use candle_nn::Linear;
 
 use adapterkit::model::hooks::{KeyValuePrefix, LayerHooks, LinearChange, LinearSite};
@@ -164,6 +164,90 @@ fn a_prefix_reaches_the_output_alike_on_every_path() -> Result<()> {
                     );
                 }
             }
+        }
+    }
+    Ok(())
+}
+
+/// `hooks` with each update they add to a Linear's output applied to the output instead, which
+/// sends the block node by node.
+struct NodeByNode<'a>(&'a dyn LayerHooks);
+
+impl LayerHooks for NodeByNode<'_> {
+    fn linear(&self, layer: usize, site: LinearSite, base: &Linear) -> Option<LinearChange<'_>> {
+        match self.0.linear(layer, site, base)? {
+            LinearChange::Add(update) => Some(LinearChange::Apply(Box::new(
+                move |x: &Tensor, out: Tensor, mode: &mut Mode| {
+                    out.broadcast_add(&update(x, mode)?)
+                },
+            ))),
+            other => Some(other),
+        }
+    }
+}
+
+/// A trained LoRA's updates of q, k and v are inputs of the fused attention op: its outputs and
+/// every LoRA gradient match the same LoRA node by node, on q and v, on q, k and v with
+/// dropout and the feed-forward block's Linears, and gated (UniPELT's), at every position and
+/// the first, in training and evaluation. In bf16 the op's products are bf16 (the node path's
+/// are f32): so it ran.
+#[test]
+fn a_trained_lora_runs_in_the_fused_attention_op_as_node_by_node() -> Result<()> {
+    use adapterkit::methods::lora::{Lora, LoraConfig, LoraInit};
+    use adapterkit::model::Precision;
+    let encoder = tiny_encoder();
+    let mut in_bf16 = encoder.clone();
+    in_bf16.set_precision(Precision::Bf16)?;
+    let mut q_v = LoraConfig::preset("lora").unwrap();
+    q_v.init_weights = LoraInit::Bert; // B is not zero: the updates move the output.
+    let mut everywhere = q_v.clone();
+    everywhere.attn_matrices = ["q", "k", "v"].map(String::from).to_vec();
+    (
+        everywhere.dropout,
+        everywhere.intermediate_lora,
+        everywhere.output_lora,
+    ) = (0.1, true, true);
+    let mut gated = q_v.clone();
+    gated.other.insert("use_gating".into(), true.into());
+    for (name, config) in [("q_v", q_v), ("everywhere", everywhere), ("gated", gated)] {
+        let mut rng = adapterkit::rng::SeededRng::new(3);
+        let lora = Lora::new(name, &config, &encoder.config, &mut rng, &Device::Cpu).unwrap();
+        let bare = run_encoder(&encoder, &NoHooks, Positions::All, false);
+        let moved = max_abs_diff(&bare, &run_encoder(&encoder, &lora, Positions::All, false));
+        assert!(moved > 1e-3, "{name}: the LoRA moved nothing");
+        for (train, positions) in [false, true]
+            .into_iter()
+            .flat_map(|t| [Positions::All, Positions::First].map(|p| (t, p)))
+        {
+            let case = format!("{name}, train {train}, {positions:?}");
+            let loss_and_grads = |encoder: &adapterkit::model::BertModel,
+                                  hooks: &dyn LayerHooks| {
+                let out = run_encoder(encoder, hooks, positions, train);
+                let weights = Tensor::arange(0f32, out.elem_count() as f32, &Device::Cpu)?
+                    .reshape(out.shape())?
+                    .cos()?;
+                let grads = (&out * weights)?.sum_all()?.backward()?;
+                let grads: Vec<(String, Tensor)> = (lora.params().iter())
+                    .map(|(n, v)| (n.clone(), grads.get(v.as_tensor()).unwrap().clone()))
+                    .collect();
+                Ok::<_, candle_core::Error>((out, grads))
+            };
+            let (fused, fused_grads) = loss_and_grads(&encoder, &lora)?;
+            let (nodes, node_grads) = loss_and_grads(&encoder, &NodeByNode(&lora))?;
+            let diff = max_abs_diff(&fused, &nodes);
+            assert!(diff < 1e-5, "{case}: the output differs by {diff}");
+            for ((param, a), (_, b)) in fused_grads.iter().zip(&node_grads) {
+                let diff = max_abs_diff(a, b);
+                let scale = (b.abs()?.max_all()?.to_scalar::<f32>()?).max(1.0);
+                assert!(
+                    diff < 1e-5 * scale,
+                    "{case}: {param}'s gradient differs by {diff}"
+                );
+            }
+            let fused = run_encoder(&in_bf16, &lora, positions, train);
+            let nodes = run_encoder(&in_bf16, &NodeByNode(&lora), positions, train);
+            let diff = max_abs_diff(&fused, &nodes);
+            assert!(diff > 0.0 && diff < 0.05, "{case}: bf16 is {diff} off f32");
         }
     }
     Ok(())

@@ -1,15 +1,16 @@
 //! A frozen layer's whole attention block as one CPU op: the query, key, value and output
 //! projections around [`AttentionOp`], with a prefix of keys and values (prefix tuning) in front
-//! of each sequence's own where there is one.
+//! of each sequence's own where there is one, and updates added to the query, key and value
+//! projections (a LoRA's, trained or not) where there are some.
 
 use std::ops::Range;
 
-use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
 
 use crate::kernels::attention::{AttentionOp, Dims};
 use crate::kernels::dropout::{self, DropoutMask};
 use crate::kernels::fused::{
-    contiguous, with_values, Activations, FrozenLinear, Kept, BACKWARD_ROWS,
+    contiguous_all, with_all_values, with_values, Activations, FrozenLinear, Kept, BACKWARD_ROWS,
 };
 use crate::kernels::parallel::par_zeros;
 
@@ -50,6 +51,33 @@ impl PrefixValues {
     }
 }
 
+/// What is added to the query, key and value projections' outputs (a LoRA's updates): inputs of
+/// the op, which passes them their gradients.
+#[derive(Debug, Default)]
+pub struct ProjectionUpdates {
+    /// `[batch, queries, hidden]`
+    pub query: Option<Tensor>,
+    /// `[batch, seq, hidden]`
+    pub key: Option<Tensor>,
+    /// `[batch, seq, hidden]`
+    pub value: Option<Tensor>,
+}
+
+impl ProjectionUpdates {
+    /// The updates there are.
+    pub fn tensors(&self) -> impl Iterator<Item = &Tensor> {
+        [&self.query, &self.key, &self.value].into_iter().flatten()
+    }
+}
+
+/// The op's values of [`ProjectionUpdates`] for some rows: the query's, and the key's and
+/// value's side by side in each row, as far as there are some.
+#[derive(Clone, Copy)]
+struct UpdateValues<'a> {
+    query: &'a [f32],
+    key_value: &'a [f32],
+}
+
 /// `own` `[batch, seq, hidden]` with each sequence's rows of `prefix` `[batch, len, hidden]` in
 /// front: `[batch, len + seq, hidden]`.
 fn prepend(prefix: &[f32], own: &[f32], batch: usize) -> Vec<f32> {
@@ -65,12 +93,12 @@ fn prepend(prefix: &[f32], own: &[f32], batch: usize) -> Vec<f32> {
     out
 }
 
-/// A frozen layer's self-attention and output projection, `dropout(attention(x Wq^T + bq,
-/// x Wk^T + bk, x Wv^T + bv) Wo^T + bo)`, as one op on `x` `[batch, seq, hidden]` whose
-/// backward pass returns `dL/dx` alone. Node by node, candle would keep the attention's
-/// output, the projection and a float dropout mask, and zero-fill and add a gradient for
-/// each of eight edges; this op keeps q, k, v (or recomputes them) and bit masks, and sums
-/// `dx` in place.
+/// A frozen layer's self-attention and output projection, `dropout(attention(x Wq^T + bq + uq,
+/// x Wk^T + bk + uk, x Wv^T + bv + uv) Wo^T + bo)`, as one op on `x` `[batch, seq, hidden]`
+/// and the updates `u` (see [`AttentionBlockOp::apply`]) whose backward pass returns `dL/dx`
+/// and the updates' gradients. Node by node, candle would keep the attention's output, the
+/// projection and a float dropout mask, and zero-fill and add a gradient for each of eight
+/// edges; this op keeps q, k, v (or recomputes them) and bit masks, and sums `dx` in place.
 pub struct AttentionBlockOp {
     pub query: FrozenLinear,
     pub key: FrozenLinear,
@@ -87,6 +115,8 @@ pub struct AttentionBlockOp {
     first_query_only: bool,
     /// Keys and values in front of each sequence's own (the attention's bias covers them).
     prefix: Option<PrefixValues>,
+    /// Whether the query, key and value projections have an update (set by `apply`).
+    updated: [bool; 3],
     kept: Kept<[Vec<f32>; 3]>,
 }
 
@@ -107,6 +137,7 @@ impl AttentionBlockOp {
             activations,
             first_query_only: false,
             prefix: None,
+            updated: [false; 3],
             kept: Kept::new(),
         }
     }
@@ -126,8 +157,33 @@ impl AttentionBlockOp {
         Self { prefix, ..self }
     }
 
-    /// The batch size, the sequence length and the attention's sizes for input `x`.
-    fn dims(&self, x: &Layout) -> Result<(usize, usize, Dims)> {
+    /// The op on `x` with `updates` added to its projections. The key's and value's travel as
+    /// one input, side by side in each row (one copy where both have one).
+    pub fn apply(mut self, x: &Tensor, updates: ProjectionUpdates) -> Result<Tensor> {
+        let ProjectionUpdates { query, key, value } = updates;
+        self.updated = [query.is_some(), key.is_some(), value.is_some()];
+        let empty = || Tensor::zeros(0, DType::F32, x.device());
+        let query = match query {
+            Some(q) => q.contiguous()?,
+            None => empty()?,
+        };
+        let key_value = match [key, value] {
+            [Some(k), Some(v)] => Tensor::cat(&[k, v], 2)?,
+            [Some(one), None] | [None, Some(one)] => one.contiguous()?,
+            [None, None] => empty()?,
+        };
+        x.contiguous()?.apply_op3(&query, &key_value, self)
+    }
+
+    /// How many of the key and value projections have an update: the width of their input, in
+    /// hidden sizes.
+    fn key_value_updates(&self) -> usize {
+        self.updated[1] as usize + self.updated[2] as usize
+    }
+
+    /// The batch size, the sequence length and the attention's sizes for input `x` and updates
+    /// of `lengths` (the query's, the key's and value's).
+    fn dims(&self, x: &Layout, lengths: [usize; 2]) -> Result<(usize, usize, Dims)> {
         let (batch, seq, hidden) = x.shape().dims3()?;
         let prefix = self.prefix.as_ref().map_or(0, |p| p.len);
         if let Some(p) = &self.prefix {
@@ -139,6 +195,16 @@ impl AttentionBlockOp {
             }
         }
         let queries = if self.first_query_only { 1 } else { seq };
+        let expected = [
+            self.updated[0] as usize * batch * queries * hidden,
+            self.key_value_updates() * batch * seq * hidden,
+        ];
+        if lengths != expected {
+            candle_core::bail!(
+                "fused attention: updates of {lengths:?} values for {batch} x {seq} x {hidden}, \
+                 {queries} querying (expected {expected:?})"
+            );
+        }
         let d = (self.attention).checked_dims(batch, queries, prefix + seq, hidden)?;
         Ok((batch, seq, d))
     }
@@ -183,11 +249,12 @@ impl AttentionBlockOp {
         }
     }
 
-    /// q, k and v of `sequences` of the batch from their rows `x` (`[count, seq, hidden]`),
-    /// the prefix's keys and values in front.
+    /// q, k and v of `sequences` of the batch from their rows `x` (`[count, seq, hidden]`) and
+    /// their rows of the updates, the prefix's keys and values in front.
     fn projections(
         &self,
         x: &[f32],
+        updates: UpdateValues,
         sequences: Range<usize>,
         seq: usize,
         d: Dims,
@@ -204,37 +271,79 @@ impl AttentionBlockOp {
             self.query.forward(x, count * seq)?
         };
         let [k, v] = [&self.key, &self.value].map(|l| l.forward(x, count * seq));
-        let [k, v] = self.behind_prefix(k?, v?, sequences, d.hidden);
+        let [mut q, mut k, mut v] = [q, k?, v?];
+        if self.updated[0] {
+            q.iter_mut().zip(updates.query).for_each(|(a, u)| *a += u);
+        }
+        let width = self.key_value_updates() * d.hidden;
+        let mut column = 0;
+        for (own, updated) in [(&mut k, self.updated[1]), (&mut v, self.updated[2])] {
+            if updated {
+                let rows = own.chunks_exact_mut(d.hidden);
+                for (row, update) in rows.zip(updates.key_value.chunks_exact(width)) {
+                    let update = &update[column..column + d.hidden];
+                    row.iter_mut().zip(update).for_each(|(a, u)| *a += u);
+                }
+                column += d.hidden;
+            }
+        }
+        let [k, v] = self.behind_prefix(k, v, sequences, d.hidden);
         Ok([q, k, v])
     }
 
-    /// The backward pass of `sequences` of the batch, from their `g` (the output gradient after
-    /// dropout): `dcontext = g Wo`, the attention's `dq`, `dk`, `dv`, then
-    /// `dx = dq Wq + dk Wk + dv Wv`, written over `g`, or, when only first positions query,
-    /// into `dx` (`dq Wq` added to first positions alone). The prefix's rows of `dk` and `dv`
-    /// are dropped, as the prefix takes no gradient here.
-    fn backward_block(
+    /// The rows of the updates for `sequences` of the batch.
+    fn update_rows<'a>(
         &self,
-        sequences: Range<usize>,
+        updates: UpdateValues<'a>,
+        sequences: &Range<usize>,
         seq: usize,
         d: Dims,
-        [q, k, v]: [&[f32]; 3],
-        g: &mut [f32],
-        dx: Option<&mut [f32]>,
-    ) -> Result<()> {
+    ) -> UpdateValues<'a> {
+        let q_len = self.updated[0] as usize * d.queries * d.hidden;
+        let kv_len = self.key_value_updates() * seq * d.hidden;
         let n = sequences.len();
-        let (rows, x_rows) = (n * d.queries, n * seq);
+        UpdateValues {
+            query: &updates.query[sequences.start * q_len..][..n * q_len],
+            key_value: &updates.key_value[sequences.start * kv_len..][..n * kv_len],
+        }
+    }
+
+    /// The attention's gradients for `sequences` of the batch, from their `g` (the output
+    /// gradient after dropout): `dcontext = g Wo`, then the attention's `dq`, `dk`, `dv`. The
+    /// prefix's rows of `dk` and `dv` are dropped, as the prefix takes no gradient here.
+    fn projection_grads(
+        &self,
+        sequences: Range<usize>,
+        d: Dims,
+        [q, k, v]: [&[f32]; 3],
+        g: &[f32],
+    ) -> Result<[Vec<f32>; 3]> {
+        let n = sequences.len();
         let mut context = par_zeros(g.len());
-        self.output.backward_into(g, rows, &mut context, false)?;
+        self.output
+            .backward_into(g, n * d.queries, &mut context, false)?;
         let (dq, dk, dv) = (self.attention).backward(sequences.start, n, d, q, k, v, &context);
         drop(context);
         let [dk, dv] = self.without_prefix(dk, dv, n, d.hidden);
+        Ok([dq, dk, dv])
+    }
+
+    /// `dx = dq Wq + dk Wk + dv Wv` for `n` sequences, written over `g`, or, when only first
+    /// positions query, into `dx` (`dq Wq` added to first positions alone).
+    fn input_grad(
+        &self,
+        (n, seq, d): (usize, usize, Dims),
+        [dq, dk, dv]: [&[f32]; 3],
+        g: &mut [f32],
+        dx: Option<&mut [f32]>,
+    ) -> Result<()> {
+        let (rows, x_rows) = (n * d.queries, n * seq);
         match dx {
             Some(dx) => {
-                self.key.backward_into(&dk, x_rows, dx, false)?;
-                self.value.backward_into(&dv, x_rows, dx, true)?;
+                self.key.backward_into(dk, x_rows, dx, false)?;
+                self.value.backward_into(dv, x_rows, dx, true)?;
                 let dx_first = g; // n x hidden, overwritten
-                self.query.backward_into(&dq, rows, dx_first, false)?;
+                self.query.backward_into(dq, rows, dx_first, false)?;
                 let sequences = dx.chunks_exact_mut(seq * d.hidden);
                 for (sequence, first) in sequences.zip(dx_first.chunks_exact(d.hidden)) {
                     sequence[..d.hidden]
@@ -245,24 +354,61 @@ impl AttentionBlockOp {
             }
             None => {
                 let dx = g; // rows x hidden, overwritten
-                self.query.backward_into(&dq, rows, dx, false)?;
-                self.key.backward_into(&dk, rows, dx, true)?;
-                self.value.backward_into(&dv, rows, dx, true)?;
+                self.query.backward_into(dq, rows, dx, false)?;
+                self.key.backward_into(dk, rows, dx, true)?;
+                self.value.backward_into(dv, rows, dx, true)?;
             }
         }
         Ok(())
     }
+
+    /// The updates' gradients of a block of rows: `dq`'s into `query`, `dk`'s and `dv`'s side
+    /// by side into `key_value` (as far as each has an update).
+    fn update_grads(
+        &self,
+        [dq, dk, dv]: [&[f32]; 3],
+        hidden: usize,
+        query: Option<&mut [f32]>,
+        key_value: Option<&mut [f32]>,
+    ) {
+        if let Some(query) = query {
+            query.copy_from_slice(dq);
+        }
+        let Some(key_value) = key_value else {
+            return;
+        };
+        let width = self.key_value_updates() * hidden;
+        let mut column = 0;
+        for (grad, updated) in [(dk, self.updated[1]), (dv, self.updated[2])] {
+            if updated {
+                let rows = key_value.chunks_exact_mut(width);
+                for (row, grad) in rows.zip(grad.chunks_exact(hidden)) {
+                    row[column..column + hidden].copy_from_slice(grad);
+                }
+                column += hidden;
+            }
+        }
+    }
 }
 
-impl CustomOp1 for AttentionBlockOp {
+impl CustomOp3 for AttentionBlockOp {
     fn name(&self) -> &'static str {
         "fused-attention-block"
     }
 
-    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
-        let x = contiguous(storage, layout)?;
-        let (batch, seq, d) = self.dims(layout)?;
-        let [q, k, v] = self.projections(x, 0..batch, seq, d)?;
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let [x, query, key_value] = contiguous_all([(s1, l1), (s2, l2), (s3, l3)])?;
+        let (batch, seq, d) = self.dims(l1, [query.len(), key_value.len()])?;
+        let updates = UpdateValues { query, key_value };
+        let [q, k, v] = self.projections(x, updates, 0..batch, seq, d)?;
         let context = self.attention.forward(batch, d, &q, &k, &v);
         let mut out = self.output.forward(&context, batch * d.queries)?;
         dropout::apply(self.dropout.as_ref(), &mut out);
@@ -275,26 +421,43 @@ impl CustomOp1 for AttentionBlockOp {
         ))
     }
 
-    /// [`backward_block`](AttentionBlockOp::backward_block) on blocks of sequences (about
-    /// [`BACKWARD_ROWS`] tokens each), with their q, k and v kept or recomputed: the
-    /// attention's gradients exist for one block at a time.
-    fn bwd(&self, x: &Tensor, _out: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
-        let (batch, seq, d) = self.dims(x.layout())?;
+    /// [`projection_grads`](AttentionBlockOp::projection_grads) on blocks of sequences (about
+    /// [`BACKWARD_ROWS`] tokens each), with their q, k and v kept or recomputed, then the
+    /// gradients of the inputs that take one: the attention's gradients exist for one block at
+    /// a time.
+    fn bwd(
+        &self,
+        x: &Tensor,
+        query: &Tensor,
+        key_value: &Tensor,
+        _out: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let lengths = [query.elem_count(), key_value.elem_count()];
+        let (batch, seq, d) = self.dims(x.layout(), lengths)?;
         let kept = match self.activations {
             Activations::Recomputed => None,
             _ => Some(self.kept.take("attention block")?),
         };
         let mut g = with_values(grad, |g| Ok(g.to_vec()))?;
         dropout::apply(self.dropout.as_ref(), &mut g);
+        let zeros_if = |takes: bool, len: usize| takes.then(|| par_zeros(len));
         // With every position querying, `dx` takes `g`'s place; with the first alone, it is
         // larger than `g`.
-        let mut dx_all = match self.first_query_only {
-            true => par_zeros(batch * seq * d.hidden),
-            false => Vec::new(),
-        };
+        let input_grad = x.track_op();
+        let mut dx_all = zeros_if(self.first_query_only && input_grad, x.elem_count());
+        let mut dquery = zeros_if(query.track_op(), query.elem_count());
+        let mut dkey_value = zeros_if(key_value.track_op(), key_value.elem_count());
         let (q_len, kv_len, x_len) = (d.queries * d.hidden, d.keys * d.hidden, seq * d.hidden);
         let per_block = (BACKWARD_ROWS / seq.max(1)).max(1);
-        with_values(x, |x| {
+        with_all_values(&[x, query, key_value], |values| {
+            let (x, updates) = (
+                values[0],
+                UpdateValues {
+                    query: values[1],
+                    key_value: values[2],
+                },
+            );
             for first in (0..batch).step_by(per_block) {
                 let sequences = first..batch.min(first + per_block);
                 let n = sequences.len();
@@ -307,107 +470,50 @@ impl CustomOp1 for AttentionBlockOp {
                     ],
                     None => {
                         let x = &x[first * x_len..][..n * x_len];
-                        recomputed = self.projections(x, sequences.clone(), seq, d)?;
+                        let updates = self.update_rows(updates, &sequences, seq, d);
+                        recomputed = self.projections(x, updates, sequences.clone(), seq, d)?;
                         [&recomputed[0], &recomputed[1], &recomputed[2]].map(|t| &t[..])
                     }
                 };
                 let g = &mut g[first * q_len..][..n * q_len];
-                let dx = match self.first_query_only {
-                    true => Some(&mut dx_all[first * x_len..][..n * x_len]),
-                    false => None,
-                };
-                self.backward_block(sequences, seq, d, qkv, g, dx)?;
+                let grads = self.projection_grads(sequences.clone(), d, qkv, g)?;
+                let grads = [&grads[0], &grads[1], &grads[2]].map(|t| &t[..]);
+                let (q_rows, kv_rows) = (n * q_len, n * seq * d.hidden);
+                self.update_grads(
+                    grads,
+                    d.hidden,
+                    dquery.as_mut().map(|t| &mut t[first * q_len..][..q_rows]),
+                    (dkey_value.as_mut()).map(|t| {
+                        let width = self.key_value_updates();
+                        &mut t[first * x_len * width..][..kv_rows * width]
+                    }),
+                );
+                if input_grad {
+                    let dx = dx_all
+                        .as_mut()
+                        .map(|t| &mut t[first * x_len..][..n * x_len]);
+                    self.input_grad((n, seq, d), grads, g, dx)?;
+                }
             }
             Ok(())
         })?;
-        let dx = if self.first_query_only { dx_all } else { g };
-        Ok(Some(Tensor::from_vec(dx, x.shape(), x.device())?))
+        let tensor = |values: Option<Vec<f32>>, like: &Tensor| {
+            values
+                .map(|v| Tensor::from_vec(v, like.shape(), like.device()))
+                .transpose()
+        };
+        let dx = match (input_grad, self.first_query_only) {
+            (false, _) => None,
+            (true, true) => dx_all,
+            (true, false) => Some(g),
+        };
+        Ok((
+            tensor(dx, x)?,
+            tensor(dquery, query)?,
+            tensor(dkey_value, key_value)?,
+        ))
     }
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::kernels::attention::AttentionOp;
-    use crate::kernels::fused::testing::{assert_same_output_and_dx, frozen, random};
-    use crate::model::ops::{attention, attention_bias, attention_dropout, linear};
-    use crate::model::Mode;
-    use crate::rng::SeededRng;
-    use candle_core::{Device, Var};
-    use candle_nn::Linear;
-
-    /// Output and `dL/dx` of the block op against its Linears and the attention op node by
-    /// node, with q, k and v kept and recomputed, with and without dropout, with a padded
-    /// sequence, small, split over threads and over backward blocks, every position querying
-    /// and only the first, with and without a prefix of keys and values (one of whose
-    /// positions is hidden from the first sequence).
-    #[test]
-    fn block_matches_its_ops_node_by_node() -> Result<()> {
-        let mut rng = SeededRng::new(5);
-        // The last: blocks of 3 sequences and 2 in the backward pass.
-        let sizes = [(2, 3, 8, 2), (4, 40, 64, 4), (5, BACKWARD_ROWS / 3, 8, 2)];
-        for (batch, seq, hidden, heads) in sizes {
-            let weights: Vec<(Tensor, Tensor)> = (0..4)
-                .map(|_| {
-                    Ok((
-                        random(&mut rng, &[hidden, hidden])?,
-                        random(&mut rng, &[hidden])?,
-                    ))
-                })
-                .collect::<Result<_>>()?;
-            let x = Var::from_tensor(&random(&mut rng, &[batch, seq, hidden])?)?;
-            // The last sequence has one padded position.
-            let mut mask = vec![1u32; batch * seq];
-            mask[batch * seq - 1] = 0;
-            let bias = attention_bias(&Tensor::from_vec(mask, (batch, seq), &Device::Cpu)?)?;
-            let prefix_keys = random(&mut rng, &[batch, 2, hidden])?;
-            let prefix_values = random(&mut rng, &[batch, 2, hidden])?;
-            let mut prefix_bias = vec![0f32; batch * 2];
-            prefix_bias[0] = f32::MIN;
-            let prefix_bias = Tensor::from_vec(prefix_bias, (batch, 1, 1, 2), &Device::Cpu)?;
-            let cases = [(0.0, false), (0.2, false), (0.0, true), (0.2, true)];
-            let variants = cases.into_iter().flat_map(|c| [(c, false), (c, true)]);
-            let kept_or_recomputed = [Activations::Kept, Activations::Recomputed];
-            for (((p, first_only), with_prefix), activations) in
-                variants.flat_map(|v| kept_or_recomputed.map(|a| (v, a)))
-            {
-                let queries = if first_only { 1 } else { seq };
-                let r = random(&mut rng, &[batch, queries, hidden])?;
-                let (mut node_mode, mut fused_mode) = (Mode::train(9), Mode::train(9));
-                let linears: Vec<Linear> = weights
-                    .iter()
-                    .map(|(w, b)| Linear::new(w.clone(), Some(b.clone())))
-                    .collect();
-                let x_q = x.as_tensor().narrow(1, 0, queries)?;
-                let q = linear(&linears[0], &x_q)?;
-                let [k, v] = [1, 2].map(|i| linear(&linears[i], x.as_tensor()));
-                let (mut k, mut v, mut bias) = (k?, v?, bias.clone());
-                if with_prefix {
-                    k = Tensor::cat(&[&prefix_keys, &k], 1)?;
-                    v = Tensor::cat(&[&prefix_values, &v], 1)?;
-                    bias = Tensor::cat(&[&prefix_bias, &bias], 3)?;
-                }
-                let context = attention(&q, &k, &v, &bias, heads, p, &mut node_mode)?;
-                let nodes = node_mode.dropout(&linear(&linears[3], &context)?, p)?;
-
-                let mask = attention_dropout(&mut fused_mode, heads, queries, &bias, p)?;
-                let attention = AttentionOp::new(heads, hidden, &bias, mask)?;
-                let mask = fused_mode.dropout_mask(batch * queries * hidden, p);
-                let frozen = [0, 1, 2, 3].map(|i| frozen(&weights[i].0, &weights[i].1));
-                let prefix = match with_prefix {
-                    true => Some(PrefixValues::new(&prefix_keys, &prefix_values)?),
-                    false => None,
-                };
-                let op = AttentionBlockOp::new(frozen, attention, mask, activations)
-                    .first_query_only(first_only)
-                    .with_prefix(prefix);
-                let fused = x.as_tensor().apply_op1(op)?;
-                let what = format!(
-                    "p = {p}, first query only: {first_only}, prefix: {with_prefix}, {activations:?}"
-                );
-                assert_same_output_and_dx(&nodes, &fused, &x, &r, &what)?;
-            }
-        }
-        Ok(())
-    }
-}
+mod tests;

@@ -130,7 +130,7 @@ impl CustomOp1 for FeedForwardOp {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::kernels::fused::testing::{assert_same_output_and_dx, frozen, random};
+    use crate::kernels::fused::testing::{assert_same_output_and_grads, frozen, random};
     use crate::model::ops::{linear, Activation};
     use crate::model::Mode;
     use crate::rng::SeededRng;
@@ -167,7 +167,7 @@ mod tests {
                 let op = FeedForwardOp::new(expand, project, mask, activations);
                 let fused = x.as_tensor().apply_op1(op)?;
                 let what = format!("p = {p}, {activations:?}");
-                assert_same_output_and_dx(&nodes, &fused, &x, &r, &what)?;
+                assert_same_output_and_grads(&nodes, &fused, &[&x], &r, &what)?;
 
                 // Without a backward pass (GELU in place): the same output.
                 let mask = Mode::train(7).dropout_mask(tokens * hidden, p);

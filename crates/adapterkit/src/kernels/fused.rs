@@ -482,32 +482,33 @@ pub(crate) mod testing {
         }
     }
 
-    /// Asserts that `fused` and `nodes` (the same function of `x`) agree within 1e-5, and so
-    /// do their gradients of `x` under the loss `sum(out * r)` (relative to the largest).
-    pub fn assert_same_output_and_dx(
+    /// Asserts that `fused` and `nodes` (the same function of `inputs`) agree within 1e-5, and
+    /// so do their gradients of each input under the loss `sum(out * r)` (relative to the
+    /// largest).
+    pub fn assert_same_output_and_grads(
         nodes: &Tensor,
         fused: &Tensor,
-        x: &Var,
+        inputs: &[&Var],
         r: &Tensor,
         what: &str,
     ) -> Result<()> {
         let max = |t: &Tensor| t.abs()?.max_all()?.to_scalar::<f32>();
         let diff = max(&(nodes - fused)?)?;
         assert!(diff < 1e-5, "{what}: output differs by {diff}");
-        let grad = |out: &Tensor| -> Result<Tensor> {
-            let grads = (out * r)?.sum_all()?.backward()?;
-            Ok(grads
-                .get(x.as_tensor())
-                .expect("x takes a gradient")
-                .clone())
-        };
-        let (dx_nodes, dx_fused) = (grad(nodes)?, grad(fused)?);
-        let diff = max(&(&dx_nodes - &dx_fused)?)?;
-        let scale = max(&dx_nodes)?.max(1.0);
-        assert!(
-            diff < 1e-5 * scale,
-            "{what}: dx differs by {diff} (largest {scale})"
-        );
+        let [nodes, fused] = [nodes, fused].map(|out| (out * r)?.sum_all()?.backward());
+        let (nodes, fused) = (nodes?, fused?);
+        for (i, input) in inputs.iter().enumerate() {
+            let grad = |grads: &candle_core::backprop::GradStore| {
+                grads.get(input.as_tensor()).expect("a gradient").clone()
+            };
+            let (by_nodes, by_fused) = (grad(&nodes), grad(&fused));
+            let diff = max(&(&by_nodes - &by_fused)?)?;
+            let scale = max(&by_nodes)?.max(1.0);
+            assert!(
+                diff < 1e-5 * scale,
+                "{what}: input {i}'s gradient differs by {diff} (largest {scale})"
+            );
+        }
         Ok(())
     }
 }

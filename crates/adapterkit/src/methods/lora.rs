@@ -296,11 +296,18 @@ impl LayerHooks for Lora {
                 return Some(LinearChange::Weights(Linear::new(weight, bias)));
             }
         }
-        Some(LinearChange::Apply(Box::new(
-            move |x: &Tensor, out: Tensor, mode: &mut Mode| {
-                let hidden = module.forward(&self.config, x, None, mode)?;
-                compose(out, &hidden, self.config.composition_mode)
-            },
-        )))
+        let config = &self.config;
+        match config.composition_mode {
+            // A function of the input alone, which the fused attention op takes as an input.
+            CompositionMode::Add => Some(LinearChange::Add(Box::new(
+                move |x: &Tensor, mode: &mut Mode| module.forward(config, x, None, mode),
+            ))),
+            CompositionMode::Scale => Some(LinearChange::Apply(Box::new(
+                move |x: &Tensor, out: Tensor, mode: &mut Mode| {
+                    let hidden = module.forward(config, x, None, mode)?;
+                    compose(out, &hidden, config.composition_mode)
+                },
+            ))),
+        }
     }
 }

@@ -5,12 +5,12 @@ use candle_core::{Result, Tensor};
 use candle_nn::{Linear, VarBuilder};
 
 use crate::kernels::attention::AttentionOp;
-use crate::kernels::attention_block::{AttentionBlockOp, PrefixValues};
+use crate::kernels::attention_block::{AttentionBlockOp, PrefixValues, ProjectionUpdates};
 use crate::kernels::fused::PackedWeight;
 use crate::model::architecture::Architecture;
 use crate::model::config::BertConfig;
 use crate::model::dropout::Mode;
-use crate::model::hooks::{KeyValuePrefix, LayerHooks, LinearSite, Position};
+use crate::model::hooks::{KeyValuePrefix, LayerHooks, LinearSite, OutputUpdate, Position};
 use crate::model::layer::Positions;
 use crate::model::layer_norm::LayerNorm;
 use crate::model::ops;
@@ -154,7 +154,7 @@ impl BertAttention {
             Some(p) => &Tensor::cat(&[&p.bias.to_dtype(bias.dtype())?, bias], 3)?,
             None => bias,
         };
-        let frozen = self.frozen_block(layer, hidden, bias, prefix, positions, hooks, mode)?;
+        let frozen = self.frozen_block(layer, &queries, hidden, bias, prefix, hooks, mode)?;
         let projected = match frozen {
             Some(projected) => projected,
             None => {
@@ -175,17 +175,18 @@ impl BertAttention {
 
     /// Self-attention and the output projection with its dropout as one op
     /// (`kernels::attention::AttentionBlockOp`) when all four Linears are frozen (as the hooks
-    /// give them: see [`ops::frozen_linears`]), the prefix (if any) tracks no gradient, and
-    /// `hidden` is f32 on CPU; `None` otherwise. `bias` masks every key, the prefix's first.
-    /// Same values, same dropout draws.
+    /// give them: see [`ops::frozen_linears`]; the updates they add to q, k and v are the op's
+    /// inputs, trained or not), the prefix (if any) tracks no gradient, and `hidden` is f32 on
+    /// CPU; `None` otherwise. `queries` are `hidden` or its first positions; `bias` masks every
+    /// key, the prefix's first. Same values, same dropout draws.
     #[allow(clippy::too_many_arguments)]
     fn frozen_block(
         &self,
         layer: usize,
+        queries: &Tensor,
         hidden: &Tensor,
         bias: &Tensor,
         prefix: Option<&KeyValuePrefix>,
-        positions: Positions,
         hooks: &dyn LayerHooks,
         mode: &mut Mode,
     ) -> Result<Option<Tensor>> {
@@ -207,22 +208,33 @@ impl BertAttention {
         {
             return Ok(None);
         }
-        let Some([q, k, v, o]) = ops::frozen_linears(hooks, layer, linears, self.packed.as_ref())?
+        let packed = self.packed.as_ref();
+        // The op takes no update of the output projection's (a function of the attention's
+        // output, inside it).
+        let Some([(q, q_update), (k, k_update), (v, v_update), (o, None)]) =
+            ops::frozen_linears(hooks, layer, linears, packed)?
         else {
             return Ok(None);
+        };
+        // In the order the node path draws their dropout: q, k, v.
+        let mut update = |u: Option<OutputUpdate>, x| u.map(|u| u(x, mode)).transpose();
+        let updates = ProjectionUpdates {
+            query: update(q_update, queries)?,
+            key: update(k_update, hidden)?,
+            value: update(v_update, hidden)?,
         };
         let prefix = prefix
             .map(|p| PrefixValues::new(&p.keys, &p.values))
             .transpose()?;
-        let first_only = positions == Positions::First;
-        let queries = if first_only { 1 } else { seq };
-        let mask = ops::attention_dropout(mode, s.num_heads, queries, bias, s.dropout)?;
+        let querying = queries.dim(1)?;
+        let mask = ops::attention_dropout(mode, s.num_heads, querying, bias, s.dropout)?;
         let attention = AttentionOp::new(s.num_heads, hidden_size, bias, mask)?;
-        let dropout = mode.dropout_mask(batch * queries * hidden_size, self.output.dropout);
-        let activations = ops::block_activations(hidden, self.packed.as_ref());
+        let dropout = mode.dropout_mask(batch * querying * hidden_size, self.output.dropout);
+        let inputs: Vec<&Tensor> = [hidden].into_iter().chain(updates.tensors()).collect();
+        let activations = ops::block_activations(&inputs, packed);
         let op = AttentionBlockOp::new([q, k, v, o], attention, dropout, activations)
-            .first_query_only(first_only)
+            .first_query_only(querying < seq)
             .with_prefix(prefix);
-        hidden.contiguous()?.apply_op1(op).map(Some)
+        op.apply(hidden, updates).map(Some)
     }
 }

@@ -97,10 +97,17 @@ pub struct KeyValuePrefix {
 /// From a Linear's input `x` and output `W x + b` to the output the layer goes on with.
 pub type OutputChange<'a> = Box<dyn Fn(&Tensor, Tensor, &mut Mode) -> Result<Tensor> + 'a>;
 
+/// From a Linear's input `x` to what is added to its output `W x + b`.
+pub type OutputUpdate<'a> = Box<dyn Fn(&Tensor, &mut Mode) -> Result<Tensor> + 'a>;
+
 /// A method's change to one Linear.
 pub enum LinearChange<'a> {
-    /// Applied to the Linear's output (LoRA adds its low-rank update, (IA)³ scales).
+    /// Applied to the Linear's output ((IA)³ scales it, a composition of modules mixes).
     Apply(OutputChange<'a>),
+    /// Added to the Linear's output, a function of its input alone (a LoRA's low-rank update):
+    /// the fused attention op takes the updates of q, k and v as inputs, so a trained LoRA
+    /// there keeps the block fused.
+    Add(OutputUpdate<'a>),
     /// The same Linear with other weights for this pass: frozen LoRA and (IA)³ modules folded
     /// in (plain tensors), which the fused block ops run as they run the bare model.
     Weights(Linear),
@@ -109,9 +116,9 @@ pub enum LinearChange<'a> {
 pub trait LayerHooks {
     /// What the hooks do to `site`'s Linear in `layer` (`base`: its weights); `None` leaves it
     /// alone. The encoder asks before it picks a path: a block whose Linears are left alone or
-    /// given other weights may run as one fused op, an `Apply` change sends it node by node
-    /// through the change. So a change cannot be skipped, and there is nothing else to keep in
-    /// step with it.
+    /// given other weights (or, in the attention block, updates added to q, k and v) may run
+    /// as one fused op, any other change sends it node by node through the change. So a change
+    /// cannot be skipped, and there is nothing else to keep in step with it.
     fn linear(&self, _layer: usize, _site: LinearSite, _base: &Linear) -> Option<LinearChange<'_>> {
         None
     }

@@ -119,8 +119,9 @@ impl BertLayer {
     }
 
     /// [`feed_forward`](Self::feed_forward) as one op (`kernels::feed_forward`) when its
-    /// weights are frozen (as the hooks give them: see [`ops::frozen_linears`]), its activation
-    /// is GELU and `x` is f32 on CPU; `None` otherwise. Same values, same dropout draws.
+    /// weights are frozen (as the hooks give them, no update added: see
+    /// [`ops::frozen_linears`]), its activation is GELU and `x` is f32 on CPU; `None`
+    /// otherwise. Same values, same dropout draws.
     fn frozen_feed_forward(
         &self,
         x: &Tensor,
@@ -135,12 +136,14 @@ impl BertLayer {
             (LinearSite::Output, &self.output.dense),
         ];
         let packed = self.packed.as_ref();
-        let Some([expand, project]) = ops::frozen_linears(hooks, self.index, linears, packed)?
+        // The op takes no updates: a Linear with one runs the block node by node.
+        let Some([(expand, None), (project, None)]) =
+            ops::frozen_linears(hooks, self.index, linears, packed)?
         else {
             return Ok(None);
         };
         let dropout = mode.dropout_mask(x.elem_count(), self.output.dropout);
-        let activations = ops::block_activations(x, packed);
+        let activations = ops::block_activations(&[x], packed);
         let op = FeedForwardOp::new(expand, project, dropout, activations);
         x.contiguous()?.apply_op1(op).map(Some)
     }

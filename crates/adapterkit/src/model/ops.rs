@@ -6,7 +6,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::kernels::attention::AttentionOp;
 use crate::kernels::fused::{Activations, FrozenLinear, PackedWeight};
-use crate::model::hooks::{LayerHooks, LinearChange, LinearSite};
+use crate::model::hooks::{LayerHooks, LinearChange, LinearSite, OutputUpdate};
 use crate::model::Mode;
 
 /// A non-linearity, by the names `transformers` (`hidden_act`) and AdapterHub (`non_linearity`) use.
@@ -174,41 +174,47 @@ pub fn hooked_linear(
         None => linear(weights, x),
         Some(LinearChange::Weights(changed)) => linear(&changed, x),
         Some(LinearChange::Apply(change)) => change(x, linear(weights, x)?, mode),
+        Some(LinearChange::Add(update)) => linear(weights, x)?.broadcast_add(&update(x, mode)?),
     }
 }
 
+/// A frozen Linear as a fused op takes it, and the update the hooks add to its output, if any.
+pub type FrozenWithUpdate<'h> = (FrozenLinear, Option<OutputUpdate<'h>>);
+
 /// A block's Linears as the fused ops take them (frozen, with the hooks' weights where they
-/// give some, with their products on the block's `packed` copies when it has some), or `None` when
-/// one is trainable or the hooks change one otherwise.
-pub fn frozen_linears<const N: usize>(
-    hooks: &dyn LayerHooks,
+/// give some, with their products on the block's `packed` copies when it has some), each with
+/// the update the hooks add to its output, if any; `None` when one is trainable or the hooks
+/// change one otherwise.
+pub fn frozen_linears<'h, const N: usize>(
+    hooks: &'h dyn LayerHooks,
     layer: usize,
     linears: [(LinearSite, &candle_nn::Linear); N],
     packed: Option<&[PackedWeight; N]>,
-) -> Result<Option<[FrozenLinear; N]>> {
+) -> Result<Option<[FrozenWithUpdate<'h>; N]>> {
     let mut frozen = Vec::with_capacity(N);
     for (i, (site, base)) in linears.into_iter().enumerate() {
-        let linear = match hooks.linear(layer, site, base) {
-            None => FrozenLinear::of(base),
-            Some(LinearChange::Weights(changed)) => FrozenLinear::of(&changed),
-            Some(LinearChange::Apply(_)) => None,
+        let (linear, update) = match hooks.linear(layer, site, base) {
+            None => (FrozenLinear::of(base), None),
+            Some(LinearChange::Weights(changed)) => (FrozenLinear::of(&changed), None),
+            Some(LinearChange::Add(update)) => (FrozenLinear::of(base), Some(update)),
+            Some(LinearChange::Apply(_)) => (None, None),
         };
         let Some(linear) = linear else {
             return Ok(None);
         };
-        frozen.push(linear.packed_as(packed.map(|copies| &copies[i]))?);
+        frozen.push((linear.packed_as(packed.map(|copies| &copies[i]))?, update));
     }
     Ok(frozen.try_into().ok())
 }
 
-/// What a frozen block with input `x` and weights packed as `packed` leaves for its backward
-/// pass: nothing without one; in bf16 nothing either, the backward pass recomputing the
-/// products at the bf16 rate (`model::precision`); else the products.
+/// What a frozen block with `inputs` and weights packed as `packed` leaves for its backward
+/// pass: nothing without one (no input takes a gradient); in bf16 nothing either, the backward
+/// pass recomputing the products at the bf16 rate (`model::precision`); else the products.
 pub fn block_activations<const N: usize>(
-    x: &Tensor,
+    inputs: &[&Tensor],
     packed: Option<&[PackedWeight; N]>,
 ) -> Activations {
-    if !x.track_op() {
+    if !inputs.iter().any(|x| x.track_op()) {
         Activations::None
     } else if packed.is_some_and(|copies| copies.iter().all(PackedWeight::is_bf16)) {
         Activations::Recomputed
