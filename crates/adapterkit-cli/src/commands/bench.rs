@@ -32,7 +32,8 @@ pub struct Args {
     /// prefix (inference as `inference`, through a prefix tuning of 30 positions: the FLOPs
     /// counted are the bare model's), adapter (Houlsby training), full (fine-tuning), lora (LoRA r=8, alpha=16 on q and v,
     /// training), ia3 ((IA)³ training), lora-stack (inference through two LoRAs composed
-    /// unmerged, `stack(a,b)`),
+    /// unmerged, `stack(a,b)`), lora-split (inference of two LoRAs in one batch, half its
+    /// rows each, `batch_split(a,b)`, as `serve` mixes adapters),
     /// ops (fused against composed LayerNorm and softmax, forward + backward, at this shape),
     /// bf16-matmul (the bf16 kernel's GFLOP/s on a 1024^3 product, against the f32 peak),
     /// int8-matmul (the same for the int8 kernel, activations quantised inside the timing),
@@ -180,7 +181,7 @@ pub fn run(args: Args) -> Result<()> {
                 );
                 (time_training(&method, args.train_layer_norms)?, flops * 2.0)
             }
-            "lora-stack" => {
+            "lora-stack" | "lora-split" => {
                 let method = Method::Adapter(
                     AdapterConfig::preset("lora")?
                         .with_overrides(&lora_options("lora"))
@@ -192,7 +193,14 @@ pub fn run(args: Args) -> Result<()> {
                         AdapterModel::new(encoder.clone(), &method, name, head.clone(), false, 1, &device)
                     })
                     .collect::<adapterkit::Result<Vec<_>>>()?;
-                let setup = Setup::parse("stack(a,b)")?;
+                let half = args.batch_size / 2;
+                let setup = match what.as_str() {
+                    "lora-stack" => Setup::parse("stack(a,b)")?,
+                    _ => Setup::parse(&format!(
+                        "batch_split(a,b)[{half},{}]",
+                        args.batch_size - half
+                    ))?,
+                };
                 let model = ComposedModel::new(encoder.clone(), setup, parts)?;
                 (
                     time_per_step(1, args.steps, || composed_step(&model, &batch))?,
@@ -243,7 +251,7 @@ pub fn run(args: Args) -> Result<()> {
                 continue;
             }
             other => anyhow::bail!(
-                "unknown measurement '{other}' (inference, inference-all-positions, prefix, adapter, full, lora, ia3, lora-stack, ops, bf16-matmul, int8-matmul, multitask, adapter-drop)"
+                "unknown measurement '{other}' (inference, inference-all-positions, prefix, adapter, full, lora, ia3, lora-stack, lora-split, ops, bf16-matmul, int8-matmul, multitask, adapter-drop)"
             ),
         };
         rows.push(row(what, seconds, step_flops));
