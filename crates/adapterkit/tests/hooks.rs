@@ -169,8 +169,8 @@ fn a_prefix_reaches_the_output_alike_on_every_path() -> Result<()> {
     Ok(())
 }
 
-/// `hooks` with each update they add to a Linear's output applied to the output instead, which
-/// sends the block node by node.
+/// `hooks` with each update or scale they give a Linear's output applied to the output instead,
+/// which sends the block node by node.
 struct NodeByNode<'a>(&'a dyn LayerHooks);
 
 impl LayerHooks for NodeByNode<'_> {
@@ -181,18 +181,21 @@ impl LayerHooks for NodeByNode<'_> {
                     out.broadcast_add(&update(x, mode)?)
                 },
             ))),
+            LinearChange::Scale(scale) => Some(LinearChange::Apply(Box::new(
+                move |_: &Tensor, out: Tensor, mode: &mut Mode| out.broadcast_mul(&scale(mode)?),
+            ))),
             other => Some(other),
         }
     }
 }
 
-/// A trained LoRA's updates of q, k and v are inputs of the fused attention op: its outputs and
-/// every LoRA gradient match the same LoRA node by node, on q and v, on q, k and v with
-/// dropout and the feed-forward block's Linears, and gated (UniPELT's), at every position and
-/// the first, in training and evaluation. In bf16 the op's products are bf16 (the node path's
-/// are f32): so it ran.
+/// A trained LoRA's updates of q, k and v, and (IA)³'s scales of k, v and the expansion, are
+/// inputs of the fused ops: outputs and every gradient match the same module node by node, for
+/// a LoRA on q and v, on q, k and v with dropout and the feed-forward block's Linears, gated
+/// (UniPELT's), and (IA)³ (with random vectors), at every position and the first, in training
+/// and evaluation. In bf16 the fused ops' products are bf16 (the node path's f32): so they ran.
 #[test]
-fn a_trained_lora_runs_in_the_fused_attention_op_as_node_by_node() -> Result<()> {
+fn trained_loras_and_ia3_run_in_the_fused_ops_as_node_by_node() -> Result<()> {
     use adapterkit::methods::lora::{Lora, LoraConfig, LoraInit};
     use adapterkit::model::Precision;
     let encoder = tiny_encoder();
@@ -209,7 +212,15 @@ fn a_trained_lora_runs_in_the_fused_attention_op_as_node_by_node() -> Result<()>
     ) = (0.1, true, true);
     let mut gated = q_v.clone();
     gated.other.insert("use_gating".into(), true.into());
-    for (name, config) in [("q_v", q_v), ("everywhere", everywhere), ("gated", gated)] {
+    let mut ia3 = LoraConfig::preset("ia3").unwrap();
+    ia3.init_weights = LoraInit::Bert; // Vectors that are not all ones.
+    let configs = [
+        ("q_v", q_v),
+        ("everywhere", everywhere),
+        ("gated", gated),
+        ("ia3", ia3),
+    ];
+    for (name, config) in configs {
         let mut rng = adapterkit::rng::SeededRng::new(3);
         let lora = Lora::new(name, &config, &encoder.config, &mut rng, &Device::Cpu).unwrap();
         let bare = run_encoder(&encoder, &NoHooks, Positions::All, false);

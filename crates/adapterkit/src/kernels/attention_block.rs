@@ -1,8 +1,9 @@
 //! A frozen layer's whole attention block as one CPU op: the query, key, value and output
 //! projections around [`AttentionOp`], with a prefix of keys and values (prefix tuning) in front
-//! of each sequence's own where there is one, and updates added to the query, key and value
-//! projections (a LoRA's, trained or not) where there are some.
+//! of each sequence's own where there is one, and changes to the query, key and value
+//! projections (a LoRA's updates or (IA)³'s scales, trained or not) where there are some.
 
+use std::borrow::Cow;
 use std::ops::Range;
 
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
@@ -51,31 +52,49 @@ impl PrefixValues {
     }
 }
 
-/// What is added to the query, key and value projections' outputs (a LoRA's updates): inputs of
-/// the op, which passes them their gradients.
-#[derive(Debug, Default)]
-pub struct ProjectionUpdates {
-    /// `[batch, queries, hidden]`
-    pub query: Option<Tensor>,
-    /// `[batch, seq, hidden]`
-    pub key: Option<Tensor>,
-    /// `[batch, seq, hidden]`
-    pub value: Option<Tensor>,
+/// A change to the output of the query, key or value projection: an update added to it (a
+/// LoRA's, `[batch, rows, hidden]`), or a vector `[hidden]` that scales it (an (IA)³ vector).
+#[derive(Debug)]
+pub enum ProjectionChange {
+    Add(Tensor),
+    Scale(Tensor),
 }
 
-impl ProjectionUpdates {
-    /// The updates there are.
+/// The changes to the query, key and value projections: inputs of the op, which passes them
+/// their gradients. Updates and scales do not mix in one op, and scales take no prefix.
+#[derive(Debug, Default)]
+pub struct ProjectionChanges {
+    pub query: Option<ProjectionChange>,
+    pub key: Option<ProjectionChange>,
+    pub value: Option<ProjectionChange>,
+}
+
+impl ProjectionChanges {
+    /// The changes' tensors.
     pub fn tensors(&self) -> impl Iterator<Item = &Tensor> {
-        [&self.query, &self.key, &self.value].into_iter().flatten()
+        let changes = [&self.query, &self.key, &self.value].into_iter().flatten();
+        changes.map(|c| match c {
+            ProjectionChange::Add(t) | ProjectionChange::Scale(t) => t,
+        })
     }
 }
 
-/// The op's values of [`ProjectionUpdates`] for some rows: the query's, and the key's and
-/// value's side by side in each row, as far as there are some.
+/// What changes one projection's output.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    None,
+    Add,
+    Scale,
+}
+
+/// The op's values of its [`ProjectionChanges`] for some rows: the query's update, the key's
+/// and value's side by side in each row, and the scales one after another, as far as there are
+/// some.
 #[derive(Clone, Copy)]
-struct UpdateValues<'a> {
+struct ChangeValues<'a> {
     query: &'a [f32],
     key_value: &'a [f32],
+    scales: &'a [f32],
 }
 
 /// `own` `[batch, seq, hidden]` with each sequence's rows of `prefix` `[batch, len, hidden]` in
@@ -115,8 +134,8 @@ pub struct AttentionBlockOp {
     first_query_only: bool,
     /// Keys and values in front of each sequence's own (the attention's bias covers them).
     prefix: Option<PrefixValues>,
-    /// Whether the query, key and value projections have an update (set by `apply`).
-    updated: [bool; 3],
+    /// What changes the query, key and value projections (set by `apply`).
+    kinds: [Kind; 3],
     kept: Kept<[Vec<f32>; 3]>,
 }
 
@@ -137,7 +156,7 @@ impl AttentionBlockOp {
             activations,
             first_query_only: false,
             prefix: None,
-            updated: [false; 3],
+            kinds: [Kind::None; 3],
             kept: Kept::new(),
         }
     }
@@ -157,12 +176,32 @@ impl AttentionBlockOp {
         Self { prefix, ..self }
     }
 
-    /// The op on `x` with `updates` added to its projections. The key's and value's travel as
-    /// one input, side by side in each row (one copy where both have one).
-    pub fn apply(mut self, x: &Tensor, updates: ProjectionUpdates) -> Result<Tensor> {
-        let ProjectionUpdates { query, key, value } = updates;
-        self.updated = [query.is_some(), key.is_some(), value.is_some()];
+    /// The op on `x` with `changes` to its projections. Its second and third inputs are the
+    /// query's update and the key's and value's side by side in each row (one copy where both
+    /// have one), or the scales one after another.
+    pub fn apply(mut self, x: &Tensor, changes: ProjectionChanges) -> Result<Tensor> {
+        let ProjectionChanges { query, key, value } = changes;
+        let changes = [query, key, value];
+        self.kinds = changes.each_ref().map(|c| match c {
+            None => Kind::None,
+            Some(ProjectionChange::Add(_)) => Kind::Add,
+            Some(ProjectionChange::Scale(_)) => Kind::Scale,
+        });
+        let tensors =
+            changes.map(|c| c.map(|(ProjectionChange::Add(t) | ProjectionChange::Scale(t))| t));
         let empty = || Tensor::zeros(0, DType::F32, x.device());
+        if self.scaling() {
+            if self.kinds.contains(&Kind::Add) || self.prefix.is_some() {
+                candle_core::bail!("fused attention: scales mixed with updates or a prefix");
+            }
+            let scales = (tensors.into_iter().flatten())
+                .map(|t| t.flatten_all())
+                .collect::<Result<Vec<_>>>()?;
+            return x
+                .contiguous()?
+                .apply_op3(&Tensor::cat(&scales, 0)?, &empty()?, self);
+        }
+        let [query, key, value] = tensors;
         let query = match query {
             Some(q) => q.contiguous()?,
             None => empty()?,
@@ -175,14 +214,37 @@ impl AttentionBlockOp {
         x.contiguous()?.apply_op3(&query, &key_value, self)
     }
 
+    /// Whether some projection is scaled (the op's inputs are then the scales).
+    fn scaling(&self) -> bool {
+        self.kinds.contains(&Kind::Scale)
+    }
+
     /// How many of the key and value projections have an update: the width of their input, in
     /// hidden sizes.
     fn key_value_updates(&self) -> usize {
-        self.updated[1] as usize + self.updated[2] as usize
+        (self.kinds[1..].iter())
+            .filter(|k| **k == Kind::Add)
+            .count()
     }
 
-    /// The batch size, the sequence length and the attention's sizes for input `x` and updates
-    /// of `lengths` (the query's, the key's and value's).
+    /// The op's change inputs `a` and `b` as what they hold.
+    fn change_values<'a>(&self, a: &'a [f32], b: &'a [f32]) -> ChangeValues<'a> {
+        match self.scaling() {
+            true => ChangeValues {
+                query: &[],
+                key_value: &[],
+                scales: a,
+            },
+            false => ChangeValues {
+                query: a,
+                key_value: b,
+                scales: &[],
+            },
+        }
+    }
+
+    /// The batch size, the sequence length and the attention's sizes for input `x` and change
+    /// inputs of `lengths`.
     fn dims(&self, x: &Layout, lengths: [usize; 2]) -> Result<(usize, usize, Dims)> {
         let (batch, seq, hidden) = x.shape().dims3()?;
         let prefix = self.prefix.as_ref().map_or(0, |p| p.len);
@@ -195,13 +257,19 @@ impl AttentionBlockOp {
             }
         }
         let queries = if self.first_query_only { 1 } else { seq };
-        let expected = [
-            self.updated[0] as usize * batch * queries * hidden,
-            self.key_value_updates() * batch * seq * hidden,
-        ];
+        let expected = match self.scaling() {
+            true => {
+                let scales = self.kinds.iter().filter(|k| **k == Kind::Scale).count();
+                [scales * hidden, 0]
+            }
+            false => [
+                (self.kinds[0] == Kind::Add) as usize * batch * queries * hidden,
+                self.key_value_updates() * batch * seq * hidden,
+            ],
+        };
         if lengths != expected {
             candle_core::bail!(
-                "fused attention: updates of {lengths:?} values for {batch} x {seq} x {hidden}, \
+                "fused attention: changes of {lengths:?} values for {batch} x {seq} x {hidden}, \
                  {queries} querying (expected {expected:?})"
             );
         }
@@ -250,11 +318,12 @@ impl AttentionBlockOp {
     }
 
     /// q, k and v of `sequences` of the batch from their rows `x` (`[count, seq, hidden]`) and
-    /// their rows of the updates, the prefix's keys and values in front.
+    /// their rows of the updates (not scaled: see [`scaled`](Self::scaled)), the prefix's keys
+    /// and values in front.
     fn projections(
         &self,
         x: &[f32],
-        updates: UpdateValues,
+        updates: ChangeValues,
         sequences: Range<usize>,
         seq: usize,
         d: Dims,
@@ -272,13 +341,13 @@ impl AttentionBlockOp {
         };
         let [k, v] = [&self.key, &self.value].map(|l| l.forward(x, count * seq));
         let [mut q, mut k, mut v] = [q, k?, v?];
-        if self.updated[0] {
+        if self.kinds[0] == Kind::Add {
             q.iter_mut().zip(updates.query).for_each(|(a, u)| *a += u);
         }
         let width = self.key_value_updates() * d.hidden;
         let mut column = 0;
-        for (own, updated) in [(&mut k, self.updated[1]), (&mut v, self.updated[2])] {
-            if updated {
+        for (own, kind) in [(&mut k, self.kinds[1]), (&mut v, self.kinds[2])] {
+            if kind == Kind::Add {
                 let rows = own.chunks_exact_mut(d.hidden);
                 for (row, update) in rows.zip(updates.key_value.chunks_exact(width)) {
                     let update = &update[column..column + d.hidden];
@@ -291,20 +360,73 @@ impl AttentionBlockOp {
         Ok([q, k, v])
     }
 
-    /// The rows of the updates for `sequences` of the batch.
+    /// The rows of the updates for `sequences` of the batch (and all the scales).
     fn update_rows<'a>(
         &self,
-        updates: UpdateValues<'a>,
+        updates: ChangeValues<'a>,
         sequences: &Range<usize>,
         seq: usize,
         d: Dims,
-    ) -> UpdateValues<'a> {
-        let q_len = self.updated[0] as usize * d.queries * d.hidden;
+    ) -> ChangeValues<'a> {
+        let q_len = (self.kinds[0] == Kind::Add) as usize * d.queries * d.hidden;
         let kv_len = self.key_value_updates() * seq * d.hidden;
         let n = sequences.len();
-        UpdateValues {
+        ChangeValues {
             query: &updates.query[sequences.start * q_len..][..n * q_len],
             key_value: &updates.key_value[sequences.start * kv_len..][..n * kv_len],
+            scales: updates.scales,
+        }
+    }
+
+    /// Each projection's `values` times its scale, where it has one (a copy), else as they are.
+    fn scaled<'v>(
+        &self,
+        values: [&'v [f32]; 3],
+        scales: &[f32],
+        hidden: usize,
+    ) -> [Cow<'v, [f32]>; 3] {
+        let mut scales = scales.chunks_exact(hidden);
+        let mut kinds = self.kinds.iter();
+        values.map(|values| match (kinds.next(), &mut scales) {
+            (Some(Kind::Scale), scales) => {
+                let scale = scales
+                    .next()
+                    .expect("one scale per scaled projection (dims)");
+                let rows = values.chunks_exact(hidden);
+                let scaled = rows.flat_map(|row| row.iter().zip(scale).map(|(v, s)| v * s));
+                Cow::Owned(scaled.collect())
+            }
+            _ => Cow::Borrowed(values),
+        })
+    }
+
+    /// For each scaled projection, its scale's gradient from `grads` (of the scaled output) and
+    /// its unscaled `values`, `sum over rows of grad * value`, added into `dscales`; then
+    /// `grads` times the scale: the gradient of the unscaled output.
+    fn scale_grads(
+        &self,
+        values: [&[f32]; 3],
+        grads: &mut [Vec<f32>; 3],
+        scales: &[f32],
+        mut dscales: Option<&mut [f32]>,
+        hidden: usize,
+    ) {
+        let mut index = 0;
+        for ((kind, values), grad) in self.kinds.iter().zip(values).zip(grads) {
+            if *kind != Kind::Scale {
+                continue;
+            }
+            let scale = &scales[index * hidden..][..hidden];
+            if let Some(dscales) = dscales.as_deref_mut() {
+                let dscale = &mut dscales[index * hidden..][..hidden];
+                for (g, v) in grad.chunks_exact(hidden).zip(values.chunks_exact(hidden)) {
+                    (dscale.iter_mut().zip(g).zip(v)).for_each(|((d, g), v)| *d += g * v);
+                }
+            }
+            for g in grad.chunks_exact_mut(hidden) {
+                g.iter_mut().zip(scale).for_each(|(g, s)| *g *= s);
+            }
+            index += 1;
         }
     }
 
@@ -379,8 +501,8 @@ impl AttentionBlockOp {
         };
         let width = self.key_value_updates() * hidden;
         let mut column = 0;
-        for (grad, updated) in [(dk, self.updated[1]), (dv, self.updated[2])] {
-            if updated {
+        for (grad, kind) in [(dk, self.kinds[1]), (dv, self.kinds[2])] {
+            if kind == Kind::Add {
                 let rows = key_value.chunks_exact_mut(width);
                 for (row, grad) in rows.zip(grad.chunks_exact(hidden)) {
                     row[column..column + hidden].copy_from_slice(grad);
@@ -405,11 +527,14 @@ impl CustomOp3 for AttentionBlockOp {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let [x, query, key_value] = contiguous_all([(s1, l1), (s2, l2), (s3, l3)])?;
-        let (batch, seq, d) = self.dims(l1, [query.len(), key_value.len()])?;
-        let updates = UpdateValues { query, key_value };
-        let [q, k, v] = self.projections(x, updates, 0..batch, seq, d)?;
-        let context = self.attention.forward(batch, d, &q, &k, &v);
+        let [x, a, b] = contiguous_all([(s1, l1), (s2, l2), (s3, l3)])?;
+        let (batch, seq, d) = self.dims(l1, [a.len(), b.len()])?;
+        let changes = self.change_values(a, b);
+        let [q, k, v] = self.projections(x, changes, 0..batch, seq, d)?;
+        let context = {
+            let [q, k, v] = self.scaled([&q, &k, &v], changes.scales, d.hidden);
+            self.attention.forward(batch, d, &q, &k, &v)
+        };
         let mut out = self.output.forward(&context, batch * d.queries)?;
         dropout::apply(self.dropout.as_ref(), &mut out);
         if self.activations == Activations::Kept {
@@ -428,13 +553,12 @@ impl CustomOp3 for AttentionBlockOp {
     fn bwd(
         &self,
         x: &Tensor,
-        query: &Tensor,
-        key_value: &Tensor,
+        a: &Tensor,
+        b: &Tensor,
         _out: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let lengths = [query.elem_count(), key_value.elem_count()];
-        let (batch, seq, d) = self.dims(x.layout(), lengths)?;
+        let (batch, seq, d) = self.dims(x.layout(), [a.elem_count(), b.elem_count()])?;
         let kept = match self.activations {
             Activations::Recomputed => None,
             _ => Some(self.kept.take("attention block")?),
@@ -446,18 +570,15 @@ impl CustomOp3 for AttentionBlockOp {
         // larger than `g`.
         let input_grad = x.track_op();
         let mut dx_all = zeros_if(self.first_query_only && input_grad, x.elem_count());
-        let mut dquery = zeros_if(query.track_op(), query.elem_count());
-        let mut dkey_value = zeros_if(key_value.track_op(), key_value.elem_count());
+        // The updates' gradients, or the scales'.
+        let (mut da, mut db) = (
+            zeros_if(a.track_op(), a.elem_count()),
+            zeros_if(b.track_op(), b.elem_count()),
+        );
         let (q_len, kv_len, x_len) = (d.queries * d.hidden, d.keys * d.hidden, seq * d.hidden);
         let per_block = (BACKWARD_ROWS / seq.max(1)).max(1);
-        with_all_values(&[x, query, key_value], |values| {
-            let (x, updates) = (
-                values[0],
-                UpdateValues {
-                    query: values[1],
-                    key_value: values[2],
-                },
-            );
+        with_all_values(&[x, a, b], |values| {
+            let (x, changes) = (values[0], self.change_values(values[1], values[2]));
             for first in (0..batch).step_by(per_block) {
                 let sequences = first..batch.min(first + per_block);
                 let n = sequences.len();
@@ -470,24 +591,30 @@ impl CustomOp3 for AttentionBlockOp {
                     ],
                     None => {
                         let x = &x[first * x_len..][..n * x_len];
-                        let updates = self.update_rows(updates, &sequences, seq, d);
-                        recomputed = self.projections(x, updates, sequences.clone(), seq, d)?;
+                        let changes = self.update_rows(changes, &sequences, seq, d);
+                        recomputed = self.projections(x, changes, sequences.clone(), seq, d)?;
                         [&recomputed[0], &recomputed[1], &recomputed[2]].map(|t| &t[..])
                     }
                 };
                 let g = &mut g[first * q_len..][..n * q_len];
-                let grads = self.projection_grads(sequences.clone(), d, qkv, g)?;
+                let mut grads = {
+                    let [q, k, v] = self.scaled(qkv, changes.scales, d.hidden);
+                    self.projection_grads(sequences.clone(), d, [&q, &k, &v], g)?
+                };
+                if self.scaling() {
+                    self.scale_grads(qkv, &mut grads, changes.scales, da.as_deref_mut(), d.hidden);
+                }
                 let grads = [&grads[0], &grads[1], &grads[2]].map(|t| &t[..]);
-                let (q_rows, kv_rows) = (n * q_len, n * seq * d.hidden);
-                self.update_grads(
-                    grads,
-                    d.hidden,
-                    dquery.as_mut().map(|t| &mut t[first * q_len..][..q_rows]),
-                    (dkey_value.as_mut()).map(|t| {
-                        let width = self.key_value_updates();
-                        &mut t[first * x_len * width..][..kv_rows * width]
-                    }),
-                );
+                if !self.scaling() {
+                    let (q_rows, kv_rows) = (n * q_len, n * seq * d.hidden);
+                    let width = self.key_value_updates();
+                    self.update_grads(
+                        grads,
+                        d.hidden,
+                        da.as_mut().map(|t| &mut t[first * q_len..][..q_rows]),
+                        (db.as_mut()).map(|t| &mut t[first * x_len * width..][..kv_rows * width]),
+                    );
+                }
                 if input_grad {
                     let dx = dx_all
                         .as_mut()
@@ -507,11 +634,7 @@ impl CustomOp3 for AttentionBlockOp {
             (true, true) => dx_all,
             (true, false) => Some(g),
         };
-        Ok((
-            tensor(dx, x)?,
-            tensor(dquery, query)?,
-            tensor(dkey_value, key_value)?,
-        ))
+        Ok((tensor(dx, x)?, tensor(da, a)?, tensor(db, b)?))
     }
 }
 

@@ -1,5 +1,6 @@
-//! A frozen layer's feed-forward block, `dropout(gelu(x W1^T + b1) W2^T + b2)`, as one CPU op
-//! whose backward pass returns `dL/dx` alone.
+//! A frozen layer's feed-forward block, `dropout(gelu((x W1^T + b1) * s) W2^T + b2)` (the scale
+//! `s` an (IA)³ vector, where there is one), as one CPU op whose backward pass returns `dL/dx`
+//! and `dL/ds`.
 //!
 //! As separate graph nodes, the block keeps four tensors per layer for the backward pass (the
 //! expansion, its GELU, the projection and a float dropout mask), and candle's backward pass
@@ -8,12 +9,12 @@
 //! (or nothing, recomputing it in the backward pass) and a bit mask; the weights are fields
 //! of the op, not graph inputs.
 
-use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp2, DType, Layout, Result, Shape, Tensor};
 
 use crate::kernels::dropout::{self, DropoutMask};
 use crate::kernels::fused::{
-    contiguous, gelu_backward, gelu_forward, gelu_in_place, with_values, Activations, FrozenLinear,
-    Kept, BACKWARD_ROWS,
+    contiguous_all, gelu_backward, gelu_forward, gelu_in_place, with_all_values, with_values,
+    Activations, FrozenLinear, Kept, BACKWARD_ROWS,
 };
 use crate::kernels::parallel::{par_rows, par_vec, par_zeros, ROW};
 
@@ -25,8 +26,19 @@ pub struct FeedForwardOp {
     pub dropout: Option<DropoutMask>,
     /// Whether the expansion is kept for the backward pass, recomputed there, or not needed.
     pub activations: Activations,
-    /// The expansion `x W1^T + b1`, `[tokens, intermediate]`, for the backward pass.
+    /// The expansion `x W1^T + b1` (not scaled), `[tokens, intermediate]`, for the backward
+    /// pass.
     expansion: Kept<Vec<f32>>,
+}
+
+/// `values` (rows of `scale.len()`) times `scale`, in place.
+fn scale_rows(values: &mut [f32], scale: &[f32]) {
+    let width = scale.len();
+    par_rows(values, width, |_, block| {
+        for row in block.chunks_exact_mut(width) {
+            row.iter_mut().zip(scale).for_each(|(v, s)| *v *= s);
+        }
+    });
 }
 
 impl FeedForwardOp {
@@ -45,6 +57,15 @@ impl FeedForwardOp {
         }
     }
 
+    /// The op on `x`, the expansion scaled by `scale` `[intermediate]` where given.
+    pub fn apply(self, x: &Tensor, scale: Option<&Tensor>) -> Result<Tensor> {
+        let scale = match scale {
+            Some(scale) => scale.flatten_all()?,
+            None => Tensor::zeros(0, DType::F32, x.device())?,
+        };
+        x.contiguous()?.apply_op2(&scale, self)
+    }
+
     /// `(intermediate, hidden)`, checked against both Linears.
     fn sizes(&self) -> Result<(usize, usize)> {
         let (i, h) = self.expand.dims()?;
@@ -59,27 +80,48 @@ impl FeedForwardOp {
     }
 }
 
-impl CustomOp1 for FeedForwardOp {
+impl CustomOp2 for FeedForwardOp {
     fn name(&self) -> &'static str {
         "fused-feed-forward"
     }
 
-    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
-        let x = contiguous(storage, layout)?;
-        let h = self.sizes()?.1;
-        if layout.shape().dims().last() != Some(&h) {
-            candle_core::bail!("feed-forward: input {:?}, hidden {h}", layout.shape());
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let [x, scale] = contiguous_all([(s1, l1), (s2, l2)])?;
+        let (i, h) = self.sizes()?;
+        if l1.shape().dims().last() != Some(&h) || !(scale.is_empty() || scale.len() == i) {
+            candle_core::bail!(
+                "feed-forward: input {:?}, scale {:?}, hidden {h}, intermediate {i}",
+                l1.shape(),
+                l2.shape()
+            );
         }
         let rows = x.len() / h;
         let mut expansion = self.expand.forward(x, rows)?;
         let keep = self.activations == Activations::Kept;
         let mut out = if keep {
-            let activation = par_vec(expansion.len(), ROW, |first, block| {
-                gelu_forward(&expansion[first * ROW..], block)
-            });
+            let activation = match scale.is_empty() {
+                true => par_vec(expansion.len(), ROW, |first, block| {
+                    gelu_forward(&expansion[first * ROW..], block)
+                }),
+                false => {
+                    let mut scaled = expansion.clone();
+                    scale_rows(&mut scaled, scale);
+                    par_rows(&mut scaled, ROW, |_, block| gelu_in_place(block));
+                    scaled
+                }
+            };
             self.project.forward(&activation, rows)?
         } else {
             // Not kept, the expansion is not needed after its GELU.
+            if !scale.is_empty() {
+                scale_rows(&mut expansion, scale);
+            }
             par_rows(&mut expansion, ROW, |_, block| gelu_in_place(block));
             self.project.forward(&expansion, rows)?
         };
@@ -87,12 +129,19 @@ impl CustomOp1 for FeedForwardOp {
         if keep {
             self.expansion.put(expansion);
         }
-        Ok((CpuStorage::F32(out), layout.shape().clone()))
+        Ok((CpuStorage::F32(out), l1.shape().clone()))
     }
 
-    /// `dx = ((g * mask) W2 * gelu'(expansion)) W1`, in blocks of rows: only a block's
-    /// `[rows, intermediate]` gradient (and its expansion, when recomputed) exists at a time.
-    fn bwd(&self, x: &Tensor, _out: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+    /// `d = (g * mask) W2 * gelu'(e s)` for the expansion `e`, then `ds = sum over rows of
+    /// d * e` and `dx = (d * s) W1`, in blocks of rows: only a block's `[rows, intermediate]`
+    /// gradient (and its expansion, when recomputed) exists at a time.
+    fn bwd(
+        &self,
+        x: &Tensor,
+        scale: &Tensor,
+        _out: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
         let (i, h) = self.sizes()?;
         let rows = x.elem_count() / h;
         let kept = match self.activations {
@@ -101,7 +150,9 @@ impl CustomOp1 for FeedForwardOp {
         };
         let mut g = with_values(grad, |g| Ok(g.to_vec()))?;
         dropout::apply(self.dropout.as_ref(), &mut g);
-        with_values(x, |x| {
+        let mut dscale = scale.track_op().then(|| vec![0f32; i]);
+        with_all_values(&[x, scale], |values| {
+            let (x, scale) = (values[0], values[1]);
             for first in (0..rows).step_by(BACKWARD_ROWS) {
                 let n = BACKWARD_ROWS.min(rows - first);
                 let recomputed;
@@ -112,18 +163,46 @@ impl CustomOp1 for FeedForwardOp {
                         &recomputed[..]
                     }
                 };
+                let scaled;
+                let activated = match scale.is_empty() {
+                    true => expansion,
+                    false => {
+                        scaled = {
+                            let mut scaled = expansion.to_vec();
+                            scale_rows(&mut scaled, scale);
+                            scaled
+                        };
+                        &scaled[..]
+                    }
+                };
                 let g = &mut g[first * h..][..n * h];
                 let mut d_expansion = par_zeros(n * i);
                 self.project.backward_into(g, n, &mut d_expansion, false)?;
                 par_rows(&mut d_expansion, ROW, |first, block| {
-                    gelu_backward(&expansion[first * ROW..], block)
+                    gelu_backward(&activated[first * ROW..], block)
                 });
+                if let Some(dscale) = dscale.as_mut() {
+                    let rows = d_expansion.chunks_exact(i).zip(expansion.chunks_exact(i));
+                    for (d, e) in rows {
+                        (dscale.iter_mut().zip(d).zip(e)).for_each(|((s, d), e)| *s += d * e);
+                    }
+                }
+                if !scale.is_empty() {
+                    scale_rows(&mut d_expansion, scale);
+                }
                 // This block's rows of `g` are read: they become those of `dx`.
                 self.expand.backward_into(&d_expansion, n, g, false)?;
             }
             Ok(())
         })?;
-        Ok(Some(Tensor::from_vec(g, x.shape(), x.device())?))
+        let dx = match x.track_op() {
+            true => Some(Tensor::from_vec(g, x.shape(), x.device())?),
+            false => None,
+        };
+        let dscale = dscale
+            .map(|d| Tensor::from_vec(d, scale.shape(), scale.device()))
+            .transpose()?;
+        Ok((dx, dscale))
     }
 }
 
@@ -137,8 +216,9 @@ mod tests {
     use candle_core::Var;
     use candle_nn::Linear;
 
-    /// Output and `dL/dx` of the op against the block node by node (candle's backward pass),
-    /// with the expansion kept and recomputed, with and without dropout, on a block small
+    /// Output, `dL/dx` and the scale's gradient of the op against the block node by node
+    /// (candle's backward pass), with the expansion kept and recomputed, with and without
+    /// dropout, with and without a scale (and an input without a gradient), on a block small
     /// enough for one thread, one split over threads, and one of several backward blocks.
     #[test]
     fn matches_the_block_node_by_node() -> Result<()> {
@@ -152,28 +232,42 @@ mod tests {
             let x = Var::from_tensor(&random(&mut rng, &[1, tokens, hidden])?)?;
             let r = random(&mut rng, &[1, tokens, hidden])?;
             let kept_or_recomputed = [Activations::Kept, Activations::Recomputed];
-            for (p, activations) in [0.0, 0.3]
-                .into_iter()
-                .flat_map(|p| kept_or_recomputed.map(|a| (p, a)))
-            {
+            let scale = Var::from_tensor(&(random(&mut rng, &[intermediate])? + 1.0)?)?;
+            let cases = [0.0, 0.3].into_iter().flat_map(|p| {
+                kept_or_recomputed.into_iter().flat_map(move |a| {
+                    [(false, true), (true, true), (true, false)].map(|s| (p, a, s))
+                })
+            });
+            for (p, activations, (scaled, x_grad)) in cases {
+                let x_input = match x_grad {
+                    true => x.as_tensor().clone(),
+                    false => x.as_tensor().detach(),
+                };
+                let scale = scaled.then_some(&scale);
                 let (mut node_mode, mut fused_mode) = (Mode::train(7), Mode::train(7));
                 let expand = Linear::new(w1.clone(), Some(b1.clone()));
                 let project = Linear::new(w2.clone(), Some(b2.clone()));
-                let act = Activation::Gelu.forward(&linear(&expand, x.as_tensor())?)?;
+                let mut expansion = linear(&expand, &x_input)?;
+                if let Some(scale) = scale {
+                    expansion = expansion.broadcast_mul(scale.as_tensor())?;
+                }
+                let act = Activation::Gelu.forward(&expansion)?;
                 let nodes = node_mode.dropout(&linear(&project, &act)?, p)?;
 
                 let mask = fused_mode.dropout_mask(tokens * hidden, p);
                 let (expand, project) = (frozen(&w1, &b1), frozen(&w2, &b2));
                 let op = FeedForwardOp::new(expand, project, mask, activations);
-                let fused = x.as_tensor().apply_op1(op)?;
-                let what = format!("p = {p}, {activations:?}");
-                assert_same_output_and_grads(&nodes, &fused, &[&x], &r, &what)?;
+                let fused = op.apply(&x_input, scale.map(|s| s.as_tensor()))?;
+                let what = format!("p = {p}, {activations:?}, scaled {scaled}, dx {x_grad}");
+                let inputs: Vec<&Var> = (x_grad.then_some(&x).into_iter()).chain(scale).collect();
+                assert_same_output_and_grads(&nodes, &fused, &inputs, &r, &what)?;
 
                 // Without a backward pass (GELU in place): the same output.
                 let mask = Mode::train(7).dropout_mask(tokens * hidden, p);
                 let (expand, project) = (frozen(&w1, &b1), frozen(&w2, &b2));
                 let op = FeedForwardOp::new(expand, project, mask, Activations::None);
-                let inference = x.as_tensor().detach().apply_op1(op)?;
+                let scale = scale.map(|s| s.as_tensor().detach());
+                let inference = op.apply(&x.as_tensor().detach(), scale.as_ref())?;
                 let diff = (&fused - &inference)?
                     .abs()?
                     .max_all()?
@@ -192,7 +286,7 @@ mod tests {
         let x = Var::from_tensor(&random(&mut rng, &[2, 4])?)?;
         let (expand, project) = (frozen(&w1, &b1), frozen(&w2, &b2));
         let op = FeedForwardOp::new(expand, project, None, Activations::None);
-        let out = x.as_tensor().apply_op1(op)?;
+        let out = op.apply(x.as_tensor(), None)?;
         let err = out.sum_all()?.backward().unwrap_err().to_string();
         assert!(err.contains("without a kept forward pass"), "{err}");
         Ok(())

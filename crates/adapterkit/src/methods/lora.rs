@@ -110,6 +110,11 @@ impl LoraLinear {
         }
     }
 
+    /// An (IA)³ module's vector `l · scaling` `[out]`.
+    fn scale(&self, config: &LoraConfig) -> CandleResult<Tensor> {
+        self.b.flatten_all()? * config.scaling()
+    }
+
     /// The module's output on the Linear's input `x` `[.., in]`, after the modules before it
     /// in a stack (`before`): AdapterHub's `LoRA.forward` / `IA3.forward`. A LoRA's is
     /// `dropout(before or x) Aᵀ Bᵀ · scaling`, `[.., out]`; an (IA)³'s the vector
@@ -140,7 +145,7 @@ impl LoraLinear {
                 }
             }
             None => {
-                let vector = (self.b.flatten_all()? * scaling)?;
+                let vector = self.scale(config)?;
                 match before {
                     Some(before) => before.broadcast_mul(&vector),
                     None => Ok(vector),
@@ -302,12 +307,10 @@ impl LayerHooks for Lora {
             CompositionMode::Add => Some(LinearChange::Add(Box::new(
                 move |x: &Tensor, mode: &mut Mode| module.forward(config, x, None, mode),
             ))),
-            CompositionMode::Scale => Some(LinearChange::Apply(Box::new(
-                move |x: &Tensor, out: Tensor, mode: &mut Mode| {
-                    let hidden = module.forward(config, x, None, mode)?;
-                    compose(out, &hidden, config.composition_mode)
-                },
-            ))),
+            // A vector, which the fused ops take as an input.
+            CompositionMode::Scale => Some(LinearChange::Scale(Box::new(move |_: &mut Mode| {
+                module.scale(config)
+            }))),
         }
     }
 }

@@ -5,12 +5,14 @@ use candle_core::{Result, Tensor};
 use candle_nn::{Linear, VarBuilder};
 
 use crate::kernels::attention::AttentionOp;
-use crate::kernels::attention_block::{AttentionBlockOp, PrefixValues, ProjectionUpdates};
+use crate::kernels::attention_block::{
+    AttentionBlockOp, PrefixValues, ProjectionChange, ProjectionChanges,
+};
 use crate::kernels::fused::PackedWeight;
 use crate::model::architecture::Architecture;
 use crate::model::config::BertConfig;
 use crate::model::dropout::Mode;
-use crate::model::hooks::{KeyValuePrefix, LayerHooks, LinearSite, OutputUpdate, Position};
+use crate::model::hooks::{KeyValuePrefix, LayerHooks, LinearSite, Position};
 use crate::model::layer::Positions;
 use crate::model::layer_norm::LayerNorm;
 use crate::model::ops;
@@ -175,9 +177,9 @@ impl BertAttention {
 
     /// Self-attention and the output projection with its dropout as one op
     /// (`kernels::attention::AttentionBlockOp`) when all four Linears are frozen (as the hooks
-    /// give them: see [`ops::frozen_linears`]; the updates they add to q, k and v are the op's
-    /// inputs, trained or not), the prefix (if any) tracks no gradient, and `hidden` is f32 on
-    /// CPU; `None` otherwise. `queries` are `hidden` or its first positions; `bias` masks every
+    /// give them: see [`ops::frozen_linears`]; the updates or scales they give q, k and v are
+    /// the op's inputs, trained or not, and do not mix), the prefix (if any) tracks no gradient
+    /// and meets no scale, and `hidden` is f32 on CPU; `None` otherwise. `queries` are `hidden` or its first positions; `bias` masks every
     /// key, the prefix's first. Same values, same dropout draws.
     #[allow(clippy::too_many_arguments)]
     fn frozen_block(
@@ -211,17 +213,33 @@ impl BertAttention {
         let packed = self.packed.as_ref();
         // The op takes no update of the output projection's (a function of the attention's
         // output, inside it).
-        let Some([(q, q_update), (k, k_update), (v, v_update), (o, None)]) =
+        let Some([(q, q_change), (k, k_change), (v, v_change), (o, None)]) =
             ops::frozen_linears(hooks, layer, linears, packed)?
         else {
             return Ok(None);
         };
+        let changes = [&q_change, &k_change, &v_change];
+        let adds = changes
+            .iter()
+            .any(|c| matches!(c, Some(ops::FusedChange::Add(_))));
+        let scales = changes
+            .iter()
+            .any(|c| matches!(c, Some(ops::FusedChange::Scale(_))));
+        if scales && (adds || prefix.is_some()) {
+            return Ok(None);
+        }
         // In the order the node path draws their dropout: q, k, v.
-        let mut update = |u: Option<OutputUpdate>, x| u.map(|u| u(x, mode)).transpose();
-        let updates = ProjectionUpdates {
-            query: update(q_update, queries)?,
-            key: update(k_update, hidden)?,
-            value: update(v_update, hidden)?,
+        let mut change = |c: Option<ops::FusedChange>, x| {
+            c.map(|c| match c {
+                ops::FusedChange::Add(update) => update(x, mode).map(ProjectionChange::Add),
+                ops::FusedChange::Scale(scale) => scale(mode).map(ProjectionChange::Scale),
+            })
+            .transpose()
+        };
+        let updates = ProjectionChanges {
+            query: change(q_change, queries)?,
+            key: change(k_change, hidden)?,
+            value: change(v_change, hidden)?,
         };
         let prefix = prefix
             .map(|p| PrefixValues::new(&p.keys, &p.values))

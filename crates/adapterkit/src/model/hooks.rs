@@ -100,10 +100,16 @@ pub type OutputChange<'a> = Box<dyn Fn(&Tensor, Tensor, &mut Mode) -> Result<Ten
 /// From a Linear's input `x` to what is added to its output `W x + b`.
 pub type OutputUpdate<'a> = Box<dyn Fn(&Tensor, &mut Mode) -> Result<Tensor> + 'a>;
 
+/// The vector `[out]` a Linear's output is multiplied by, which does not depend on the input.
+pub type OutputScale<'a> = Box<dyn Fn(&mut Mode) -> Result<Tensor> + 'a>;
+
 /// A method's change to one Linear.
 pub enum LinearChange<'a> {
-    /// Applied to the Linear's output ((IA)³ scales it, a composition of modules mixes).
+    /// Applied to the Linear's output (a composition of modules mixes).
     Apply(OutputChange<'a>),
+    /// The Linear's output times a vector (an (IA)³ vector): the fused attention op takes the
+    /// scales of q, k and v as inputs, the feed-forward op the expansion's.
+    Scale(OutputScale<'a>),
     /// Added to the Linear's output, a function of its input alone (a LoRA's low-rank update):
     /// the fused attention op takes the updates of q, k and v as inputs, so a trained LoRA
     /// there keeps the block fused.
@@ -116,8 +122,8 @@ pub enum LinearChange<'a> {
 pub trait LayerHooks {
     /// What the hooks do to `site`'s Linear in `layer` (`base`: its weights); `None` leaves it
     /// alone. The encoder asks before it picks a path: a block whose Linears are left alone or
-    /// given other weights (or, in the attention block, updates added to q, k and v) may run
-    /// as one fused op, any other change sends it node by node through the change. So a change
+    /// given other weights (or updates and scales the fused ops take: see [`LinearChange`]) may
+    /// run as one fused op, any other change sends it node by node through the change. So a change
     /// cannot be skipped, and there is nothing else to keep in step with it.
     fn linear(&self, _layer: usize, _site: LinearSite, _base: &Linear) -> Option<LinearChange<'_>> {
         None

@@ -119,7 +119,7 @@ impl BertLayer {
     }
 
     /// [`feed_forward`](Self::feed_forward) as one op (`kernels::feed_forward`) when its
-    /// weights are frozen (as the hooks give them, no update added: see
+    /// weights are frozen (as the hooks give them, the expansion scaled at most: see
     /// [`ops::frozen_linears`]), its activation is GELU and `x` is f32 on CPU; `None`
     /// otherwise. Same values, same dropout draws.
     fn frozen_feed_forward(
@@ -136,15 +136,22 @@ impl BertLayer {
             (LinearSite::Output, &self.output.dense),
         ];
         let packed = self.packed.as_ref();
-        // The op takes no updates: a Linear with one runs the block node by node.
-        let Some([(expand, None), (project, None)]) =
+        // The op takes a scale of the expansion, no update: a Linear with one (or a change to
+        // the projection, whose input is inside the op) runs the block node by node.
+        let Some([(expand, change), (project, None)]) =
             ops::frozen_linears(hooks, self.index, linears, packed)?
         else {
             return Ok(None);
         };
+        let scale = match change {
+            None => None,
+            Some(ops::FusedChange::Scale(scale)) => Some(scale(mode)?),
+            Some(ops::FusedChange::Add(_)) => return Ok(None),
+        };
         let dropout = mode.dropout_mask(x.elem_count(), self.output.dropout);
-        let activations = ops::block_activations(&[x], packed);
+        let inputs: Vec<&Tensor> = [x].into_iter().chain(&scale).collect();
+        let activations = ops::block_activations(&inputs, packed);
         let op = FeedForwardOp::new(expand, project, dropout, activations);
-        x.contiguous()?.apply_op1(op).map(Some)
+        op.apply(x, scale.as_ref()).map(Some)
     }
 }

@@ -6,7 +6,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::kernels::attention::AttentionOp;
 use crate::kernels::fused::{Activations, FrozenLinear, PackedWeight};
-use crate::model::hooks::{LayerHooks, LinearChange, LinearSite, OutputUpdate};
+use crate::model::hooks::{LayerHooks, LinearChange, LinearSite, OutputScale, OutputUpdate};
 use crate::model::Mode;
 
 /// A non-linearity, by the names `transformers` (`hidden_act`) and AdapterHub (`non_linearity`) use.
@@ -175,34 +175,46 @@ pub fn hooked_linear(
         Some(LinearChange::Weights(changed)) => linear(&changed, x),
         Some(LinearChange::Apply(change)) => change(x, linear(weights, x)?, mode),
         Some(LinearChange::Add(update)) => linear(weights, x)?.broadcast_add(&update(x, mode)?),
+        Some(LinearChange::Scale(scale)) => linear(weights, x)?.broadcast_mul(&scale(mode)?),
     }
 }
 
-/// A frozen Linear as a fused op takes it, and the update the hooks add to its output, if any.
-pub type FrozenWithUpdate<'h> = (FrozenLinear, Option<OutputUpdate<'h>>);
+/// What the hooks do to a frozen Linear's output that a fused op may take as an input.
+pub enum FusedChange<'h> {
+    Add(OutputUpdate<'h>),
+    Scale(OutputScale<'h>),
+}
+
+/// A frozen Linear as a fused op takes it, and the hooks' change to its output, if any.
+pub type FrozenWithChange<'h> = (FrozenLinear, Option<FusedChange<'h>>);
 
 /// A block's Linears as the fused ops take them (frozen, with the hooks' weights where they
 /// give some, with their products on the block's `packed` copies when it has some), each with
-/// the update the hooks add to its output, if any; `None` when one is trainable or the hooks
-/// change one otherwise.
+/// the update or scale the hooks give its output, if any; `None` when one is trainable or the
+/// hooks change one otherwise.
 pub fn frozen_linears<'h, const N: usize>(
     hooks: &'h dyn LayerHooks,
     layer: usize,
     linears: [(LinearSite, &candle_nn::Linear); N],
     packed: Option<&[PackedWeight; N]>,
-) -> Result<Option<[FrozenWithUpdate<'h>; N]>> {
+) -> Result<Option<[FrozenWithChange<'h>; N]>> {
     let mut frozen = Vec::with_capacity(N);
     for (i, (site, base)) in linears.into_iter().enumerate() {
-        let (linear, update) = match hooks.linear(layer, site, base) {
+        let (linear, change) = match hooks.linear(layer, site, base) {
             None => (FrozenLinear::of(base), None),
             Some(LinearChange::Weights(changed)) => (FrozenLinear::of(&changed), None),
-            Some(LinearChange::Add(update)) => (FrozenLinear::of(base), Some(update)),
+            Some(LinearChange::Add(update)) => {
+                (FrozenLinear::of(base), Some(FusedChange::Add(update)))
+            }
+            Some(LinearChange::Scale(scale)) => {
+                (FrozenLinear::of(base), Some(FusedChange::Scale(scale)))
+            }
             Some(LinearChange::Apply(_)) => (None, None),
         };
         let Some(linear) = linear else {
             return Ok(None);
         };
-        frozen.push((linear.packed_as(packed.map(|copies| &copies[i]))?, update));
+        frozen.push((linear.packed_as(packed.map(|copies| &copies[i]))?, change));
     }
     Ok(frozen.try_into().ok())
 }

@@ -13,7 +13,7 @@ use candle_nn::Linear;
 /// attention op node by node, with q, k and v kept and recomputed, with and without
 /// dropout, with a padded sequence, small, split over threads and over backward blocks,
 /// every position querying and only the first, with and without a prefix of keys and
-/// values (one of whose positions is hidden from the first sequence), with updates of
+/// values (one of whose positions is hidden from the first sequence), with updates or scales of
 /// none, some and all of q, k and v, and with an input that takes no gradient.
 #[test]
 fn block_matches_its_ops_node_by_node() -> Result<()> {
@@ -42,17 +42,24 @@ fn block_matches_its_ops_node_by_node() -> Result<()> {
         let cases = [(0.0, false), (0.2, false), (0.0, true), (0.2, true)];
         let variants = cases.into_iter().flat_map(|c| [(c, false), (c, true)]);
         let kept_or_recomputed = [Activations::Kept, Activations::Recomputed];
-        // Which of q, k, v get an update, and whether `x` takes a gradient, by turns.
-        let updated = [
-            ([false; 3], true),
-            ([true, false, true], true),
-            ([false, true, false], true),
-            ([true, true, true], false),
-            ([false, false, true], false),
+        // What changes q, k and v (an update added, a scale), and whether `x` takes a
+        // gradient, by turns.
+        let (n, a, s) = ('-', '+', '*');
+        let changed = [
+            ([n, n, n], true),
+            ([a, n, a], true),
+            ([n, s, s], true),
+            ([n, a, n], true),
+            ([s, s, s], false),
+            ([a, a, a], false),
+            ([s, n, n], true),
+            ([n, n, a], false),
         ];
         let variants = variants.flat_map(|v| kept_or_recomputed.map(|a| (v, a)));
         for (i, (((p, first_only), with_prefix), activations)) in variants.enumerate() {
-            let (updated, x_grad) = updated[i % updated.len()];
+            let (changed, x_grad) = changed[i % changed.len()];
+            // Scales take no prefix.
+            let with_prefix = with_prefix && !changed.contains(&s);
             let x = match x_grad {
                 true => x.clone(),
                 false => Var::from_tensor(&x.as_tensor().detach())?,
@@ -69,17 +76,22 @@ fn block_matches_its_ops_node_by_node() -> Result<()> {
                 .map(|(w, b)| Linear::new(w.clone(), Some(b.clone())))
                 .collect();
             let x_q = x_input.narrow(1, 0, queries)?;
-            let shapes = [queries, seq, seq].map(|rows| [batch, rows, hidden]);
-            let updates: Vec<Option<Var>> = (updated.iter().zip(shapes))
-                .map(|(&u, shape)| u.then(|| Var::from_tensor(&random(&mut rng, &shape)?)))
-                .map(Option::transpose)
-                .collect::<Result<_>>()?;
-            let plus = |t: Tensor, u: &Option<Var>| match u {
-                Some(u) => t + u.as_tensor(),
-                None => Ok(t),
+            let shapes = [queries, seq, seq].map(|rows| vec![batch, rows, hidden]);
+            let mut changes = Vec::new();
+            for (kind, shape) in changed.iter().zip(shapes) {
+                changes.push(match *kind {
+                    '+' => Some(Var::from_tensor(&random(&mut rng, &shape)?)?),
+                    '*' => Some(Var::from_tensor(&(random(&mut rng, &[hidden])? + 1.0)?)?),
+                    _ => None,
+                });
+            }
+            let changed_output = |t: Tensor, i: usize| match (changed[i], &changes[i]) {
+                ('+', Some(u)) => t + u.as_tensor(),
+                ('*', Some(s)) => t.broadcast_mul(s.as_tensor()),
+                _ => Ok(t),
             };
-            let q = plus(linear(&linears[0], &x_q)?, &updates[0])?;
-            let [k, v] = [1, 2].map(|i| plus(linear(&linears[i], &x_input)?, &updates[i]));
+            let q = changed_output(linear(&linears[0], &x_q)?, 0)?;
+            let [k, v] = [1, 2].map(|i| changed_output(linear(&linears[i], &x_input)?, i));
             let (mut k, mut v, mut bias) = (k?, v?, bias.clone());
             if with_prefix {
                 k = Tensor::cat(&[&prefix_keys, &k], 1)?;
@@ -100,19 +112,25 @@ fn block_matches_its_ops_node_by_node() -> Result<()> {
             let op = AttentionBlockOp::new(frozen, attention, mask, activations)
                 .first_query_only(first_only)
                 .with_prefix(prefix);
-            let tensor = |i: usize| updates[i].as_ref().map(|u| u.as_tensor().clone());
-            let projection_updates = ProjectionUpdates {
-                query: tensor(0),
-                key: tensor(1),
-                value: tensor(2),
+            let change = |i: usize| {
+                let t = changes[i].as_ref()?.as_tensor().clone();
+                Some(match changed[i] {
+                    '+' => ProjectionChange::Add(t),
+                    _ => ProjectionChange::Scale(t),
+                })
             };
-            let fused = op.apply(&x_input, projection_updates)?;
+            let projection_changes = ProjectionChanges {
+                query: change(0),
+                key: change(1),
+                value: change(2),
+            };
+            let fused = op.apply(&x_input, projection_changes)?;
             let what = format!(
                 "p = {p}, first query only: {first_only}, prefix: {with_prefix}, \
-                 {activations:?}, updates {updated:?}, dx {x_grad}"
+                 {activations:?}, changes {changed:?}, dx {x_grad}"
             );
             let inputs: Vec<&Var> = (x_grad.then_some(&x).into_iter())
-                .chain(updates.iter().flatten())
+                .chain(changes.iter().flatten())
                 .collect();
             assert_same_output_and_grads(&nodes, &fused, &inputs, &r, &what)?;
         }
