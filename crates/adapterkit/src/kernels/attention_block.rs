@@ -41,27 +41,15 @@ impl PrefixValues {
             values: plain(values)?,
         })
     }
-}
 
-/// Where the op's prefix comes from.
-enum Prefix {
-    /// Plain values, which take no gradient.
-    Plain(PrefixValues),
-    /// The op's second and third inputs (keys and values `[batch, len, hidden]`), whose
-    /// gradients it returns.
-    Trained { len: usize },
-}
-
-/// Of each sequence's rows in `all` (`batch` sequences of `[len + seq, hidden]`), those before
-/// `len` (`before`) or from it on.
-fn sequence_rows(all: &[f32], batch: usize, len: usize, hidden: usize, before: bool) -> Vec<f32> {
-    let per_sequence = all.len() / batch.max(1);
-    let rows = all.chunks_exact(per_sequence.max(1));
-    let part = |sequence: &[f32]| -> Vec<f32> {
-        let (prefix, own) = sequence.split_at(len * hidden);
-        if before { prefix } else { own }.to_vec()
-    };
-    rows.flat_map(part).collect()
+    /// The rows of `all` `[batch, len + seq, hidden]` after each sequence's prefix.
+    fn own_rows(&self, all: &[f32], batch: usize, hidden: usize) -> Vec<f32> {
+        let per_sequence = all.len() / batch.max(1);
+        (all.chunks_exact(per_sequence.max(1)))
+            .flat_map(|sequence| &sequence[self.len * hidden..])
+            .copied()
+            .collect()
+    }
 }
 
 /// A change to the output of the query, key or value projection: an update added to it (a
@@ -101,20 +89,12 @@ enum Kind {
 
 /// The op's values of its [`ProjectionChanges`] for some rows: the query's update, the key's
 /// and value's side by side in each row, and the scales one after another, as far as there are
-/// some; and the prefix's keys and values, all of them.
+/// some.
 #[derive(Clone, Copy)]
 struct ChangeValues<'a> {
     query: &'a [f32],
     key_value: &'a [f32],
     scales: &'a [f32],
-    prefix: Option<(&'a [f32], &'a [f32])>,
-}
-
-/// The attention's gradients for a block of sequences: of q, k and v (their own rows), and of
-/// the prefix's keys and values (empty unless it trains).
-struct BlockGrads {
-    projections: [Vec<f32>; 3],
-    prefix: [Vec<f32>; 2],
 }
 
 /// `own` `[batch, seq, hidden]` with each sequence's rows of `prefix` `[batch, len, hidden]` in
@@ -153,7 +133,7 @@ pub struct AttentionBlockOp {
     /// output is then `[batch, 1, hidden]`.
     first_query_only: bool,
     /// Keys and values in front of each sequence's own (the attention's bias covers them).
-    prefix: Option<Prefix>,
+    prefix: Option<PrefixValues>,
     /// What changes the query, key and value projections (set by `apply`).
     kinds: [Kind; 3],
     kept: Kept<[Vec<f32>; 3]>,
@@ -193,57 +173,13 @@ impl AttentionBlockOp {
     /// The op with `prefix`'s keys and values in front of each sequence's own (the attention
     /// op's bias must cover them).
     pub fn with_prefix(self, prefix: Option<PrefixValues>) -> Self {
-        Self {
-            prefix: prefix.map(Prefix::Plain),
-            ..self
-        }
-    }
-
-    /// The op on `x` behind a prefix of `keys` and `values` (`[batch, len, hidden]`, the
-    /// attention op's bias covering them) that take gradients: its second and third inputs.
-    /// Its projections take no changes then.
-    pub fn apply_with_trained_prefix(
-        mut self,
-        x: &Tensor,
-        keys: &Tensor,
-        values: &Tensor,
-    ) -> Result<Tensor> {
-        if keys.dims() != values.dims() {
-            candle_core::bail!(
-                "prefix keys {:?} and values {:?} differ in shape",
-                keys.dims(),
-                values.dims()
-            );
-        }
-        self.prefix = Some(Prefix::Trained {
-            len: keys.dims3()?.1,
-        });
-        self.kinds = [Kind::None; 3];
-        x.contiguous()?
-            .apply_op3(&keys.contiguous()?, &values.contiguous()?, self)
-    }
-
-    /// The prefix's length (0 without one).
-    fn prefix_len(&self) -> usize {
-        match &self.prefix {
-            None => 0,
-            Some(Prefix::Plain(p)) => p.len,
-            Some(Prefix::Trained { len }) => *len,
-        }
-    }
-
-    /// Whether the prefix is the op's inputs.
-    fn prefix_trains(&self) -> bool {
-        matches!(self.prefix, Some(Prefix::Trained { .. }))
+        Self { prefix, ..self }
     }
 
     /// The op on `x` with `changes` to its projections. Its second and third inputs are the
     /// query's update and the key's and value's side by side in each row (one copy where both
     /// have one), or the scales one after another.
     pub fn apply(mut self, x: &Tensor, changes: ProjectionChanges) -> Result<Tensor> {
-        if self.prefix_trains() {
-            candle_core::bail!("fused attention: changes behind a trained prefix");
-        }
         let ProjectionChanges { query, key, value } = changes;
         let changes = [query, key, value];
         self.kinds = changes.each_ref().map(|c| match c {
@@ -291,25 +227,18 @@ impl AttentionBlockOp {
             .count()
     }
 
-    /// The op's inputs `a` and `b` as what they hold, with the prefix.
-    fn change_values<'a>(&'a self, a: &'a [f32], b: &'a [f32]) -> ChangeValues<'a> {
-        let none = ChangeValues {
-            query: &[],
-            key_value: &[],
-            scales: &[],
-            prefix: match &self.prefix {
-                Some(Prefix::Plain(p)) => Some((&p.keys, &p.values)),
-                Some(Prefix::Trained { .. }) => Some((a, b)),
-                None => None,
+    /// The op's change inputs `a` and `b` as what they hold.
+    fn change_values<'a>(&self, a: &'a [f32], b: &'a [f32]) -> ChangeValues<'a> {
+        match self.scaling() {
+            true => ChangeValues {
+                query: &[],
+                key_value: &[],
+                scales: a,
             },
-        };
-        match (self.prefix_trains(), self.scaling()) {
-            (true, _) => none,
-            (false, true) => ChangeValues { scales: a, ..none },
-            (false, false) => ChangeValues {
+            false => ChangeValues {
                 query: a,
                 key_value: b,
-                ..none
+                scales: &[],
             },
         }
     }
@@ -318,8 +247,8 @@ impl AttentionBlockOp {
     /// inputs of `lengths`.
     fn dims(&self, x: &Layout, lengths: [usize; 2]) -> Result<(usize, usize, Dims)> {
         let (batch, seq, hidden) = x.shape().dims3()?;
-        let prefix = self.prefix_len();
-        if let Some(Prefix::Plain(p)) = &self.prefix {
+        let prefix = self.prefix.as_ref().map_or(0, |p| p.len);
+        if let Some(p) = &self.prefix {
             if p.keys.len() != batch * prefix * hidden {
                 candle_core::bail!(
                     "fused attention: a prefix of {} values for {batch} x {prefix} x {hidden}",
@@ -329,7 +258,6 @@ impl AttentionBlockOp {
         }
         let queries = if self.first_query_only { 1 } else { seq };
         let expected = match self.scaling() {
-            _ if self.prefix_trains() => [batch * prefix * hidden; 2],
             true => {
                 let scales = self.kinds.iter().filter(|k| **k == Kind::Scale).count();
                 [scales * hidden, 0]
@@ -349,51 +277,44 @@ impl AttentionBlockOp {
         Ok((batch, seq, d))
     }
 
-    /// Keys and values of `sequences` of the batch, `[count, seq, hidden]`, with their rows of
-    /// `prefix` (keys and values of the whole batch) in front, if there is one.
+    /// Keys and values of `sequences` of the batch, `[count, seq, hidden]`, with their prefix's
+    /// in front, if there is one.
     fn behind_prefix(
         &self,
-        [keys, values]: [Vec<f32>; 2],
-        prefix: Option<(&[f32], &[f32])>,
+        keys: Vec<f32>,
+        values: Vec<f32>,
         sequences: Range<usize>,
         hidden: usize,
     ) -> [Vec<f32>; 2] {
-        match prefix {
-            Some((prefix_keys, prefix_values)) => {
-                let per_sequence = self.prefix_len() * hidden;
+        match &self.prefix {
+            Some(p) => {
+                let per_sequence = p.len * hidden;
                 let rows = sequences.start * per_sequence..sequences.end * per_sequence;
                 let count = sequences.len();
                 [
-                    prepend(&prefix_keys[rows.clone()], &keys, count),
-                    prepend(&prefix_values[rows], &values, count),
+                    prepend(&p.keys[rows.clone()], &keys, count),
+                    prepend(&p.values[rows], &values, count),
                 ]
             }
             None => [keys, values],
         }
     }
 
-    /// The gradients of `n` sequences' keys and values split into their prefix's and their
-    /// own: `(prefix, own)`; the prefix's are empty unless it trains.
-    fn split_prefix(
+    /// The gradients of the own keys and values, from those of all of them.
+    fn without_prefix(
         &self,
-        grads: [Vec<f32>; 2],
-        n: usize,
+        dk: Vec<f32>,
+        dv: Vec<f32>,
+        batch: usize,
         hidden: usize,
-    ) -> ([Vec<f32>; 2], [Vec<f32>; 2]) {
-        let len = self.prefix_len();
-        if len == 0 {
-            return ([Vec::new(), Vec::new()], grads);
+    ) -> [Vec<f32>; 2] {
+        match &self.prefix {
+            Some(p) => [
+                p.own_rows(&dk, batch, hidden),
+                p.own_rows(&dv, batch, hidden),
+            ],
+            None => [dk, dv],
         }
-        let part = |before| {
-            grads
-                .each_ref()
-                .map(|g| sequence_rows(g, n, len, hidden, before))
-        };
-        let prefix = match self.prefix_trains() {
-            true => part(true),
-            false => [Vec::new(), Vec::new()],
-        };
-        (prefix, part(false))
     }
 
     /// q, k and v of `sequences` of the batch from their rows `x` (`[count, seq, hidden]`) and
@@ -435,7 +356,7 @@ impl AttentionBlockOp {
                 column += d.hidden;
             }
         }
-        let [k, v] = self.behind_prefix([k, v], updates.prefix, sequences, d.hidden);
+        let [k, v] = self.behind_prefix(k, v, sequences, d.hidden);
         Ok([q, k, v])
     }
 
@@ -453,7 +374,7 @@ impl AttentionBlockOp {
         ChangeValues {
             query: &updates.query[sequences.start * q_len..][..n * q_len],
             key_value: &updates.key_value[sequences.start * kv_len..][..n * kv_len],
-            ..updates
+            scales: updates.scales,
         }
     }
 
@@ -510,26 +431,23 @@ impl AttentionBlockOp {
     }
 
     /// The attention's gradients for `sequences` of the batch, from their `g` (the output
-    /// gradient after dropout): `dcontext = g Wo`, then the attention's `dq`, `dk`, `dv`, the
-    /// prefix's rows of `dk` and `dv` apart.
+    /// gradient after dropout): `dcontext = g Wo`, then the attention's `dq`, `dk`, `dv`. The
+    /// prefix's rows of `dk` and `dv` are dropped, as the prefix takes no gradient here.
     fn projection_grads(
         &self,
         sequences: Range<usize>,
         d: Dims,
         [q, k, v]: [&[f32]; 3],
         g: &[f32],
-    ) -> Result<BlockGrads> {
+    ) -> Result<[Vec<f32>; 3]> {
         let n = sequences.len();
         let mut context = par_zeros(g.len());
         self.output
             .backward_into(g, n * d.queries, &mut context, false)?;
         let (dq, dk, dv) = (self.attention).backward(sequences.start, n, d, q, k, v, &context);
         drop(context);
-        let (prefix, [dk, dv]) = self.split_prefix([dk, dv], n, d.hidden);
-        Ok(BlockGrads {
-            projections: [dq, dk, dv],
-            prefix,
-        })
+        let [dk, dv] = self.without_prefix(dk, dv, n, d.hidden);
+        Ok([dq, dk, dv])
     }
 
     /// `dx = dq Wq + dk Wk + dv Wv` for `n` sequences, written over `g`, or, when only first
@@ -679,27 +597,15 @@ impl CustomOp3 for AttentionBlockOp {
                     }
                 };
                 let g = &mut g[first * q_len..][..n * q_len];
-                let BlockGrads {
-                    projections: mut grads,
-                    prefix: prefix_grads,
-                } = {
+                let mut grads = {
                     let [q, k, v] = self.scaled(qkv, changes.scales, d.hidden);
                     self.projection_grads(sequences.clone(), d, [&q, &k, &v], g)?
                 };
-                if self.prefix_trains() {
-                    // The prefix's rows of the keys' and values' gradients are its own.
-                    let rows = self.prefix_len() * d.hidden;
-                    for (grads, prefix) in [&mut da, &mut db].into_iter().zip(prefix_grads) {
-                        if let Some(grads) = grads {
-                            grads[first * rows..][..n * rows].copy_from_slice(&prefix);
-                        }
-                    }
-                }
                 if self.scaling() {
                     self.scale_grads(qkv, &mut grads, changes.scales, da.as_deref_mut(), d.hidden);
                 }
                 let grads = [&grads[0], &grads[1], &grads[2]].map(|t| &t[..]);
-                if !self.scaling() && !self.prefix_trains() {
+                if !self.scaling() {
                     let (q_rows, kv_rows) = (n * q_len, n * seq * d.hidden);
                     let width = self.key_value_updates();
                     self.update_grads(

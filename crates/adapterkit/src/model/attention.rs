@@ -178,9 +178,8 @@ impl BertAttention {
     /// Self-attention and the output projection with its dropout as one op
     /// (`kernels::attention::AttentionBlockOp`) when all four Linears are frozen (as the hooks
     /// give them: see [`ops::frozen_linears`]; the updates or scales they give q, k and v are
-    /// the op's inputs, trained or not, and do not mix), the prefix (if any) meets no scale and,
-    /// if it trains (the op's inputs then), no change, and `hidden` is f32 on CPU; `None`
-    /// otherwise. `queries` are `hidden` or its first positions; `bias` masks every
+    /// the op's inputs, trained or not, and do not mix), the prefix (if any) tracks no gradient
+    /// and meets no scale, and `hidden` is f32 on CPU; `None` otherwise. `queries` are `hidden` or its first positions; `bias` masks every
     /// key, the prefix's first. Same values, same dropout draws.
     #[allow(clippy::too_many_arguments)]
     fn frozen_block(
@@ -202,9 +201,10 @@ impl BertAttention {
         ];
         let (batch, seq, hidden_size) = hidden.dims3()?;
         let prefix_len = prefix.map_or(Ok(0), |p| p.keys.dim(1))?;
-        let prefix_trains = prefix.is_some_and(|p| p.keys.track_op() || p.values.track_op());
+        let prefix_tracks =
+            prefix.is_some_and(|p| p.keys.track_op() || p.values.track_op() || p.bias.track_op());
         if !ops::fused_applies(hidden)
-            || prefix.is_some_and(|p| p.bias.track_op())
+            || prefix_tracks
             || bias.dims() != [batch, 1, 1, prefix_len + seq]
             || bias.track_op()
         {
@@ -225,8 +225,7 @@ impl BertAttention {
         let scales = changes
             .iter()
             .any(|c| matches!(c, Some(ops::FusedChange::Scale(_))));
-        // One op takes a trained prefix, or updates, or scales (which take no prefix).
-        if scales && (adds || prefix.is_some()) || prefix_trains && (adds || scales) {
+        if scales && (adds || prefix.is_some()) {
             return Ok(None);
         }
         // In the order the node path draws their dropout: q, k, v.
@@ -242,26 +241,18 @@ impl BertAttention {
             key: change(k_change, hidden)?,
             value: change(v_change, hidden)?,
         };
+        let prefix = prefix
+            .map(|p| PrefixValues::new(&p.keys, &p.values))
+            .transpose()?;
         let querying = queries.dim(1)?;
         let mask = ops::attention_dropout(mode, s.num_heads, querying, bias, s.dropout)?;
         let attention = AttentionOp::new(s.num_heads, hidden_size, bias, mask)?;
         let dropout = mode.dropout_mask(batch * querying * hidden_size, self.output.dropout);
-        let trained = prefix.filter(|_| prefix_trains);
-        let prefix_inputs = trained.into_iter().flat_map(|p| [&p.keys, &p.values]);
-        let inputs: Vec<&Tensor> = ([hidden].into_iter())
-            .chain(updates.tensors())
-            .chain(prefix_inputs)
-            .collect();
+        let inputs: Vec<&Tensor> = [hidden].into_iter().chain(updates.tensors()).collect();
         let activations = ops::block_activations(&inputs, packed);
         let op = AttentionBlockOp::new([q, k, v, o], attention, dropout, activations)
-            .first_query_only(querying < seq);
-        match (prefix, prefix_trains) {
-            (Some(p), true) => op.apply_with_trained_prefix(hidden, &p.keys, &p.values),
-            (prefix, _) => {
-                let prefix = prefix.map(|p| PrefixValues::new(&p.keys, &p.values));
-                op.with_prefix(prefix.transpose()?).apply(hidden, updates)
-            }
-        }
-        .map(Some)
+            .first_query_only(querying < seq)
+            .with_prefix(prefix);
+        op.apply(hidden, updates).map(Some)
     }
 }

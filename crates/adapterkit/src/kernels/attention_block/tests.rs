@@ -13,9 +13,8 @@ use candle_nn::Linear;
 /// attention op node by node, with q, k and v kept and recomputed, with and without
 /// dropout, with a padded sequence, small, split over threads and over backward blocks,
 /// every position querying and only the first, with and without a prefix of keys and
-/// values (one of whose positions is hidden from the first sequence), plain and trained, with
-/// updates or scales of none, some and all of q, k and v, and with an input that takes no
-/// gradient.
+/// values (one of whose positions is hidden from the first sequence), with updates or scales of
+/// none, some and all of q, k and v, and with an input that takes no gradient.
 #[test]
 fn block_matches_its_ops_node_by_node() -> Result<()> {
     let mut rng = SeededRng::new(5);
@@ -35,8 +34,8 @@ fn block_matches_its_ops_node_by_node() -> Result<()> {
         let mut mask = vec![1u32; batch * seq];
         mask[batch * seq - 1] = 0;
         let bias = attention_bias(&Tensor::from_vec(mask, (batch, seq), &Device::Cpu)?)?;
-        let prefix_keys = Var::from_tensor(&random(&mut rng, &[batch, 2, hidden])?)?;
-        let prefix_values = Var::from_tensor(&random(&mut rng, &[batch, 2, hidden])?)?;
+        let prefix_keys = random(&mut rng, &[batch, 2, hidden])?;
+        let prefix_values = random(&mut rng, &[batch, 2, hidden])?;
         let mut prefix_bias = vec![0f32; batch * 2];
         prefix_bias[0] = f32::MIN;
         let prefix_bias = Tensor::from_vec(prefix_bias, (batch, 1, 1, 2), &Device::Cpu)?;
@@ -58,17 +57,9 @@ fn block_matches_its_ops_node_by_node() -> Result<()> {
         ];
         let variants = variants.flat_map(|v| kept_or_recomputed.map(|a| (v, a)));
         for (i, (((p, first_only), with_prefix), activations)) in variants.enumerate() {
-            let (mut changed, x_grad) = changed[i % changed.len()];
-            // Some prefixes train (and take no changes then); scales take no prefix.
-            let trained_prefix = with_prefix && i % 3 == 0;
-            if trained_prefix {
-                changed = [n; 3];
-            }
+            let (changed, x_grad) = changed[i % changed.len()];
+            // Scales take no prefix.
             let with_prefix = with_prefix && !changed.contains(&s);
-            let [keys, values] = [&prefix_keys, &prefix_values].map(|p| match trained_prefix {
-                true => p.as_tensor().clone(),
-                false => p.as_tensor().detach(),
-            });
             let x = match x_grad {
                 true => x.clone(),
                 false => Var::from_tensor(&x.as_tensor().detach())?,
@@ -103,8 +94,8 @@ fn block_matches_its_ops_node_by_node() -> Result<()> {
             let [k, v] = [1, 2].map(|i| changed_output(linear(&linears[i], &x_input)?, i));
             let (mut k, mut v, mut bias) = (k?, v?, bias.clone());
             if with_prefix {
-                k = Tensor::cat(&[&keys, &k], 1)?;
-                v = Tensor::cat(&[&values, &v], 1)?;
+                k = Tensor::cat(&[&prefix_keys, &k], 1)?;
+                v = Tensor::cat(&[&prefix_values, &v], 1)?;
                 bias = Tensor::cat(&[&prefix_bias, &bias], 3)?;
             }
             let context = attention(&q, &k, &v, &bias, heads, p, &mut node_mode)?;
@@ -115,11 +106,12 @@ fn block_matches_its_ops_node_by_node() -> Result<()> {
             let mask = fused_mode.dropout_mask(batch * queries * hidden, p);
             let frozen = [0, 1, 2, 3].map(|i| frozen(&weights[i].0, &weights[i].1));
             let prefix = match with_prefix {
-                true => Some(PrefixValues::new(&keys, &values)?),
+                true => Some(PrefixValues::new(&prefix_keys, &prefix_values)?),
                 false => None,
             };
             let op = AttentionBlockOp::new(frozen, attention, mask, activations)
-                .first_query_only(first_only);
+                .first_query_only(first_only)
+                .with_prefix(prefix);
             let change = |i: usize| {
                 let t = changes[i].as_ref()?.as_tensor().clone();
                 Some(match changed[i] {
@@ -132,21 +124,13 @@ fn block_matches_its_ops_node_by_node() -> Result<()> {
                 key: change(1),
                 value: change(2),
             };
-            let fused = match trained_prefix {
-                true => op.apply_with_trained_prefix(&x_input, &keys, &values)?,
-                false => op.with_prefix(prefix).apply(&x_input, projection_changes)?,
-            };
+            let fused = op.apply(&x_input, projection_changes)?;
             let what = format!(
-                "p = {p}, first query only: {first_only}, prefix: {with_prefix} (trained: \
-                 {trained_prefix}), {activations:?}, changes {changed:?}, dx {x_grad}"
+                "p = {p}, first query only: {first_only}, prefix: {with_prefix}, \
+                 {activations:?}, changes {changed:?}, dx {x_grad}"
             );
-            let trained: Vec<&Var> = (trained_prefix.then_some([&prefix_keys, &prefix_values]))
-                .into_iter()
-                .flatten()
-                .collect();
             let inputs: Vec<&Var> = (x_grad.then_some(&x).into_iter())
                 .chain(changes.iter().flatten())
-                .chain(trained)
                 .collect();
             assert_same_output_and_grads(&nodes, &fused, &inputs, &r, &what)?;
         }
