@@ -237,15 +237,15 @@ impl AttentionBlockOp {
             q.iter_mut().zip(updates.query).for_each(|(a, u)| *a += u);
         }
         let width = self.key_value_updates() * d.hidden;
-        let mut column = 0;
-        for (own, kind) in [(&mut k, self.kinds[1]), (&mut v, self.kinds[2])] {
-            if kind == Kind::Add {
-                let rows = own.chunks_exact_mut(d.hidden);
-                for (row, update) in rows.zip(updates.key_value.chunks_exact(width)) {
-                    let update = &update[column..column + d.hidden];
-                    row.iter_mut().zip(update).for_each(|(a, u)| *a += u);
-                }
-                column += d.hidden;
+        for (own, column) in [&mut k, &mut v]
+            .into_iter()
+            .zip(self.key_value_columns(d.hidden))
+        {
+            let Some(column) = column else { continue };
+            let rows = own.chunks_exact_mut(d.hidden);
+            for (row, update) in rows.zip(updates.key_value.chunks_exact(width)) {
+                let update = &update[column..column + d.hidden];
+                row.iter_mut().zip(update).for_each(|(a, u)| *a += u);
             }
         }
         let [k, v] = self.behind_prefix(k, v, sequences, d.hidden);
@@ -400,13 +400,13 @@ impl CustomOp3 for AttentionBlockOp {
                 }
                 let grads = [&grads[0], &grads[1], &grads[2]].map(|t| &t[..]);
                 if !self.scaling() {
-                    let (q_rows, kv_rows) = (n * q_len, n * seq * d.hidden);
+                    // This block's rows of the updates' gradients.
                     let width = self.key_value_updates();
                     self.update_grads(
                         grads,
                         d.hidden,
-                        da.as_mut().map(|t| &mut t[first * q_len..][..q_rows]),
-                        (db.as_mut()).map(|t| &mut t[first * x_len * width..][..kv_rows * width]),
+                        da.as_mut().map(|t| &mut t[first * q_len..][..n * q_len]),
+                        (db.as_mut()).map(|t| &mut t[first * x_len * width..][..n * x_len * width]),
                     );
                 }
                 if input_grad {

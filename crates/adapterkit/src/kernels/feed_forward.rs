@@ -13,8 +13,8 @@ use candle_core::{CpuStorage, CustomOp2, DType, Layout, Result, Shape, Tensor};
 
 use crate::kernels::dropout::{self, DropoutMask};
 use crate::kernels::fused::{
-    contiguous_all, gelu_backward, gelu_forward, gelu_in_place, with_all_values, with_values,
-    Activations, FrozenLinear, Kept, BACKWARD_ROWS,
+    add_scale_grad, contiguous_all, gelu_backward, gelu_forward, gelu_in_place, scale_rows,
+    scaled_rows, with_all_values, with_values, Activations, FrozenLinear, Kept, BACKWARD_ROWS,
 };
 use crate::kernels::parallel::{par_rows, par_vec, par_zeros, ROW};
 
@@ -29,16 +29,6 @@ pub struct FeedForwardOp {
     /// The expansion `x W1^T + b1` (not scaled), `[tokens, intermediate]`, for the backward
     /// pass.
     expansion: Kept<Vec<f32>>,
-}
-
-/// `values` (rows of `scale.len()`) times `scale`, in place.
-fn scale_rows(values: &mut [f32], scale: &[f32]) {
-    let width = scale.len();
-    par_rows(values, width, |_, block| {
-        for row in block.chunks_exact_mut(width) {
-            row.iter_mut().zip(scale).for_each(|(v, s)| *v *= s);
-        }
-    });
 }
 
 impl FeedForwardOp {
@@ -110,8 +100,7 @@ impl CustomOp2 for FeedForwardOp {
                     gelu_forward(&expansion[first * ROW..], block)
                 }),
                 false => {
-                    let mut scaled = expansion.clone();
-                    scale_rows(&mut scaled, scale);
+                    let mut scaled = scaled_rows(&expansion, scale);
                     par_rows(&mut scaled, ROW, |_, block| gelu_in_place(block));
                     scaled
                 }
@@ -163,18 +152,8 @@ impl CustomOp2 for FeedForwardOp {
                         &recomputed[..]
                     }
                 };
-                let scaled;
-                let activated = match scale.is_empty() {
-                    true => expansion,
-                    false => {
-                        scaled = {
-                            let mut scaled = expansion.to_vec();
-                            scale_rows(&mut scaled, scale);
-                            scaled
-                        };
-                        &scaled[..]
-                    }
-                };
+                let scaled = (!scale.is_empty()).then(|| scaled_rows(expansion, scale));
+                let activated = scaled.as_deref().unwrap_or(expansion);
                 let g = &mut g[first * h..][..n * h];
                 let mut d_expansion = par_zeros(n * i);
                 self.project.backward_into(g, n, &mut d_expansion, false)?;
@@ -182,10 +161,7 @@ impl CustomOp2 for FeedForwardOp {
                     gelu_backward(&activated[first * ROW..], block)
                 });
                 if let Some(dscale) = dscale.as_mut() {
-                    let rows = d_expansion.chunks_exact(i).zip(expansion.chunks_exact(i));
-                    for (d, e) in rows {
-                        (dscale.iter_mut().zip(d).zip(e)).for_each(|((s, d), e)| *s += d * e);
-                    }
+                    add_scale_grad(dscale, &d_expansion, expansion);
                 }
                 if !scale.is_empty() {
                     scale_rows(&mut d_expansion, scale);

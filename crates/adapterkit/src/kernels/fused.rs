@@ -157,6 +157,33 @@ impl CustomOp3 for LinearOp {
     }
 }
 
+/// `values` (rows of `scale.len()`) times `scale`, in place: an (IA)³ vector on a fused block's
+/// product, or on its gradient.
+pub(crate) fn scale_rows(values: &mut [f32], scale: &[f32]) {
+    let width = scale.len();
+    par_rows(values, width, |_, block| {
+        for row in block.chunks_exact_mut(width) {
+            row.iter_mut().zip(scale).for_each(|(v, s)| *v *= s);
+        }
+    });
+}
+
+/// A copy of `values` times `scale` ([`scale_rows`]).
+pub(crate) fn scaled_rows(values: &[f32], scale: &[f32]) -> Vec<f32> {
+    let mut scaled = values.to_vec();
+    scale_rows(&mut scaled, scale);
+    scaled
+}
+
+/// `dscale += sum over rows of grad * values` (rows of `dscale.len()`): a scale's gradient from
+/// the scaled output's gradient and the unscaled output.
+pub(crate) fn add_scale_grad(dscale: &mut [f32], grad: &[f32], values: &[f32]) {
+    let width = dscale.len();
+    for (g, v) in grad.chunks_exact(width).zip(values.chunks_exact(width)) {
+        (dscale.iter_mut().zip(g).zip(v)).for_each(|((d, g), v)| *d += g * v);
+    }
+}
+
 /// What a fused op's forward pass keeps for its backward pass, which takes it (once).
 pub(crate) struct Kept<T>(std::sync::Mutex<Option<T>>);
 

@@ -236,7 +236,7 @@ impl BertAttention {
             })
             .transpose()
         };
-        let updates = ProjectionChanges {
+        let projection_changes = ProjectionChanges {
             query: change(q_change, queries)?,
             key: change(k_change, hidden)?,
             value: change(v_change, hidden)?,
@@ -248,11 +248,13 @@ impl BertAttention {
         let mask = ops::attention_dropout(mode, s.num_heads, querying, bias, s.dropout)?;
         let attention = AttentionOp::new(s.num_heads, hidden_size, bias, mask)?;
         let dropout = mode.dropout_mask(batch * querying * hidden_size, self.output.dropout);
-        let inputs: Vec<&Tensor> = [hidden].into_iter().chain(updates.tensors()).collect();
+        let inputs: Vec<&Tensor> = ([hidden].into_iter())
+            .chain(projection_changes.tensors())
+            .collect();
         let activations = ops::block_activations(&inputs, packed);
         let op = AttentionBlockOp::new([q, k, v, o], attention, dropout, activations)
             .first_query_only(querying < seq)
             .with_prefix(prefix);
-        op.apply(hidden, updates).map(Some)
+        op.apply(hidden, projection_changes).map(Some)
     }
 }

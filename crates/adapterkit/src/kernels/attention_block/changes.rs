@@ -9,6 +9,7 @@ use candle_core::{DType, Result, Tensor};
 
 use super::AttentionBlockOp;
 use crate::kernels::attention::Dims;
+use crate::kernels::fused::{add_scale_grad, scale_rows, scaled_rows};
 
 /// A change to the output of the query, key or value projection: an update added to it (a
 /// LoRA's, `[batch, rows, hidden]`), or a vector `[hidden]` that scales it (an (IA)³ vector).
@@ -107,6 +108,14 @@ impl AttentionBlockOp {
             .count()
     }
 
+    /// Where the key's and the value's updates start in a row of their input (`None`: no
+    /// update).
+    pub(super) fn key_value_columns(&self, hidden: usize) -> [Option<usize>; 2] {
+        let key = (self.kinds[1] == Kind::Add).then_some(0);
+        let value = (self.kinds[2] == Kind::Add).then_some(key.map_or(0, |_| hidden));
+        [key, value]
+    }
+
     /// The op's change inputs `a` and `b` as what they hold.
     pub(super) fn change_values<'a>(&self, a: &'a [f32], b: &'a [f32]) -> ChangeValues<'a> {
         match self.scaling() {
@@ -155,9 +164,7 @@ impl AttentionBlockOp {
                 let scale = scales
                     .next()
                     .expect("one scale per scaled projection (dims)");
-                let rows = values.chunks_exact(hidden);
-                let scaled = rows.flat_map(|row| row.iter().zip(scale).map(|(v, s)| v * s));
-                Cow::Owned(scaled.collect())
+                Cow::Owned(scaled_rows(values, scale))
             }
             _ => Cow::Borrowed(values),
         })
@@ -174,22 +181,14 @@ impl AttentionBlockOp {
         mut dscales: Option<&mut [f32]>,
         hidden: usize,
     ) {
-        let mut index = 0;
-        for ((kind, values), grad) in self.kinds.iter().zip(values).zip(grads) {
-            if *kind != Kind::Scale {
-                continue;
-            }
+        let scaled = (self.kinds.iter().zip(values).zip(grads))
+            .filter(|((kind, _), _)| **kind == Kind::Scale);
+        for (index, ((_, values), grad)) in scaled.enumerate() {
             let scale = &scales[index * hidden..][..hidden];
             if let Some(dscales) = dscales.as_deref_mut() {
-                let dscale = &mut dscales[index * hidden..][..hidden];
-                for (g, v) in grad.chunks_exact(hidden).zip(values.chunks_exact(hidden)) {
-                    (dscale.iter_mut().zip(g).zip(v)).for_each(|((d, g), v)| *d += g * v);
-                }
+                add_scale_grad(&mut dscales[index * hidden..][..hidden], grad, values);
             }
-            for g in grad.chunks_exact_mut(hidden) {
-                g.iter_mut().zip(scale).for_each(|(g, s)| *g *= s);
-            }
-            index += 1;
+            scale_rows(grad, scale);
         }
     }
 
@@ -209,14 +208,11 @@ impl AttentionBlockOp {
             return;
         };
         let width = self.key_value_updates() * hidden;
-        let mut column = 0;
-        for (grad, kind) in [(dk, self.kinds[1]), (dv, self.kinds[2])] {
-            if kind == Kind::Add {
-                let rows = key_value.chunks_exact_mut(width);
-                for (row, grad) in rows.zip(grad.chunks_exact(hidden)) {
-                    row[column..column + hidden].copy_from_slice(grad);
-                }
-                column += hidden;
+        for (grad, column) in [dk, dv].into_iter().zip(self.key_value_columns(hidden)) {
+            let Some(column) = column else { continue };
+            let rows = key_value.chunks_exact_mut(width);
+            for (row, grad) in rows.zip(grad.chunks_exact(hidden)) {
+                row[column..column + hidden].copy_from_slice(grad);
             }
         }
     }
